@@ -1,0 +1,195 @@
+"""``Agent``: a backbone, a strategy and callbacks that learn a stream one experience at a time.
+
+``cl run`` is a thin wrapper over this class; a notebook user drives it directly::
+
+    agent = Agent(backbone="efficientnet_lite0", strategy="simplecil", out="runs/x")
+    for exp in stream:
+        agent.learn(exp)
+    agent.predict(images)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cl.backbones import Backbone, create_backbone
+from cl.cache import PrefixCache
+from cl.callbacks.base import Callback, CallbackList
+from cl.checkpoint import load_checkpoint, save_checkpoint
+from cl.data import iterate_batches
+from cl.errors import CheckpointError, ConfigError
+from cl.progress import Progress
+from cl.registry import STRATEGIES
+from cl.seed import resolve_device, seed_everything
+from cl.strategy import Context, Strategy
+from scenarios.stream import Experience
+
+
+class Agent:
+    """Learns a stream: runs each experience through the strategy's hooks, evaluates every
+    experience seen so far, and lets callbacks record metrics, events and checkpoints.
+
+    Args:
+        backbone: a registered backbone name or a ``Backbone``.
+        strategy: a registered strategy name or a ``Strategy`` built on the backbone.
+        backbone_params / strategy_params: keyword parameters for the registry entries.
+        callbacks: callbacks, called in order (metrics before checkpointing).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        seed: run seed; each experience reseeds from (seed, experience id).
+        task_aware: evaluate with the task label known (task-incremental streams).
+    """
+
+    def __init__(
+        self,
+        backbone: str | Backbone = "efficientnet_lite0",
+        strategy: str | Strategy = "simplecil",
+        *,
+        backbone_params: dict[str, Any] | None = None,
+        strategy_params: dict[str, Any] | None = None,
+        callbacks: Sequence[Callback] | None = None,
+        device: str = "auto",
+        seed: int = 0,
+        deterministic: bool = True,
+        task_aware: bool = False,
+        eval_batch_size: int = 256,
+        progress: bool = True,
+        cache_max_gb: float = 8.0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.spec = {
+            "backbone": backbone if isinstance(backbone, str) else None,
+            "backbone_params": dict(backbone_params or {}),
+            "strategy": strategy if isinstance(strategy, str) else None,
+            "strategy_params": dict(strategy_params or {}),
+        }
+        self.seed, self.deterministic, self.task_aware = seed, deterministic, task_aware
+        seed_everything(seed, deterministic=deterministic)
+        if isinstance(strategy, Strategy):
+            self.strategy = strategy
+        else:
+            bb = create_backbone(backbone, **(backbone_params or {})) if isinstance(backbone, str) else backbone
+            self.strategy = STRATEGIES.create(strategy, bb, **(strategy_params or {}))
+        self.backbone: Backbone = self.strategy.backbone
+        self.callbacks = CallbackList(list(callbacks or []))
+        self.device = resolve_device(device)
+        self.progress = Progress(enabled=progress)
+        self.seen: list[Experience] = []
+        self.ctx = Context(
+            device=self.device, callbacks=self.callbacks, agent=self, progress=self.progress,
+            cache=PrefixCache(int(cache_max_gb * 2**30)), seed=seed, rank=rank, world_size=world_size,
+            eval_batch_size=eval_batch_size,
+        )
+        self.strategy.bind(self.ctx)
+
+    # ---- learning ---------------------------------------------------------------------------
+    def learn(self, exp: Experience, future: Sequence[Experience] = ()) -> dict[str, Any]:
+        """Train on one experience, then evaluate every experience seen so far (and ``future``)."""
+        if any(e.id == exp.id for e in self.seen):
+            raise ConfigError(f"experience {exp.id} was already learned by this agent")
+        seed_everything(self.seed, exp.id, deterministic=self.deterministic)
+        cb, strat = self.callbacks, self.strategy
+        cb.before_experience(self, exp)
+        strat.before_experience(exp)
+        strat.fit(exp)
+        strat.after_experience(exp)
+        self.seen.append(exp)
+        cb.after_training(self, exp)
+        results = self.evaluate([*self.seen, *future], purpose="stream")
+        cb.after_experience(self, exp)
+        return results
+
+    @torch.no_grad()
+    def evaluate(self, exps: Sequence[Experience], purpose: str = "user") -> dict[str, Any]:
+        """Accuracy on each experience's test set, and over their union (``accuracy_seen``).
+
+        ``accuracy_seen`` covers the experiences already learned; later ones (``future``) are
+        reported per experience only.
+        """
+        self.callbacks.before_eval(self, list(exps))
+        strat = self.strategy
+        strat.eval()
+        accs, correct, counts = [], [], []
+        for exp in exps:
+            ok = n = 0
+            for state, y in strat.iterate_states(exp.test, self.ctx.eval_batch_size, desc=f"eval exp {exp.id}"):
+                scores = strat.scores(state)
+                if self.task_aware:
+                    keep = torch.full_like(scores, float("-inf"))
+                    keep[:, exp.classes] = 0
+                    scores = scores + keep
+                ok += int((scores.argmax(1).cpu() == y).sum())
+                n += len(y)
+            accs.append(ok / max(n, 1))
+            correct.append(ok)
+            counts.append(n)
+        seen_ids = {e.id for e in self.seen}
+        c = sum(k for k, e in zip(correct, exps, strict=True) if e.id in seen_ids)
+        t = sum(k for k, e in zip(counts, exps, strict=True) if e.id in seen_ids)
+        results = {
+            "purpose": purpose, "experiences": [e.id for e in exps], "accuracy": accs,
+            "correct": correct, "count": counts, "accuracy_seen": c / t if t else float("nan"),
+        }
+        self.callbacks.after_eval(self, list(exps), results)
+        return results
+
+    @torch.no_grad()
+    def predict(self, inputs: torch.Tensor | list[str], batch_size: int | None = None) -> torch.Tensor:
+        """Predicted global class ids for raw inputs (images ``[N, C, H, W]`` or strings), batched."""
+        bs = batch_size or self.ctx.eval_batch_size
+        from cl.data import ArrayDataset
+
+        ds = ArrayDataset(inputs, torch.zeros(len(inputs), dtype=torch.long))
+        return torch.cat([self.strategy.predict(x) for x, _ in iterate_batches(ds, bs)])
+
+    # ---- persistence ------------------------------------------------------------------------
+    def checkpoint_payload(self) -> dict[str, Any]:
+        """What a checkpoint holds: strategy state, callback state, experiences done."""
+        return {
+            "experiences_done": [e.id for e in self.seen],
+            "strategy": self.strategy.checkpoint_state(),
+            "callbacks": self.callbacks.state_dict(),
+            "spec": self.spec,
+        }
+
+    def restore(self, payload: dict[str, Any], stream: Sequence[Experience]) -> list[int]:
+        """Load a checkpoint payload; ``seen`` is rebuilt from ``stream``. Returns the ids done."""
+        done = list(payload["experiences_done"])
+        by_id = {e.id: e for e in stream}
+        missing = [i for i in done if i not in by_id]
+        if missing:
+            raise CheckpointError(f"checkpoint has experiences {missing} that the stream does not")
+        self.strategy.load_checkpoint_state(payload["strategy"])
+        self.callbacks.load_state_dict(payload["callbacks"])
+        self.seen = [by_id[i] for i in done]
+        return done
+
+    def save(self, path: str | Path) -> Path:
+        """Save the agent (strategy state and how to rebuild it) to a directory."""
+        if self.spec["strategy"] is None or self.spec["backbone"] is None:
+            raise ConfigError("Agent.save needs an agent built from registry names (backbone=..., strategy=...)")
+        path = Path(path)
+        save_checkpoint(path, {**self.checkpoint_payload(), "callbacks": {}}, name="agent")
+        (path / "agent_spec.json").write_text(json.dumps({**self.spec, "seed": self.seed}, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto", **kwargs: Any) -> Agent:
+        """Rebuild an agent saved with ``save`` (its seen experiences are not restored)."""
+        path = Path(path)
+        spec_file = path / "agent_spec.json"
+        if not spec_file.exists():
+            raise CheckpointError(f"{path} is not a saved agent (no agent_spec.json)")
+        spec = json.loads(spec_file.read_text())
+        payload = load_checkpoint(path, name="agent")
+        agent = cls(
+            spec["backbone"], spec["strategy"], backbone_params=spec["backbone_params"],
+            strategy_params=spec["strategy_params"], device=device, seed=spec["seed"], **kwargs,
+        )
+        agent.strategy.load_checkpoint_state(payload["strategy"])
+        return agent

@@ -1,0 +1,113 @@
+"""The one interface every backbone offers: preprocessing, blocks, and a prefix/suffix split.
+
+A backbone is ``stem -> blocks[0] -> ... -> blocks[n-1] -> pool``. Adapters go on ``blocks``;
+everything before block ``k`` is the frozen prefix whose output (the *state*) can be cached:
+``forward_features(x) == forward_from(forward_until(x, k), k)`` for every ``k``.
+A state is a tensor, or for text a tuple ``(hidden [B, L, D], attention_mask [B, L] of 0/1)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from cl.backbones.preprocess import prepare_images
+
+State = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What a backbone expects as input; travels with the backbone's registry name."""
+
+    modality: str = "image"  # "image" or "text"
+    input_size: tuple[int, int, int] = (3, 224, 224)  # C, H, W (images)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    max_length: int = 128  # tokens (text)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Backbone(nn.Module):
+    """Base class: subclasses set ``data_config``, ``embed_dim``, ``blocks`` and the three stages."""
+
+    data_config: DataConfig
+    embed_dim: int
+    blocks: nn.ModuleList | nn.Sequential
+    #: registry name and where the weights came from ("random init", "checkpoint PATH", ...)
+    name: str = ""
+    weights: str = "random init"
+    #: "token" for transformer blocks ([B, L, D] states), "channel" for CNN blocks ([B, C, H, W])
+    block_kind: str = "token"
+    #: image batches are laid out channels-last (much faster for CNNs on CPU)
+    channels_last: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def prepare(self, inputs: torch.Tensor | list[str], device: torch.device | str | None = None) -> State:
+        """Raw batch (uint8/float images ``[B, C, H, W]`` in any size, or strings) -> model input."""
+        if self.data_config.modality != "image":
+            raise NotImplementedError
+        return prepare_images(inputs, self.data_config, device or self.device, self.channels_last)
+
+    def forward_stem(self, x: State) -> State:
+        """Model input -> state before ``blocks[0]``."""
+        raise NotImplementedError
+
+    def forward_block(self, i: int, state: State) -> State:
+        """Run ``blocks[i]`` on a state (override when a block needs extra arguments)."""
+        if isinstance(state, tuple):
+            return (self.blocks[i](state[0]), *state[1:])
+        return self.blocks[i](state)
+
+    def forward_pool(self, state: State) -> torch.Tensor:
+        """State after the last block -> embedding ``[B, embed_dim]``."""
+        raise NotImplementedError
+
+    # The three compositions below are shared by every backbone.
+    def forward_until(self, x: State, stop: int) -> State:
+        """Model input -> state before ``blocks[stop]`` (the frozen prefix output)."""
+        state = self.forward_stem(x)
+        for i in range(stop):
+            state = self.forward_block(i, state)
+        return state
+
+    def forward_from(self, state: State, start: int) -> torch.Tensor:
+        """State before ``blocks[start]`` -> embedding."""
+        for i in range(start, len(self.blocks)):
+            state = self.forward_block(i, state)
+        return self.forward_pool(state)
+
+    def forward_features(self, x: State) -> torch.Tensor:
+        """Model input -> embedding ``[B, embed_dim]``."""
+        return self.forward_from(self.forward_stem(x), 0)
+
+    def forward(self, x: State) -> torch.Tensor:
+        return self.forward_features(x)
+
+    def block_dims(self) -> list[int]:
+        """Feature width (tokens' D or channels' C) at the output of each block."""
+        raise NotImplementedError
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def describe(self) -> dict[str, Any]:
+        """A short summary for logs and reports."""
+        return {
+            "name": self.name,
+            "weights": self.weights,
+            "embed_dim": self.embed_dim,
+            "num_blocks": self.num_blocks,
+            "block_kind": self.block_kind,
+            "params": sum(p.numel() for p in self.parameters()),
+        }

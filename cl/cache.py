@@ -1,0 +1,119 @@
+"""Prefix cache: outputs of the frozen blocks, computed once per item and reused.
+
+While blocks ``0..depth-1`` are frozen and no augmentation needs fresh passes, their output for
+an item never changes; caching it makes an epoch cost only the adapted suffix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from cl.backbones.base import Backbone, State
+from cl.data import iterate_batches, num_batches, targets_of
+
+
+class CachedStates(Dataset):
+    """Prefix states of a dataset held in memory (tensors with the batch first), with targets.
+
+    Tuple states (text: hidden states and a 0/1 attention mask) are padded to one length;
+    ``take`` trims a batch back to its longest item.
+    """
+
+    def __init__(self, parts: tuple[torch.Tensor, ...], targets: torch.Tensor, is_tuple: bool) -> None:
+        self.parts = parts
+        self.targets = targets
+        self.is_tuple = is_tuple
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parts)
+
+    @staticmethod
+    def cat(items: list[CachedStates]) -> CachedStates:
+        """One set of states over several (e.g. the cached experiences of a joint run)."""
+        parts = tuple(_pad_cat([it.parts[i] for it in items]) for i in range(len(items[0].parts)))
+        return CachedStates(parts, torch.cat([it.targets for it in items]), items[0].is_tuple)
+
+    def take(self, index: torch.Tensor) -> tuple[State, torch.Tensor]:
+        parts = tuple(p[index] for p in self.parts)
+        if self.is_tuple:
+            length = int(parts[1].sum(1).max().item()) if len(parts) > 1 else parts[0].shape[1]
+            parts = tuple(p[:, :length] if p.ndim >= 2 else p for p in parts)
+            return parts, self.targets[index]
+        return parts[0], self.targets[index]
+
+    def batches(
+        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[State, torch.Tensor]]:
+        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
+        for s in range(0, len(self), batch_size):
+            yield self.take(order[s : s + batch_size])
+
+
+def _pad_cat(chunks: list[torch.Tensor]) -> torch.Tensor:
+    if chunks[0].ndim >= 2 and len({c.shape[1] for c in chunks}) > 1:
+        n = max(c.shape[1] for c in chunks)
+        chunks = [F.pad(c, (0, 0) * (c.ndim - 2) + (0, n - c.shape[1])) for c in chunks]
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def compute_states(
+    backbone: Backbone,
+    dataset: Dataset,
+    depth: int,
+    device: torch.device,
+    batch_size: int = 256,
+    dtype: torch.dtype = torch.float32,
+    progress: Callable[[Iterator, int, str], Iterator] | None = None,
+) -> CachedStates:
+    """Run the frozen prefix (stem + ``depth`` blocks) over a dataset; states kept on the CPU."""
+    was_training = backbone.training
+    backbone.eval()
+    chunks: list[tuple[torch.Tensor, ...]] = []
+    it = iterate_batches(dataset, batch_size)
+    if progress is not None:
+        it = progress(it, num_batches(dataset, batch_size), f"prefix (blocks < {depth})")
+    is_tuple = False
+    for x, _ in it:
+        state = backbone.forward_until(backbone.prepare(x, device), depth)
+        is_tuple = isinstance(state, tuple)
+        parts = state if is_tuple else (state,)
+        chunks.append(tuple(p.to("cpu", dtype if p.is_floating_point() else p.dtype) for p in parts))
+    backbone.train(was_training)
+    parts = tuple(_pad_cat([c[i] for c in chunks]) for i in range(len(chunks[0])))
+    return CachedStates(parts, targets_of(dataset), is_tuple)
+
+
+class PrefixCache:
+    """States per (dataset, depth), kept while they fit in ``max_bytes``.
+
+    The cache holds a reference to each dataset it keys, so an id is never reused for another one.
+    """
+
+    def __init__(self, max_bytes: int = 8 << 30) -> None:
+        self.max_bytes = max_bytes
+        self._store: dict[tuple[int, int], tuple[Dataset, CachedStates]] = {}
+
+    def get(
+        self, backbone: Backbone, dataset: Dataset, depth: int, device: torch.device, **kw
+    ) -> CachedStates:
+        key = (id(dataset), depth)
+        if key in self._store:
+            return self._store[key][1]
+        states = compute_states(backbone, dataset, depth, device, **kw)
+        if states.nbytes() + self.nbytes() <= self.max_bytes:
+            self._store[key] = (dataset, states)
+        return states
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for _, s in self._store.values())
+
+    def clear(self) -> None:
+        self._store.clear()

@@ -1,0 +1,79 @@
+"""The event journal: ``RUN/events.jsonl``, one JSON object a line, flushed per event."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from cl.callbacks.base import Callback
+
+
+def _jsonable(x: Any) -> Any:
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+class EventLog(Callback):
+    """Appends strategy events and run milestones to ``events.jsonl``.
+
+    Its state is the file size at the last checkpoint: a resumed run truncates the events written
+    after that point, so the journal of a resumed run equals an uninterrupted one.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = None
+        self.experience: int | None = None
+
+    def _write(self, kind: str, data: dict[str, Any]) -> None:
+        if self._file is None:
+            self._file = open(self.path, "a", encoding="utf-8")
+        rec = {"t": round(time.time(), 3), "experience": self.experience, "kind": kind, **_jsonable(data)}
+        self._file.write(json.dumps(rec) + "\n")
+        self._file.flush()
+
+    def before_experience(self, agent: Any, exp: Any) -> None:
+        self.experience = exp.id
+        self._write("experience_start", {"classes": exp.classes})
+
+    def after_epoch(self, agent: Any, exp: Any, epoch: int, logs: dict[str, float]) -> None:
+        self._write("epoch", {"epoch": epoch, **logs})
+
+    def after_eval(self, agent: Any, exps: list[Any], results: dict[str, Any]) -> None:
+        self._write("eval", {"accuracy": results["accuracy"], "accuracy_seen": results["accuracy_seen"]})
+
+    def after_experience(self, agent: Any, exp: Any) -> None:
+        self._write("experience_end", {})
+
+    def on_event(self, agent: Any, kind: str, data: dict[str, Any]) -> None:
+        self._write(kind, data)
+
+    def after_run(self, agent: Any) -> None:
+        self._write("run_end", {})
+        self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        return {"offset": self.path.stat().st_size if self.path.exists() else 0}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.close()
+        if self.path.exists():
+            with open(self.path, "r+b") as f:
+                f.truncate(state.get("offset", 0))

@@ -1,0 +1,89 @@
+"""The ``cl`` command: ``cl run`` and ``cl list`` (a thin layer over ``cl.run`` and the registries)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from cl.errors import CLError
+
+
+def _run(args: argparse.Namespace) -> int:
+    from cl.config import build_config, read_yaml
+    from cl.run import load_run_config, run
+
+    if args.resume:
+        if args.config or args.strategy or args.scenario or args.backbone or args.seed is not None:
+            raise CLError("--resume takes the config from RUN/config.yaml; drop the other config options")
+        cfg = load_run_config(args.resume, args.set)
+        run(cfg, resume=True)
+        return 0
+    data = read_yaml(args.config) if args.config else {}
+    components = {"strategy": args.strategy, "scenario": args.scenario, "backbone": args.backbone}
+    loggers = args.logger.split(",") if args.logger else None
+    cfg = build_config(data, args.set, components, seed=args.seed, out=args.out, loggers=loggers,
+                       device=args.device)
+    run(cfg, overwrite=args.overwrite)
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from cl.registry import BACKBONES, LOGGERS, SCENARIOS, STRATEGIES
+
+    console = Console()
+    for reg in (STRATEGIES, SCENARIOS, BACKBONES, LOGGERS):
+        if args.kind and not reg.kind.startswith(args.kind.rstrip("s")):
+            continue
+        table = Table(title=f"{reg.kind}s")
+        table.add_column("name", style="bold")
+        table.add_column("description")
+        for name in reg.names(args.pattern):
+            table.add_row(name, reg.describe(name))
+        console.print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cl", description="clagent: continual learning with pretrained models")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a continual-learning stream")
+    r.add_argument("config", nargs="?", help="YAML config (defaults apply to anything left out)")
+    r.add_argument("--strategy", help="strategy name (see `cl list strategies`)")
+    r.add_argument("--scenario", help="scenario name")
+    r.add_argument("--backbone", help="backbone name")
+    r.add_argument("--seed", type=int)
+    r.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    r.add_argument("--out", help="run directory (default runs/<scenario>-<strategy>-<backbone>-seed<N>)")
+    r.add_argument("--logger", help="comma-separated loggers (default: console)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set strategy.lr=0.01 (repeatable)")
+    r.add_argument("--resume", metavar="RUN", help="continue the run in directory RUN")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    r.set_defaults(fn=_run)
+    ls = sub.add_parser("list", help="list registered strategies, scenarios, backbones, loggers")
+    ls.add_argument("kind", nargs="?", help="strategies | scenarios | backbones | loggers")
+    ls.add_argument("--pattern", default="*", help="wildcard filter, e.g. 'vit_*'")
+    ls.set_defaults(fn=_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except CLError as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted; the last finished experience is checkpointed (use --resume)")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

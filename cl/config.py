@@ -1,0 +1,144 @@
+"""Run configuration: YAML plus ``--set key=value`` overrides, validated with pydantic.
+
+A component (scenario, backbone, strategy) is ``{name: ..., <params>}``; its params are checked
+against the registered entry's signature, and ``resolve`` fills in every default, so the
+``config.yaml`` written into a run directory is enough to repeat the run.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import yaml
+
+from cl.errors import ConfigError
+from cl.registry import BACKBONES, SCENARIOS, STRATEGIES, Registry, format_validation_error
+
+
+class Component(pydantic.BaseModel):
+    """A registry name plus its keyword parameters."""
+
+    model_config = pydantic.ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class EvalConfig(pydantic.BaseModel):
+    """Evaluation settings."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+    batch_size: int = pydantic.Field(256, ge=1)
+    future: bool = False  # also evaluate experiences not yet learned (for forward transfer)
+
+
+class RunConfig(pydantic.BaseModel):
+    """Everything a run needs; ``cl run CONFIG`` reads this from YAML."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+    seed: int = 0
+    device: str = "auto"
+    out: str | None = None
+    threads: int | None = None
+    deterministic: bool = True
+    progress: bool = True
+    cache_max_gb: float = 8.0
+    loggers: list[str] = ["console"]
+    scenario: Component = Component(name="split_fmnist")
+    backbone: Component = Component(name="efficientnet_lite0")
+    strategy: Component = Component(name="simplecil")
+    eval: EvalConfig = EvalConfig()
+
+
+_COMPONENTS: dict[str, Registry] = {"scenario": SCENARIOS, "backbone": BACKBONES, "strategy": STRATEGIES}
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: YAML scalar/list/dict syntax (``3``, ``0.1``, ``true``, ``[0, 1]``)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one ``a.b.c=value`` override in place."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. strategy.lr=0.01)")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        if not isinstance(node.get(p, {}), dict):
+            raise ConfigError(f"override {item!r}: {p!r} is not a section")
+        node = node.setdefault(p, {})
+    node[parts[-1]] = parse_value(text)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; malformed YAML or a missing file raise ConfigError."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"malformed YAML in {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def build_config(
+    data: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+    components: dict[str, str | None] | None = None,
+    **top: Any,
+) -> RunConfig:
+    """Merge a config dict, component names (``--strategy``...), top-level values and overrides.
+
+    Naming a different component resets its params (they belong to the old one).
+    """
+    data = copy.deepcopy(data or {})
+    for key, name in (components or {}).items():
+        if name is None:
+            continue
+        cur = data.get(key)
+        if not isinstance(cur, dict) or cur.get("name") != name:
+            data[key] = {"name": name}
+    for key, value in top.items():
+        if value is not None:
+            data[key] = value
+    for item in overrides or []:
+        apply_override(data, item)
+    for key in _COMPONENTS:
+        if isinstance(data.get(key), str):
+            data[key] = {"name": data[key]}
+    try:
+        return RunConfig(**data)
+    except pydantic.ValidationError as e:
+        raise ConfigError(format_validation_error(e, "the run config", RunConfig)) from None
+
+
+def resolve(cfg: RunConfig) -> RunConfig:
+    """Validate each component's params against its registry entry and fill in defaults."""
+    out = cfg.model_copy(deep=True)
+    for key, reg in _COMPONENTS.items():
+        comp: Component = getattr(cfg, key)
+        params = reg.validate(comp.name, comp.params)
+        setattr(out, key, Component(name=comp.name, **params))
+    return out
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Plain data, components flattened (``{name, **params}``)."""
+    return cfg.model_dump(mode="json")
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

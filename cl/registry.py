@@ -1,0 +1,139 @@
+"""Name -> entry-point registries for backbones, scenarios and strategies (timm-style).
+
+Each registry maps a name to a callable. ``create(name, *args, **params)`` validates ``params``
+against the callable's signature (via pydantic), so unknown keys and wrong types fail with a
+message that lists the valid keys.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import pydantic
+
+from cl.errors import ConfigError
+
+
+class Registry:
+    """A table of named entry points of one kind (``"strategy"``, ``"backbone"``, ...)."""
+
+    def __init__(self, kind: str, n_positional: int = 0, autoload: tuple[str, ...] = ()) -> None:
+        self.kind = kind
+        self.autoload = autoload  # modules whose import registers the built-in entries
+        self._loaded = False
+        self.n_positional = n_positional  # leading positional args not taken from config
+        self._entries: dict[str, Callable[..., Any]] = {}
+        self._models: dict[str, type[pydantic.BaseModel]] = {}
+
+    def register(self, name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator: ``@REG.register("name")`` adds the function or class under ``name``."""
+
+        def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+            key = name or fn.__name__
+            if key in self._entries and self._entries[key] is not fn:
+                raise ValueError(f"{self.kind} {key!r} is already registered")
+            self._entries[key] = fn
+            self._models.pop(key, None)
+            return fn
+
+        return deco
+
+    def _load(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            for mod in self.autoload:
+                importlib.import_module(mod)
+
+    def __contains__(self, name: str) -> bool:
+        self._load()
+        return name in self._entries
+
+    def names(self, pattern: str = "*") -> list[str]:
+        """Registered names matching a shell-style wildcard, sorted."""
+        self._load()
+        return sorted(n for n in self._entries if fnmatch.fnmatch(n, pattern))
+
+    def get(self, name: str) -> Callable[..., Any]:
+        """The entry for ``name``; an unknown name raises ConfigError with a suggestion."""
+        self._load()
+        if name not in self._entries:
+            close = difflib.get_close_matches(name, self._entries, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"unknown {self.kind} {name!r}{hint} (available: {', '.join(self.names())})"
+            )
+        return self._entries[name]
+
+    def describe(self, name: str) -> str:
+        """First line of the entry's docstring."""
+        doc = inspect.getdoc(self.get(name)) or ""
+        return doc.splitlines()[0] if doc else ""
+
+    def params_model(self, name: str) -> type[pydantic.BaseModel]:
+        """A pydantic model of the entry's keyword parameters (extra keys forbidden)."""
+        if name not in self._models:
+            fn = self.get(name)
+            sig = inspect.signature(fn)
+            params = list(sig.parameters.values())
+            if inspect.isclass(fn):
+                params = params[1:] if params and params[0].name == "self" else params
+            fields: dict[str, Any] = {}
+            for p in params[self.n_positional :]:
+                if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                    continue
+                ann = Any if p.annotation is inspect.Parameter.empty else p.annotation
+                default = ... if p.default is inspect.Parameter.empty else p.default
+                fields[p.name] = (ann, default)
+            self._models[name] = pydantic.create_model(
+                f"{self.kind}_{name}_params",
+                __config__=pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True),
+                **fields,
+            )
+        return self._models[name]
+
+    def validate(self, name: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Checked and completed keyword parameters for ``name`` (defaults filled in)."""
+        model = self.params_model(name)
+        try:
+            return model(**params).model_dump()
+        except pydantic.ValidationError as e:
+            raise ConfigError(format_validation_error(e, f"{self.kind} {name!r}", model)) from None
+
+    def create(self, name: str, *args: Any, **params: Any) -> Any:
+        """Validate ``params`` and call the entry for ``name``."""
+        return self.get(name)(*args, **self.validate(name, params))
+
+
+def format_validation_error(
+    err: pydantic.ValidationError, where: str, model: type[pydantic.BaseModel]
+) -> str:
+    """One readable line per problem, listing the valid keys when a key is unknown."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(root)"
+        if e["type"] == "extra_forbidden":
+            valid = ", ".join(model.model_fields) or "(none)"
+            close = difflib.get_close_matches(str(e["loc"][-1]), model.model_fields, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            lines.append(f"unknown key {loc!r} for {where}{hint} (valid keys: {valid})")
+        elif e["type"] == "missing":
+            lines.append(f"missing required key {loc!r} for {where}")
+        else:
+            lines.append(f"bad value for {where} key {loc!r}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+BACKBONES = Registry("backbone", autoload=("cl.backbones",))
+SCENARIOS = Registry("scenario", autoload=("scenarios",))
+STRATEGIES = Registry("strategy", n_positional=1, autoload=("strategies",))
+
+register_backbone = BACKBONES.register
+register_scenario = SCENARIOS.register
+register_strategy = STRATEGIES.register
+LOGGERS = Registry("logger", autoload=("cl.callbacks",))
+register_logger = LOGGERS.register

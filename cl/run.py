@@ -1,0 +1,139 @@
+"""``run``: one continual-learning run from a config, with its run directory and resume.
+
+Run directory contract (DESIGN.md): ``config.yaml`` (fully resolved), ``metrics.json``,
+``events.jsonl``, ``checkpoints/``. ``run(cfg, resume=True)`` continues from the last finished
+experience and ends with the same metrics as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from cl.agent import Agent
+from cl.callbacks.base import Callback
+from cl.callbacks.events import EventLog
+from cl.checkpoint import Checkpointer, load_checkpoint
+from cl.config import RunConfig, build_config, dump_yaml, read_yaml, resolve, to_dict
+from cl.errors import ConfigError
+from cl.metrics import MetricsCallback
+from cl.registry import LOGGERS, SCENARIOS
+
+RESUME_SAFE_KEYS = {"device", "threads", "progress", "cache_max_gb", "loggers", "eval.batch_size"}
+
+
+def default_out(cfg: RunConfig) -> str:
+    return f"runs/{cfg.scenario.name}-{cfg.strategy.name}-{cfg.backbone.name}-seed{cfg.seed}"
+
+
+def make_loggers(names: list[str]) -> list[Callback]:
+    """Logger callbacks by name (``console``, ...)."""
+    return [LOGGERS.get(n)() for n in names]
+
+
+class RunLock:
+    """An exclusive lock on a run directory, so two processes never write the same run."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / ".lock"
+        self._f = None
+
+    def __enter__(self) -> RunLock:
+        self._f = open(self.path, "w")
+        try:
+            fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{self.path.parent} is in use by another clagent process") from None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        fcntl.flock(self._f, fcntl.LOCK_UN)
+        self._f.close()
+
+
+def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[RunConfig, Path, bool]:
+    """Decide the run directory and whether this run resumes; write ``config.yaml``."""
+    out = Path(cfg.out or default_out(cfg))
+    cfg_file = out / "config.yaml"
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    if cfg_file.exists():
+        on_disk = dump_yaml(build_config(read_yaml(cfg_file)))
+        if on_disk != dump_yaml(cfg) and not resume:
+            raise ConfigError(
+                f"{out} already holds a run with a different config; pass --resume {out} to continue it, "
+                "--overwrite to replace it, or --out for a new directory"
+            )
+        resume = True  # same config: continue (or just report) the run
+    out.mkdir(parents=True, exist_ok=True)
+    if not cfg_file.exists():
+        cfg_file.write_text(dump_yaml(cfg))
+    return cfg, out, resume and (out / "checkpoints" / "last.pt").exists()
+
+
+def run(
+    cfg: RunConfig | dict[str, Any],
+    resume: bool = False,
+    overwrite: bool = False,
+    extra_callbacks: list[Callback] | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run a config end to end; returns the metrics written to ``metrics.json``."""
+    cfg = resolve(cfg if isinstance(cfg, RunConfig) else build_config(cfg))
+    if cfg.out is None:
+        cfg.out = default_out(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    cfg, out, resuming = prepare_run_dir(cfg, resume, overwrite)
+    console = console or Console()
+    with RunLock(out):
+        stream = SCENARIOS.create(cfg.scenario.name, **cfg.scenario.params)
+        metrics_cb = MetricsCallback(out / "metrics.json", n_experiences=len(stream))
+        callbacks: list[Callback] = [
+            metrics_cb, EventLog(out / "events.jsonl"), *make_loggers(cfg.loggers),
+            *(extra_callbacks or []), Checkpointer(out / "checkpoints"),
+        ]
+        agent = Agent(
+            cfg.backbone.name, cfg.strategy.name, backbone_params=cfg.backbone.params,
+            strategy_params=cfg.strategy.params, callbacks=callbacks, device=cfg.device, seed=cfg.seed,
+            deterministic=cfg.deterministic, task_aware=stream.task_aware, eval_batch_size=cfg.eval.batch_size,
+            progress=cfg.progress, cache_max_gb=cfg.cache_max_gb,
+        )
+        done: list[int] = []
+        if resuming:
+            done = agent.restore(load_checkpoint(out / "checkpoints"), stream)
+            console.print(f"resuming {out}: experiences {done} already done")
+        agent.callbacks.before_run(agent, stream)
+        for i, exp in enumerate(stream):
+            if exp.id in done:
+                continue
+            future = stream.experiences[i + 1 :] if cfg.eval.future else ()
+            agent.learn(exp, future=future)
+        agent.callbacks.after_run(agent)
+        metrics = metrics_cb.metrics(agent)
+    console.print(f"run directory: {out}")
+    return metrics
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """The config of an existing run, with only resume-safe overrides allowed."""
+    cfg_file = Path(run_dir) / "config.yaml"
+    if not cfg_file.exists():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    for item in overrides or []:
+        if item.split("=", 1)[0] not in RESUME_SAFE_KEYS:
+            raise ConfigError(
+                f"--set {item!r} would change the results of a resumed run; "
+                f"only {sorted(RESUME_SAFE_KEYS)} may change on resume"
+            )
+    data = read_yaml(cfg_file)
+    data["out"] = str(run_dir)
+    return build_config(data, overrides)
+
+
+__all__ = ["load_run_config", "run", "to_dict"]

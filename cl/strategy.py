@@ -1,0 +1,259 @@
+"""The strategy base class: the hooks a continual-learning method overrides.
+
+A strategy wraps a backbone. The engine calls, per experience: ``before_experience`` ->
+``fit`` (epochs of ``training_step`` over prefix states) -> ``after_experience``; evaluation calls
+``scores``. A new method usually overrides ``before_experience``, ``training_step``,
+``after_experience`` and ``scores``; everything else (loop, optimiser, prefix cache, events,
+checkpoints) is inherited. Strategies never write files: they ``emit`` events for callbacks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import ConcatDataset, Dataset
+
+from cl.backbones.base import Backbone, State
+from cl.cache import CachedStates, PrefixCache
+from cl.data import iterate_batches
+from cl.errors import TrainingError
+from scenarios.stream import Experience
+
+
+@dataclass
+class Context:
+    """What the engine lends a strategy: device, callbacks, progress, seeding, cache, rank."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    callbacks: Any = None  # cl.callbacks.CallbackList
+    agent: Any = None
+    progress: Any = None  # cl.progress.Progress
+    cache: PrefixCache | None = field(default_factory=PrefixCache)
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    eval_batch_size: int = 256
+
+    def generator(self, *salt: int) -> torch.Generator:
+        """A CPU generator seeded from the run seed and ``salt`` (e.g. experience, epoch)."""
+        g = torch.Generator()
+        g.manual_seed(hash((self.seed, *salt)) & 0x7FFFFFFF)
+        return g
+
+
+class Strategy(nn.Module):
+    """Base class of every method. Subclasses are registered with ``@register_strategy``.
+
+    Args:
+        backbone: the pretrained model (frozen unless the strategy unfreezes parts).
+        epochs: training epochs per experience.
+        lr: learning rate.
+        batch_size: training batch size.
+        optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"`` (momentum 0.9).
+        weight_decay: optimiser weight decay.
+        cache_prefix: reuse outputs of frozen blocks across epochs and experiences.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        epochs: int = 1,
+        lr: float = 1e-3,
+        batch_size: int = 64,
+        optimizer: str = "adam",
+        weight_decay: float = 0.0,
+        cache_prefix: bool = True,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
+        self.optimizer_name, self.weight_decay = optimizer, weight_decay
+        self.cache_prefix = cache_prefix
+        self.ctx = Context()
+        self.register_buffer("seen_classes", torch.zeros(0, dtype=torch.long))
+        self.experience: Experience | None = None
+        backbone.requires_grad_(False)
+        # Backbone entries that construction restores (pretrained weights): left out of checkpoints
+        # until something trains them.
+        self._pristine = {f"backbone.{k}" for k in backbone.state_dict()}
+
+    # ---- structure --------------------------------------------------------------------------
+    @property
+    def frozen_depth(self) -> int:
+        """How many leading blocks are frozen (their output may be cached). Default: all."""
+        return self.backbone.num_blocks
+
+    def bind(self, ctx: Context) -> None:
+        """Attach the engine's context and move to its device."""
+        self.ctx = ctx
+        self.to(ctx.device)
+
+    def train(self, mode: bool = True) -> Strategy:
+        """Train mode for the strategy's own modules; the backbone stays in eval mode (frozen BN)."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def emit(self, kind: str, **data: Any) -> None:
+        """Report a decision (``expansion``, ``route``, ...) to the callbacks."""
+        if self.ctx.callbacks is not None:
+            self.ctx.callbacks.on_event(self.ctx.agent, kind, data)
+
+    # ---- hooks ------------------------------------------------------------------------------
+    def before_experience(self, exp: Experience) -> None:
+        """Called before training on ``exp`` (expand, add classes, reset optimiser state)."""
+        self.experience = exp
+        new = torch.tensor([c for c in exp.classes if c not in set(self.seen_classes.tolist())])
+        self.seen_classes = torch.cat([self.seen_classes, new.to(self.seen_classes)])
+
+    def fit(self, exp: Experience) -> None:
+        """Train on ``exp``: ``epochs`` passes of ``training_step`` over prefix states."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params or self.epochs == 0:
+            return
+        opt = self.configure_optimizer(params)
+        self._pristine -= {n for n, p in self.named_parameters() if p.requires_grad}
+        cb = self.ctx.callbacks
+        for epoch in range(self.epochs):
+            if cb is not None:
+                cb.before_epoch(self.ctx.agent, exp, epoch)
+            self.train()
+            total, count = 0.0, 0
+            batches = self.train_batches(exp.train, exp.id, epoch)
+            for it, (state, y) in enumerate(batches):
+                if cb is not None:
+                    cb.before_iteration(self.ctx.agent, it)
+                loss = self.training_step(state, y.to(self.ctx.device))
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"loss is {loss.item()} at experience {exp.id}, epoch {epoch}, batch {it}: "
+                        "lower the learning rate (strategy.lr) or check the inputs for NaN"
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(y)
+                count += len(y)
+                if cb is not None:
+                    cb.after_iteration(self.ctx.agent, it, loss.item())
+            self.eval()
+            if cb is not None:
+                cb.after_epoch(self.ctx.agent, exp, epoch, {"loss": total / max(count, 1)})
+
+    def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
+        """Loss of one batch of prefix states (at ``frozen_depth``) and targets."""
+        raise NotImplementedError(f"{type(self).__name__} does not train; override training_step")
+
+    def after_experience(self, exp: Experience) -> None:
+        """Called after training on ``exp`` (merge, consolidate, write prototypes)."""
+
+    def scores(self, state: State) -> torch.Tensor:
+        """Class scores ``[B, C]`` (column = global class id) for prefix states at ``frozen_depth``."""
+        raise NotImplementedError
+
+    # ---- helpers shared by strategies -------------------------------------------------------
+    def features(self, state: State) -> torch.Tensor:
+        """Embedding of prefix states (runs the unfrozen suffix of the backbone)."""
+        return self.backbone.forward_from(state, self.frozen_depth)
+
+    def configure_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        name = self.optimizer_name.lower()
+        if name == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
+        if name in ("adam", "adamw"):
+            cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+            return cls(params, lr=self.lr, weight_decay=self.weight_decay)
+        raise TrainingError(f"unknown optimizer {self.optimizer_name!r} (available: adam, adamw, sgd)")
+
+    def states(self, dataset: Dataset, depth: int | None = None) -> CachedStates | None:
+        """Cached prefix states of ``dataset`` (None when caching is off)."""
+        if not self.cache_prefix or self.ctx.cache is None:
+            return None
+        depth = self.frozen_depth if depth is None else depth
+        if isinstance(dataset, ConcatDataset):  # cache the parts, so each is computed once
+            return CachedStates.cat([self.states(d, depth) for d in dataset.datasets])
+        return self.ctx.cache.get(
+            self.backbone, dataset, depth, self.ctx.device,
+            batch_size=self.ctx.eval_batch_size, progress=self.ctx.progress,
+        )
+
+    def iterate_states(
+        self, dataset, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
+        desc: str = "batches",
+    ) -> Iterator[tuple[State, torch.Tensor]]:
+        """``(prefix state, targets)`` batches: from the cache, or computed batch by batch."""
+        depth = self.frozen_depth
+        cached = self.states(dataset, depth)
+        if cached is not None:
+            it = cached.batches(batch_size, shuffle, generator)
+            dev = self.ctx.device
+            it = ((_to(s, dev), y) for s, y in it)
+        else:
+            it = self._fresh_states(dataset, depth, batch_size, shuffle, generator)
+        if self.ctx.progress is not None:
+            it = self.ctx.progress(it, math.ceil(len(dataset) / batch_size), desc)
+        return it
+
+    def _fresh_states(self, dataset, depth, batch_size, shuffle, generator):
+        for x, y in iterate_batches(dataset, batch_size, shuffle, generator):
+            with torch.no_grad():
+                yield self.backbone.forward_until(self.backbone.prepare(x, self.ctx.device), depth), y
+
+    def train_batches(self, dataset, exp_id: int, epoch: int) -> Iterator[tuple[State, torch.Tensor]]:
+        """Shuffled training batches, seeded by (run seed, experience, epoch)."""
+        return self.iterate_states(
+            dataset, self.batch_size, shuffle=True, generator=self.ctx.generator(exp_id, epoch),
+            desc=f"exp {exp_id} epoch {epoch + 1}/{self.epochs}",
+        )
+
+    @torch.no_grad()
+    def predict(self, inputs) -> torch.Tensor:
+        """Predicted global class ids for a raw batch (images or strings); no task id needed."""
+        self.eval()
+        state = self.backbone.forward_until(self.backbone.prepare(inputs, self.ctx.device), self.frozen_depth)
+        return self.scores(state).argmax(1).cpu()
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """State dict without the untouched pretrained backbone weights."""
+        return {k: v for k, v in self.state_dict().items() if k not in self._pristine}
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a ``checkpoint_state``; growing modules resize themselves from it."""
+        from cl.errors import CheckpointError
+
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        bad = [k for k in missing if k not in self._pristine]
+        if bad or unexpected:
+            raise CheckpointError(
+                f"checkpoint does not fit this strategy: missing {bad[:5]}, unexpected {list(unexpected)[:5]}"
+            )
+        self._pristine = {k for k in self._pristine if k not in state}
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        key = prefix + "seen_classes"
+        if key in state_dict:  # the class list grows with the stream
+            self.seen_classes = torch.empty_like(state_dict[key], device=self.seen_classes.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_metrics(self) -> dict[str, Any]:
+        """Strategy-specific figures for metrics.json (e.g. adapters per layer)."""
+        return {}
+
+    def count_params(self) -> dict[str, int]:
+        """Total and trainable parameter counts."""
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"params_total": total, "params_trainable": trainable}
+
+
+def _to(state: State, device: torch.device) -> State:
+    if isinstance(state, tuple):
+        return tuple(s.to(device, non_blocking=True) for s in state)
+    return state.to(device, non_blocking=True)
+

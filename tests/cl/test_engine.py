@@ -1,0 +1,142 @@
+"""Engine: hook order, run-directory contract, resume after a kill, agent save/load."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import yaml
+
+from cl.agent import Agent
+from cl.callbacks.base import Callback
+from cl.config import build_config
+from cl.errors import ConfigError
+from cl.run import run
+from scenarios import create_scenario
+from tests.helpers import TINY_SCENARIO, tiny_config
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __getattribute__(self, name):
+        if name.startswith(("before_", "after_", "on_")):
+            calls = object.__getattribute__(self, "calls")
+            return lambda *a, **k: calls.append(name)
+        return object.__getattribute__(self, name)
+
+
+def test_hooks_fire_in_order(tmp_path):
+    rec = Recorder()
+    scen = {k: v for k, v in TINY_SCENARIO.items() if k != "name"}
+    stream = create_scenario("synthetic", **{**scen, "n_experiences": 2})
+    agent = Agent("vit_tiny_test", "finetune", strategy_params={"epochs": 2, "batch_size": 64},
+                  callbacks=[rec], device="cpu", progress=False)
+    agent.learn(stream[0])
+    calls = [c for c in rec.calls if c not in ("before_iteration", "after_iteration")]
+    assert calls == [
+        "before_experience", "before_epoch", "after_epoch", "before_epoch", "after_epoch",
+        "after_training", "before_eval", "after_eval", "after_experience",
+    ]
+    its = rec.calls[rec.calls.index("before_epoch") + 1 : rec.calls.index("after_epoch")]
+    assert its[:2] == ["before_iteration", "after_iteration"] and len(its) == 2 * 2  # 72 items / 64
+
+
+def test_run_directory_contract(tmp_path):
+    metrics = run(tiny_config(tmp_path, "finetune", epochs=2))
+    out = tmp_path / "run"
+    on_disk = json.loads((out / "metrics.json").read_text())
+    for key in ("accuracy_matrix", "avg_incremental_accuracy", "final_accuracy", "avg_forgetting", "bwt",
+                "params_trainable", "params_added_per_experience", "wall_time_s", "peak_rss_mb"):
+        assert key in on_disk, key
+    assert [len(r) for r in on_disk["accuracy_matrix"]] == [1, 2, 3]
+    assert all(0.0 <= a <= 1.0 for r in on_disk["accuracy_matrix"] for a in r)
+    assert on_disk["final_accuracy"] == pytest.approx(metrics["final_accuracy"])
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert all({"t", "experience", "kind"} <= e.keys() for e in events)
+    assert [e["kind"] for e in events].count("experience_end") == 3
+    # config.yaml is fully resolved: strategy defaults are filled in and it re-validates
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["strategy"]["lr"] == 1e-3 and cfg["strategy"]["epochs"] == 2
+    build_config(cfg)
+
+
+def test_rerun_from_config_yaml_is_identical(tmp_path):
+    first = run(tiny_config(tmp_path, "finetune"))
+    cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    cfg["out"] = str(tmp_path / "again")
+    second = run(cfg)
+    assert second["accuracy_matrix"] == first["accuracy_matrix"]
+
+
+def test_same_dir_different_config_is_refused(tmp_path):
+    run(tiny_config(tmp_path, "simplecil"))
+    with pytest.raises(ConfigError, match="different config"):
+        run(tiny_config(tmp_path, "finetune"))
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, json
+    from cl.callbacks.base import Callback
+    from cl.run import run
+
+    class KillAt(Callback):
+        def before_experience(self, agent, exp):
+            if exp.id == int(sys.argv[2]):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    run(json.loads(sys.argv[1]), extra_callbacks=[KillAt()])
+    """
+)
+
+
+@pytest.mark.parametrize("kill_at", [1, 2])
+def test_resume_after_sigkill_matches_uninterrupted(tmp_path, kill_at):
+    ref = run(tiny_config(tmp_path / "ref", "finetune", epochs=2))
+    cfg = tiny_config(tmp_path, "finetune", epochs=2)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, json.dumps(cfg), str(kill_at)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    partial = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert partial["experiences_done"] == kill_at
+    resumed = run(build_config(cfg), resume=True)
+    assert resumed["accuracy_matrix"] == ref["accuracy_matrix"]
+    assert resumed["avg_forgetting"] == ref["avg_forgetting"]
+    kinds = [json.loads(x)["kind"] for x in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    assert kinds.count("experience_end") == 3 and kinds.count("experience_start") == 3
+
+
+def test_agent_save_load_predicts_the_same(tmp_path):
+    scen = {k: v for k, v in TINY_SCENARIO.items() if k != "name"}
+    stream = create_scenario("synthetic", **scen)
+    agent = Agent("vit_tiny_test", "finetune", device="cpu", progress=False)
+    for exp in stream:
+        agent.learn(exp)
+    x = stream[0].test.inputs[:16]
+    agent.save(tmp_path / "agent")
+    loaded = Agent.load(tmp_path / "agent", device="cpu", progress=False)
+    assert torch.equal(loaded.predict(x), agent.predict(x))
+    assert agent.evaluate(stream.experiences)["accuracy"] == loaded.evaluate(stream.experiences)["accuracy"]
+
+
+def test_checkpoint_leaves_out_untouched_pretrained_weights(tmp_path):
+    run(tiny_config(tmp_path, "simplecil"))
+    payload = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert not any(k.startswith("backbone.") for k in payload["strategy"])
+    assert "head.sums" in payload["strategy"]
+
+
+def test_nan_loss_stops_with_a_hint(tmp_path):
+    from cl.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="learning rate"):
+        run(tiny_config(tmp_path, "finetune", lr=1e30, optimizer="sgd"))
