@@ -78,7 +78,7 @@ class Registry:
         """A pydantic model of the entry's keyword parameters (extra keys forbidden)."""
         if name not in self._models:
             fn = self.get(name)
-            sig = inspect.signature(fn)
+            sig = inspect.signature(fn, eval_str=True)
             params = list(sig.parameters.values())
             if inspect.isclass(fn):
                 params = params[1:] if params and params[0].name == "self" else params

@@ -1,0 +1,60 @@
+"""Streams of experiences: builders, dataset sources and the registered scenarios.
+
+``create_scenario("split_fmnist", n_experiences=5)`` builds a registered scenario by name with
+its parameters validated; ``list_scenarios()`` lists the names.
+"""
+
+from typing import Any
+
+from cl.registry import SCENARIOS
+from scenarios import zoo
+from scenarios.builders import class_incremental, domain_incremental, head_per_class, subset, task_incremental
+from scenarios.sources import (
+    ImageFolderDataset,
+    from_avalanche,
+    from_torchvision,
+    load_digits,
+    load_fashion_mnist,
+    load_fortunes,
+    to_avalanche,
+)
+from scenarios.stream import Experience, Stream
+from scenarios.zoo import image_folder, rotated_digits, split_digits, split_fmnist, split_fortunes, synthetic
+
+assert zoo  # imported for its registrations
+
+
+def create_scenario(name: str, **params: Any) -> Stream:
+    """Build the registered scenario ``name``; unknown or ill-typed ``params`` raise ``ConfigError``."""
+    return SCENARIOS.create(name, **params)
+
+
+def list_scenarios(pattern: str = "*") -> list[str]:
+    """Registered scenario names matching a shell-style wildcard, sorted."""
+    return SCENARIOS.names(pattern)
+
+
+__all__ = [
+    "Experience",
+    "ImageFolderDataset",
+    "Stream",
+    "class_incremental",
+    "create_scenario",
+    "domain_incremental",
+    "from_avalanche",
+    "from_torchvision",
+    "head_per_class",
+    "image_folder",
+    "list_scenarios",
+    "load_digits",
+    "load_fashion_mnist",
+    "load_fortunes",
+    "rotated_digits",
+    "split_digits",
+    "split_fmnist",
+    "split_fortunes",
+    "subset",
+    "synthetic",
+    "task_incremental",
+    "to_avalanche",
+]

@@ -1,0 +1,243 @@
+"""Registered scenarios: each a thin function over a source and a builder, created by name."""
+
+# No ``from __future__ import annotations`` here: the registry reads these signatures' annotations
+# as objects to validate parameters, and string annotations would not resolve there.
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cl.data import ArrayDataset
+from cl.errors import ConfigError
+from cl.registry import register_scenario
+from scenarios.builders import class_incremental, domain_incremental, head_per_class, task_incremental
+from scenarios.sources.digits import load_digits
+from scenarios.sources.fashion_mnist import load_fashion_mnist
+from scenarios.sources.fortunes import DEBIAN_ROOT as FORTUNES_ROOT
+from scenarios.sources.fortunes import load_fortunes, read_fortunes, select_categories
+from scenarios.sources.image_folder import ImageFolderDataset
+from scenarios.stream import Stream
+
+Kind = Literal["class", "task"]
+
+
+def _split(
+    name: str,
+    data: tuple[Dataset, Dataset, Sequence[str]],
+    kind: Kind,
+    per_class: tuple[int | None, int | None],
+    **split: Any,
+) -> Stream:
+    """``data`` = (train, test, class names) capped per class, then split by the builder for ``kind``.
+
+    ``classes_per_experience``, when given, overrides ``n_experiences``.
+    """
+    train, test, class_names = data
+    if split.get("classes_per_experience") is not None:
+        split["n_experiences"] = None
+    build = task_incremental if kind == "task" else class_incremental
+    return build(
+        head_per_class(train, per_class[0]),
+        head_per_class(test, per_class[1]),
+        name=name,
+        class_names=class_names,
+        **split,
+    )
+
+
+@register_scenario("split_fmnist")
+def split_fmnist(
+    n_experiences: int = 5,
+    classes_per_experience: list[int] | None = None,
+    class_order: list[int] | None = None,
+    seed: int | None = 0,
+    root: str | None = None,
+    train_per_class: int | None = None,
+    test_per_class: int | None = None,
+    kind: Kind = "class",
+) -> Stream:
+    """FashionMNIST (28x28 grey clothes, 10 classes) split into class groups.
+
+    ``classes_per_experience`` (a list of sizes) gives an uneven split instead of ``n_experiences``;
+    ``train_per_class`` / ``test_per_class`` keep the first N items of each class (quick runs).
+    """
+    return _split(
+        "split_fmnist",
+        load_fashion_mnist(root),
+        kind,
+        (train_per_class, test_per_class),
+        n_experiences=n_experiences,
+        classes_per_experience=classes_per_experience,
+        class_order=class_order,
+        seed=seed,
+    )
+
+
+@register_scenario("split_digits")
+def split_digits(
+    n_experiences: int = 5,
+    classes_per_experience: list[int] | None = None,
+    class_order: list[int] | None = None,
+    seed: int | None = 0,
+    test_fraction: float = 0.25,
+    train_per_class: int | None = None,
+    test_per_class: int | None = None,
+    kind: Kind = "class",
+) -> Stream:
+    """scikit-learn digits (8x8, 10 classes, 1797 images) split into class groups; tiny and offline."""
+    return _split(
+        "split_digits",
+        load_digits(test_fraction, seed or 0),
+        kind,
+        (train_per_class, test_per_class),
+        n_experiences=n_experiences,
+        classes_per_experience=classes_per_experience,
+        class_order=class_order,
+        seed=seed,
+    )
+
+
+@register_scenario("split_fortunes")
+def split_fortunes(
+    n_experiences: int = 5,
+    min_entries: int = 150,
+    max_categories: int | None = None,
+    seed: int | None = 0,
+    classes_per_experience: list[int] | None = None,
+    class_order: list[int] | None = None,
+    root: str = FORTUNES_ROOT,
+    test_fraction: float = 0.2,
+    train_per_class: int | None = None,
+    test_per_class: int | None = None,
+    kind: Kind = "class",
+) -> Stream:
+    """Text: fortune-cookie categories (Debian ``fortunes``) with >= ``min_entries`` entries, split in groups.
+
+    Keeps the ``max_categories`` largest categories; by default as many as ``classes_per_experience``
+    sums to, else the largest multiple of ``n_experiences`` available, so the split is even.
+    """
+    counts = {c: len(e) for c, e in read_fortunes(root).items()}
+    eligible = select_categories(counts, min_entries)
+    if max_categories is None and classes_per_experience is not None:
+        max_categories = sum(classes_per_experience)
+    elif max_categories is None:
+        max_categories = len(eligible) - len(eligible) % max(n_experiences, 1)
+    if max_categories < 1:
+        raise ConfigError(
+            f"only {len(eligible)} fortune categories have >= {min_entries} entries: "
+            f"too few for n_experiences={n_experiences}; lower min_entries"
+        )
+    chosen = sorted(eligible, key=lambda c: (-counts[c], c))[:max_categories]
+    data = load_fortunes(root, min_entries, test_fraction, seed or 0, categories=chosen)
+    return _split(
+        "split_fortunes",
+        data,
+        kind,
+        (train_per_class, test_per_class),
+        n_experiences=n_experiences,
+        classes_per_experience=classes_per_experience,
+        class_order=class_order,
+        seed=seed,
+    )
+
+
+@register_scenario("image_folder")
+def image_folder(
+    train_root: str,
+    test_root: str,
+    n_experiences: int,
+    size: int = 224,
+    classes_per_experience: list[int] | None = None,
+    class_order: list[int] | None = None,
+    seed: int | None = 0,
+    train_per_class: int | None = None,
+    test_per_class: int | None = None,
+    kind: Kind = "class",
+) -> Stream:
+    """Your images: ``train_root/<class>/*`` and ``test_root/<class>/*``, resized to ``size`` squares."""
+    train = ImageFolderDataset(train_root, size)
+    test = ImageFolderDataset(test_root, size, classes=train.classes)
+    return _split(
+        "image_folder",
+        (train, test, train.classes),
+        kind,
+        (train_per_class, test_per_class),
+        n_experiences=n_experiences,
+        classes_per_experience=classes_per_experience,
+        class_order=class_order,
+        seed=seed,
+    )
+
+
+def synthetic_images(
+    n_classes: int, per_class: int, image_size: int, channels: int, seed: int, noise_seed: int
+) -> ArrayDataset:
+    """Noisy copies of one random blocky pattern per class (fixed by ``seed``), uint8 ``[C, S, S]``."""
+    grid = 4
+    rng = np.random.default_rng(seed)
+    patterns: dict[bytes, np.ndarray] = {}
+    while len(patterns) < n_classes:  # distinct patterns, distinct per-channel brightness
+        p = rng.integers(0, 2, size=(channels, grid, grid), dtype=np.uint8)
+        patterns.setdefault(p.sum(axis=(1, 2)).tobytes() + p.tobytes(), p)
+    protos = np.stack(list(patterns.values())).astype(np.float32)
+    cell = -(-image_size // grid)
+    protos = protos.repeat(cell, axis=2).repeat(cell, axis=3)[:, :, :image_size, :image_size]
+    shape = (n_classes, per_class, channels, image_size, image_size)
+    noise = np.random.default_rng(noise_seed).normal(0, 20, size=shape)
+    images = np.clip(50 + 150 * protos[:, None] + noise, 0, 255).astype(np.uint8)
+    targets = np.repeat(np.arange(n_classes), per_class)
+    return ArrayDataset(images.reshape(-1, channels, image_size, image_size), targets)
+
+
+@register_scenario("synthetic")
+def synthetic(
+    n_classes: int = 6,
+    n_experiences: int = 3,
+    train_per_class: int = 32,
+    test_per_class: int = 16,
+    image_size: int = 16,
+    channels: int = 3,
+    seed: int = 0,
+    kind: Kind = "class",
+) -> Stream:
+    """Random uint8 images whose class sets a clear blocky pattern: tiny models learn it; for fast tests."""
+    if min(n_classes, train_per_class, test_per_class, image_size, channels) < 1:
+        raise ConfigError("synthetic: sizes and counts must all be >= 1")
+    train = synthetic_images(n_classes, train_per_class, image_size, channels, seed, noise_seed=seed + 1)
+    test = synthetic_images(n_classes, test_per_class, image_size, channels, seed, noise_seed=seed + 2)
+    data = (train, test, [f"class_{c}" for c in range(n_classes)])
+    return _split("synthetic", data, kind, (None, None), n_experiences=n_experiences, seed=seed)
+
+
+def rotate_images(images: torch.Tensor, angle: float) -> torch.Tensor:
+    """Images ``[N, C, H, W]`` rotated counter-clockwise by ``angle`` degrees (exact for multiples of 90)."""
+    if angle % 90 == 0:
+        return torch.rot90(images, k=int(angle // 90) % 4, dims=(-2, -1)).contiguous()
+    from torchvision.transforms.functional import rotate
+
+    return rotate(images, float(angle))
+
+
+@register_scenario("rotated_digits")
+def rotated_digits(
+    angles: Sequence[float] = (0.0, 90.0),
+    seed: int = 0,
+    test_fraction: float = 0.25,
+    train_per_class: int | None = None,
+    test_per_class: int | None = None,
+) -> Stream:
+    """Domain-incremental digits: one experience per angle, the same images rotated.
+
+    A repeated angle (``angles=[0, 0, 90]``) repeats the same experience, domain name included.
+    """
+    if not angles:
+        raise ConfigError("rotated_digits: give at least one angle")
+    train, test, names = load_digits(test_fraction, seed)
+    train, test = head_per_class(train, train_per_class), head_per_class(test, test_per_class)
+    domains = []
+    for angle in angles:
+        pair = [ArrayDataset(rotate_images(d.inputs, angle), d.targets) for d in (train, test)]  # type: ignore[union-attr]
+        domains.append((f"rot{angle:g}", pair[0], pair[1]))
+    return domain_incremental(domains, name="rotated_digits", class_names=names)
