@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except CLError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted; the last finished experience is checkpointed (use --resume)")
