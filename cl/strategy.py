@@ -78,7 +78,7 @@ class Strategy(nn.Module):
         self.ctx = Context()
         self.register_buffer("seen_classes", torch.zeros(0, dtype=torch.long))
         self.experience: Experience | None = None
-        backbone.requires_grad_(False)
+        backbone.requires_grad_(False).eval()
         # Backbone entries that construction restores (pretrained weights): left out of checkpoints
         # until something trains them.
         self._pristine = {f"backbone.{k}" for k in backbone.state_dict()}
@@ -92,7 +92,7 @@ class Strategy(nn.Module):
     def bind(self, ctx: Context) -> None:
         """Attach the engine's context and move to its device."""
         self.ctx = ctx
-        self.to(ctx.device)
+        self.to(ctx.device).eval()
 
     def train(self, mode: bool = True) -> Strategy:
         """Train mode for the strategy's own modules; the backbone stays in eval mode (frozen BN)."""

@@ -18,3 +18,23 @@ def test_simplecil_trains_nothing_and_adds_only_prototypes(tmp_path):
     assert m["params_trainable"] == 0
     assert m["params_added_per_experience"] == [0, 0, 0]  # prototypes are buffers
     assert m["final_accuracy"] > 1 / 6
+
+
+def test_simplecil_prototypes_are_class_means_of_eval_mode_features():
+    """BatchNorm backbones must stay in eval mode: prototypes equal plain class means."""
+    import torch
+
+    from cl.agent import Agent
+    from scenarios import create_scenario
+
+    stream = create_scenario("synthetic", n_classes=4, n_experiences=2, train_per_class=20, test_per_class=4)
+    agent = Agent("efficientnet_lite0", "simplecil", backbone_params={"weights": "none", "img_size": 32},
+                  device="cpu", progress=False)
+    exp = stream[0]
+    agent.learn(exp)
+    bb = agent.backbone.eval()
+    with torch.no_grad():
+        feats = bb.forward_features(bb.prepare(exp.train.inputs, "cpu"))
+    for c in exp.classes:
+        expected = feats[exp.train.targets == c].mean(0)
+        assert torch.allclose(agent.strategy.head.prototypes[c], expected, atol=1e-4)

@@ -1,0 +1,43 @@
+"""Batched image preprocessing shared by image backbones: dtype, channels, size, normalisation."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from cl.errors import DataError
+
+if TYPE_CHECKING:
+    from cl.backbones.base import DataConfig
+
+
+def prepare_images(
+    images: torch.Tensor,
+    config: DataConfig,
+    device: torch.device | str | None = None,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """uint8 (0-255) or float (0-1) ``[B, C, H, W]``, C = 1 or 3, any size -> normalised model input.
+
+    Grayscale is broadcast to the config's channels, the size is matched with bilinear
+    interpolation (only when it differs), and the work runs on ``device``.
+    """
+    channels, height, width = config.input_size
+    expected = f"[B, C, H, W] with C = 1 or {channels}"
+    if not isinstance(images, torch.Tensor):
+        raise DataError(f"expected an image tensor {expected}, got {type(images).__name__}")
+    if images.ndim != 4 or images.shape[1] not in (1, channels):
+        raise DataError(f"expected images of shape {expected}, got shape {tuple(images.shape)}")
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise DataError(f"expected uint8 (0-255) or float (0-1) images, got dtype {images.dtype}")
+    x = images.to(device, non_blocking=True)
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    if x.shape[-2:] != (height, width):
+        shrink = x.shape[-2] > height or x.shape[-1] > width
+        x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=shrink)
+    mean = torch.tensor(config.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(config.std, device=x.device).view(1, -1, 1, 1)
+    x = (x - mean) / std  # broadcasting also repeats a single (grayscale) channel
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
