@@ -38,3 +38,14 @@ def test_simplecil_prototypes_are_class_means_of_eval_mode_features():
     for c in exp.classes:
         expected = feats[exp.train.targets == c].mean(0)
         assert torch.allclose(agent.strategy.head.prototypes[c], expected, atol=1e-4)
+
+
+def test_task_incremental_evaluation_masks_to_the_task_classes(tmp_path):
+    """With the task label known at test time, finetune's old tasks survive (only 2-3 classes compete)."""
+    from tests.helpers import TINY_SCENARIO
+
+    cls_cfg = tiny_config(tmp_path / "cls", "finetune", epochs=3, lr=3e-3)
+    task_cfg = tiny_config(tmp_path / "task", "finetune", epochs=3, lr=3e-3)
+    task_cfg["scenario"] = {**TINY_SCENARIO, "kind": "task"}
+    cls_m, task_m = run(cls_cfg), run(task_cfg)
+    assert task_m["final_accuracy"] > cls_m["final_accuracy"] + 0.2
