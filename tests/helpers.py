@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+
+import torch
+
+from cl.descriptors import DescriptorSet
 
 TINY_SCENARIO = {"name": "synthetic", "n_classes": 6, "n_experiences": 3, "train_per_class": 24,
                  "test_per_class": 12, "image_size": 16}
@@ -16,3 +22,32 @@ def tiny_config(tmp_path, strategy: str = "finetune", **strategy_params: Any) ->
         "scenario": dict(TINY_SCENARIO), "backbone": dict(TINY_BACKBONE),
         "strategy": {"name": strategy, **strategy_params}, "eval": {"batch_size": 64},
     }
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Tiny ops gain nothing from a second thread; on a busy CPU OpenMP contention made them ~100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def subspace_sampler(seed: int, dim: int = 32, rank: int = 4):
+    basis = torch.linalg.qr(torch.randn(dim, dim, generator=torch.Generator().manual_seed(seed)))[0][:, :rank]
+    return lambda n: torch.randn(n, rank) @ basis.T * 3 + 0.05 * torch.randn(n, dim)
+
+
+def fit(descriptors: DescriptorSet, name: str, sample) -> None:
+    """Train descriptor ``name`` on ``sample``'s distribution and record its training losses."""
+    d = descriptors.add(name)
+    opt = torch.optim.Adam(d.parameters(), lr=1e-2)
+    with one_thread():
+        for _ in range(300):
+            opt.zero_grad()
+            d.loss(sample(128)).backward()
+            opt.step()
+    with torch.no_grad():
+        d.record(d.losses(sample(500)))

@@ -1,0 +1,30 @@
+"""Adapters on backbone blocks: modules, their config, pools by name, and injection."""
+
+from cl.adapters.modules import (
+    ADAPTERS,
+    SSF,
+    AdapterConfig,
+    BlockShape,
+    Bottleneck,
+    LoRA,
+    RankOne,
+    build_adapter,
+)
+from cl.adapters.pool import AdaptedBlock, AdapterPool, capturing, inject, pools, routing
+
+__all__ = [
+    "ADAPTERS",
+    "SSF",
+    "AdaptedBlock",
+    "AdapterConfig",
+    "AdapterPool",
+    "BlockShape",
+    "Bottleneck",
+    "LoRA",
+    "RankOne",
+    "build_adapter",
+    "capturing",
+    "inject",
+    "pools",
+    "routing",
+]

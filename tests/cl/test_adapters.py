@@ -1,0 +1,215 @@
+"""Adapters: zero-init insertion, training, prefix split, pools by name, routing overrides, checkpoints."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from cl.adapters import AdaptedBlock, AdapterConfig, AdapterPool, RankOne, capturing, inject, pools, routing
+from cl.backbones import Backbone, create_backbone
+from cl.errors import CheckpointError, ConfigError
+from tests.helpers import one_thread
+
+TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+TINY = {
+    "vit_tiny_test": {},
+    "open_clip_tiny_test": {},
+    "efficientnet_lite0": {"weights": "none", "img_size": 32},
+    "minilm": {"weights": "none", "config": TINY_BERT},
+}
+KINDS = ["bottleneck", "lora", "ssf", "rank1"]
+SENTENCES = ["a cat sits on the mat", "two dogs run in a park on a sunny day", "hi"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def tiny(name: str) -> Backbone:
+    torch.manual_seed(0)
+    return create_backbone(name, **TINY[name]).eval().requires_grad_(False)
+
+
+def batch(b: Backbone) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    if b.data_config.modality == "text":
+        return b.prepare(SENTENCES)
+    return torch.randn(3, *b.data_config.input_size, generator=torch.Generator().manual_seed(1))
+
+
+def expanded(name: str, kind: str, **cfg) -> tuple[Backbone, dict[int, AdapterPool]]:
+    """A backbone with two adapters per pool in every block (the first frozen)."""
+    b = tiny(name)
+    ps = inject(b, AdapterConfig(kind=kind, **cfg))
+    for p in ps.values():
+        p.add("t0")
+        p.freeze("t0")
+        p.add("t1")
+    return b, ps
+
+
+def train_step(b: Backbone, x, lr: float = 0.1) -> None:
+    out = b(x)
+    (out.pow(2).sum() + out.sum()).backward()
+    with torch.no_grad():
+        for p in b.parameters():
+            if p.grad is not None:
+                p -= lr * p.grad
+                p.grad = None
+
+
+@pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.parametrize("kind", KINDS)
+def test_insertion_keeps_function_then_training_changes_it(name: str, kind: str) -> None:
+    b = tiny(name)
+    x = batch(b)
+    with torch.no_grad():
+        ref = b(x)
+    ps = inject(b, AdapterConfig(kind=kind, top_k=1))
+    for p in ps.values():
+        p.add("t0")
+        p.add("t1")
+    assert all(isinstance(blk, AdaptedBlock) for blk in b.blocks)
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), ref, rtol=0, atol=0)
+    train_step(b, x)
+    with torch.no_grad():
+        assert (b(x) - ref).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_test", "efficientnet_lite0", "minilm"])
+def test_prefix_split_holds_with_trained_adapters(name: str) -> None:
+    b, _ = expanded(name, "bottleneck")
+    x = batch(b)
+    train_step(b, x)
+    with torch.no_grad():
+        full = b.forward_features(x)
+        for k in range(b.num_blocks + 1):
+            torch.testing.assert_close(b.forward_from(b.forward_until(x, k), k), full)
+
+
+def test_frozen_adapter_gets_no_grad() -> None:
+    b, ps = expanded("vit_tiny_test", "bottleneck")
+    b(batch(b)).sum().backward()
+    pool = ps[0]
+    assert pool.names == ["t0", "t1"] and pool.frozen == {"t0"}
+    assert all(p.grad is None for p in pool.adapters["t0"].parameters())
+    assert pool.adapters["t1"].up.weight.grad.abs().sum() > 0
+    assert pool.router.frozen == [0]  # the frozen adapter's router column too
+    with pytest.raises(ConfigError, match="already exists"):
+        pool.add("t1")
+    with pytest.raises(ConfigError, match="no adapter"):
+        pool.freeze("t9")
+    with pytest.raises(ConfigError, match=r"without '\.'"):
+        pool.add("a.b")
+
+
+def test_inject_selects_blocks_and_is_idempotent() -> None:
+    b = tiny("vit_tiny_test")
+    ps = inject(b, AdapterConfig(layers=[-1, 0]))
+    assert list(ps) == [0, 3]
+    assert inject(b, AdapterConfig(layers=[3])) == {3: ps[3]}
+    assert pools(b) == ps
+    assert list(inject(b, AdapterConfig(pattern="blocks.[12]"))) == [1, 2]
+    assert list(inject(tiny("minilm"), AdapterConfig(pattern="*.layer.1"))) == [1]
+    with pytest.raises(ConfigError, match="already has a 'bottleneck'"):
+        inject(b, AdapterConfig(kind="lora", layers=[0]))
+    with pytest.raises(ConfigError, match=r"out of range .* 4 blocks"):
+        inject(b, AdapterConfig(layers=[4]))
+    with pytest.raises(ConfigError, match="matches no block"):
+        inject(b, AdapterConfig(pattern="head*"))
+    with pytest.raises(ConfigError, match="either layers or pattern"):
+        AdapterConfig(layers=[0], pattern="*")
+    with pytest.raises(ConfigError, match="'lorra'"):
+        AdapterConfig(kind="lorra")
+    assert AdapterConfig(kind="rank1").router is None and AdapterConfig(kind="rank1", router="softmax").router
+    assert b.blocks[0].attn is b.blocks[0].block.attn  # the wrapped block's attributes stay reachable
+
+
+def test_channel_adapters_follow_stride_and_width() -> None:
+    b = tiny("efficientnet_lite0")
+    ps = inject(b, AdapterConfig())
+    strided = [i for i, p in ps.items() if p.shape.stride == 2]
+    assert strided and all(ps[i].shape.c_in != ps[i].shape.c_out for i in strided)
+    assert ps[1].add("t0").down.out_channels == 32  # channel default width
+
+
+def test_checkpoint_of_expanded_model_loads_into_fresh_one() -> None:
+    cfg = {"descriptor_hidden": 8, "layers": [-2, -1]}
+    b, ps = expanded("vit_tiny_test", "bottleneck", **cfg)
+    x = batch(b)
+    train_step(b, x)
+    ps[3].add("t2")
+    ps[3].descriptors["t2"].record(torch.rand(7))
+    buf = io.BytesIO()
+    torch.save(b.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+
+    fresh = tiny("vit_tiny_test")
+    fps = inject(fresh, AdapterConfig(**cfg))
+    fresh.load_state_dict(state)  # strict: every adapter, router column and descriptor was recreated
+    assert fps[3].names == ["t0", "t1", "t2"] and fps[2].names == ["t0", "t1"]
+    assert fps[3].frozen == {"t0"} and not fps[3].adapters["t0"].up.weight.requires_grad
+    assert fps[3].router.frozen == ps[3].router.frozen == [0, 1]
+    assert int(fps[3].descriptors["t2"].count) == 7
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), b(x), rtol=0, atol=0)
+
+    lora = tiny("vit_tiny_test")
+    inject(lora, AdapterConfig(kind="lora", **cfg))
+    with pytest.raises(CheckpointError, match="'bottleneck' adapter pool"):
+        lora.load_state_dict(state)
+
+
+def test_route_override_selects_one_adapter() -> None:
+    b, ps = expanded("vit_tiny_test", "lora")
+    x = batch(b)
+    train_step(b, x)  # only t1 moves
+    with torch.no_grad():
+        mixed = b(x)
+        with routing(ps, {i: torch.tensor([1.0, 0.0]) for i in ps}):
+            only_t0 = b(x)
+        assert ps[0].route_override is None
+        torch.testing.assert_close(b(x), mixed)
+        for p in ps.values():  # t0 is still zero: routing everything to it is the plain backbone
+            p.adapters.pop("t1")
+            p.router = None
+        torch.testing.assert_close(only_t0, b(x))
+    with pytest.raises(ConfigError, match="2 columns for 1 adapters"), routing(ps, {0: torch.ones(2)}):
+        b(x)
+
+
+def test_text_pooling_ignores_padding() -> None:
+    b = tiny("minilm")
+    ps = inject(b, AdapterConfig())
+    with torch.no_grad(), capturing(ps) as found:
+        b(b.prepare(SENTENCES[2:]))
+        alone = found[1][0]
+        b(b.prepare(SENTENCES))
+    assert found[1].shape == (3, 32)
+    torch.testing.assert_close(found[1][2], alone, atol=1e-5, rtol=1e-5)
+    assert ps[0]._sink is None
+
+
+def test_rank_one_experts_gate_jointly() -> None:
+    _, ps = expanded("vit_tiny_test", "rank1", dim=2, top_k=1)
+    pool = ps[0]
+    pool.add("t2")
+    experts = list(pool.adapters.values())
+    for e in experts:
+        torch.nn.init.normal_(e.up.weight)
+    x = torch.randn(2, 5, 32)
+    acts = torch.cat([e.down(x) for e in experts], -1)  # [2, 5, 6]
+    winner = acts.abs().argmax(-1)
+    expected = torch.zeros_like(x)
+    for k, e in enumerate(experts):
+        for r in range(2):
+            on = (winner == 2 * k + r).unsqueeze(-1)
+            expected += on * acts[..., 2 * k + r, None] * e.up.weight[:, r]
+    torch.testing.assert_close(pool(x, x), expected)
+    assert isinstance(experts[0], RankOne) and pool.router is None
+    assert pool.parameter_counts() == {"adapters": 3 * 2 * 2 * 32, "router": 0, "descriptors": 0}
