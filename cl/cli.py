@@ -32,10 +32,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from cl.registry import BACKBONES, LOGGERS, SCENARIOS, STRATEGIES
+    from cl.registry import BACKBONES, HEADS, LOGGERS, ROUTERS, SCENARIOS, STRATEGIES
 
     console = Console()
-    for reg in (STRATEGIES, SCENARIOS, BACKBONES, LOGGERS):
+    for reg in (STRATEGIES, SCENARIOS, BACKBONES, HEADS, ROUTERS, LOGGERS):
         if args.kind and not reg.kind.startswith(args.kind.rstrip("s")):
             continue
         table = Table(title=f"{reg.kind}s")
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     r.set_defaults(fn=_run)
     ls = sub.add_parser("list", help="list registered strategies, scenarios, backbones, loggers")
-    ls.add_argument("kind", nargs="?", help="strategies | scenarios | backbones | loggers")
+    ls.add_argument("kind", nargs="?", help="strategies | scenarios | backbones | heads | routers | loggers")
     ls.add_argument("--pattern", default="*", help="wildcard filter, e.g. 'vit_*'")
     ls.set_defaults(fn=_list)
     return p

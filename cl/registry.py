@@ -137,3 +137,6 @@ register_scenario = SCENARIOS.register
 register_strategy = STRATEGIES.register
 LOGGERS = Registry("logger", autoload=("cl.callbacks",))
 register_logger = LOGGERS.register
+HEADS = Registry("head", n_positional=1, autoload=("cl.heads",))
+register_head = HEADS.register
+ROUTERS = Registry("router", n_positional=1, autoload=("cl.routing",))

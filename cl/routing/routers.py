@@ -14,9 +14,7 @@ from torch import nn
 
 from cl.descriptors import DescriptorSet
 from cl.errors import ConfigError
-from cl.registry import Registry
-
-ROUTERS = Registry("router", n_positional=1)
+from cl.registry import ROUTERS
 
 
 class Router(nn.Module):
