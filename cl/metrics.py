@@ -111,11 +111,18 @@ class MetricsCallback(Callback):
     def before_experience(self, agent: Any, exp: Any) -> None:
         self._t0 = time.perf_counter()
         self._params_before = agent.strategy.count_params()["params_total"]
+        self._trainable = 0
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
+    def _track_trainable(self, agent: Any) -> None:
+        self._trainable = max(self._trainable, agent.strategy.count_params()["params_trainable"])
+
+    def before_epoch(self, agent: Any, exp: Any, epoch: int) -> None:
+        self._track_trainable(agent)  # strategies may add parameters inside fit
+
     def after_training(self, agent: Any, exp: Any) -> None:
-        self._trainable = agent.strategy.count_params()["params_trainable"]
+        self._track_trainable(agent)
 
     def after_eval(self, agent: Any, exps: list[Any], results: dict[str, Any]) -> None:
         if results.get("purpose") == "baseline":

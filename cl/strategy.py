@@ -81,7 +81,7 @@ class Strategy(nn.Module):
         backbone.requires_grad_(False).eval()
         # Backbone entries that construction restores (pretrained weights): left out of checkpoints
         # until something trains them.
-        self._pristine = {f"backbone.{k}" for k in backbone.state_dict()}
+        self._pristine = {f"backbone.{k}" for k in backbone.state_dict() if not k.endswith("_extra_state")}
 
     # ---- structure --------------------------------------------------------------------------
     @property
@@ -202,8 +202,9 @@ class Strategy(nn.Module):
 
     def _fresh_states(self, dataset, depth, batch_size, shuffle, generator):
         for x, y in iterate_batches(dataset, batch_size, shuffle, generator):
-            with torch.no_grad():
-                yield self.backbone.forward_until(self.backbone.prepare(x, self.ctx.device), depth), y
+            with torch.no_grad():  # yield outside the block: the consumer may need gradients
+                state = self.backbone.forward_until(self.backbone.prepare(x, self.ctx.device), depth)
+            yield state, y
 
     def train_batches(self, dataset, exp_id: int, epoch: int) -> Iterator[tuple[State, torch.Tensor]]:
         """Shuffled training batches, seeded by (run seed, experience, epoch)."""

@@ -1,0 +1,203 @@
+"""SEMA: self-expanding mixtures of adapters (Wang et al., CVPR 2025), built from ``cl`` parts.
+
+Per experience: scan the adaptable layers in order; a layer whose representation descriptors all
+flag the new data as shifted (loss z-score > tau) gets one new adapter (at most one per layer per
+experience), which is trained before the following layers are scanned. Descriptors are then
+trained on the adapter's inputs; old adapters, router columns and descriptors stay frozen.
+
+Defaults follow what we measured (docs in METHODS.md): routing by descriptors needs no training
+on current data, so old inputs keep their routes and features; the classifier is an LDA head
+over the mixture features (``head="linear"`` gives the paper's masked-CE linear classifier).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from cl.adapters import AdapterConfig, AdapterPool, capturing, inject, routing
+from cl.backbones.base import Backbone, State
+from cl.descriptors import ShiftDetector
+from cl.heads import Head, LinearHead, create_head
+from cl.registry import register_strategy
+from cl.strategy import Strategy
+from scenarios.stream import Experience
+
+
+@register_strategy("sema")
+class SEMA(Strategy):
+    """Self-expanding adapters: descriptors detect shifts, a pool per layer grows only when needed."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        layers: Sequence[int] = (-3, -2, -1),
+        adapter: str = "bottleneck",
+        adapter_dim: int | None = None,
+        router: str = "descriptor",
+        router_kw: dict[str, Any] | None = None,
+        head: str = "lda",
+        head_kw: dict[str, Any] | None = None,
+        tau: float = 2.0,
+        descriptor_hidden: int = 128,
+        buffer_size: int = 500,
+        descriptor_epochs: int = 20,
+        descriptor_lr: float = 1e-2,
+        scan_samples: int = 1024,
+        rescan: bool = True,
+        epochs: int = 3,
+        lr: float = 1e-3,
+        batch_size: int = 128,
+        optimizer: str = "adam",
+        weight_decay: float = 0.0,
+        cache_prefix: bool = True,
+    ) -> None:
+        if router_kw is None:  # hard descriptor routes keep old inputs on exactly their old adapters
+            router_kw = {"hard": True} if router == "descriptor" else {}
+        config = AdapterConfig(
+            kind=adapter, dim=adapter_dim, layers=list(layers), router=router, router_kw=dict(router_kw),
+            descriptor_hidden=descriptor_hidden,
+        )
+        self.pools: dict[int, AdapterPool] = dict(sorted(inject(backbone, config).items()))
+        super().__init__(
+            backbone, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
+            weight_decay=weight_decay, cache_prefix=cache_prefix,
+        )
+        self.router_name, self.head_name = router, head
+        self.detector = ShiftDetector(tau)
+        self.buffer_size, self.descriptor_epochs, self.descriptor_lr = buffer_size, descriptor_epochs, descriptor_lr
+        self.scan_samples, self.rescan = scan_samples, rescan
+        self.train_head = LinearHead(backbone.embed_dim)  # masked-CE classifier that drives adapter training
+        self.head: Head = (
+            self.train_head if head == "linear" else create_head(head, backbone.embed_dim, **(head_kw or {}))
+        )
+        self._current: list[int] = []
+
+    @property
+    def frozen_depth(self) -> int:
+        return min(self.pools)
+
+    # ---- hooks ------------------------------------------------------------------------------
+    def before_experience(self, exp: Experience) -> None:
+        super().before_experience(exp)
+        self.train_head.add_classes(exp.classes)
+        self.head.add_classes(exp.classes)
+        self._current = list(exp.classes)
+        for pool in self.pools.values():  # descriptors train only in their own phase
+            if pool.descriptors is not None:
+                pool.descriptors.requires_grad_(False)
+
+    def fit(self, exp: Experience) -> None:
+        """Scan layers in order; expand where the data shifted; train each expansion before going on."""
+        new: dict[int, str] = {}
+        name = f"e{exp.id}"
+        first = all(len(p) == 0 for p in self.pools.values())  # every layer expands: train once
+        gen = self.ctx.generator(exp.id, -1)
+        for layer, pool in self.pools.items():
+            if len(pool):
+                pooled = self.pooled_inputs(exp.train, [layer], limit=self.scan_samples, generator=gen)
+                decision = self.detector(pool.descriptors, pooled[layer])
+                shift, z = decision.shift, decision.zscores
+            else:
+                shift, z = True, {}
+            self.emit("expansion" if shift else "reuse", layer=layer, adapter=name if shift else None,
+                      zscores=z, tau=self.detector.tau, adapters=len(pool) + int(shift))
+            if not shift:
+                continue
+            pool.add(name)
+            pool.descriptors[name].requires_grad_(False)
+            new[layer] = name
+            if self.rescan and not first:
+                self._train_expansion(exp, new)
+                new = {}
+        if new:
+            self._train_expansion(exp, new)
+
+    def _train_expansion(self, exp: Experience, new: dict[int, str]) -> None:
+        """Train the new adapters (routed to them alone), then their descriptors; freeze both."""
+        with self._forced(new):
+            super().fit(exp)
+            pooled = self.pooled_inputs(exp.train, list(new))
+        for layer, name in new.items():
+            self._train_descriptor(self.pools[layer], name, pooled[layer], exp.id)
+            self.pools[layer].freeze(name)
+
+    def _forced(self, new: dict[int, str]):
+        """Route the current data to the adapters being trained, unless the router itself learns."""
+        if self.router_name not in ("descriptor", "fixed"):
+            return routing(self.pools, {})
+        weights = {}
+        for layer, name in new.items():
+            pool = self.pools[layer]
+            weights[layer] = F.one_hot(torch.tensor(pool.names.index(name)), len(pool)).float().to(self.ctx.device)
+        return routing(self.pools, weights)
+
+    def _train_descriptor(self, pool: AdapterPool, name: str, x: torch.Tensor, exp_id: int) -> None:
+        d = pool.descriptors[name]
+        d.requires_grad_(True)
+        opt = torch.optim.Adam(d.parameters(), lr=self.descriptor_lr)
+        gen = self.ctx.generator(exp_id, 10_000 + len(pool))
+        steps = range(self.descriptor_epochs)
+        if self.ctx.progress is not None:
+            steps = self.ctx.progress(steps, self.descriptor_epochs, f"descriptor {name}")
+        for _ in steps:
+            for idx in torch.randperm(len(x), generator=gen).split(self.batch_size):
+                opt.zero_grad(set_to_none=True)
+                d.loss(x[idx]).backward()
+                opt.step()
+        d.requires_grad_(False)
+        with torch.no_grad():
+            d.record(d.losses(x[-self.buffer_size :]))
+
+    def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
+        logits = self.train_head(self.features(state))
+        mask = torch.full_like(logits[0], float("-inf"))
+        mask[self._current] = 0  # cross-entropy over the current experience's classes only
+        return F.cross_entropy(logits + mask, y)
+
+    @torch.no_grad()
+    def after_experience(self, exp: Experience) -> None:
+        if self.head is self.train_head:
+            return
+        for state, y in self.iterate_states(exp.train, self.ctx.eval_batch_size, desc=f"exp {exp.id} head"):
+            self.head.update(self.features(state), y.to(self.ctx.device))
+
+    def scores(self, state: State) -> torch.Tensor:
+        return self.head(self.features(state))
+
+    # ---- helpers ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def pooled_inputs(
+        self, dataset: Dataset, layers: list[int], limit: int | None = None, generator: torch.Generator | None = None
+    ) -> dict[int, torch.Tensor]:
+        """Pooled inputs ``[N, c]`` of ``layers`` for (up to ``limit`` shuffled items of) ``dataset``."""
+        chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+        seen = 0
+        was = self.training
+        self.eval()
+        it = self.iterate_states(dataset, self.ctx.eval_batch_size, shuffle=generator is not None,
+                                 generator=generator, desc="descriptor inputs")
+        for state, _ in it:
+            with capturing({layer: self.pools[layer] for layer in layers}) as found:
+                self.features(state)
+            for layer in layers:
+                chunks[layer].append(found[layer])
+            seen += len(found[layers[0]])
+            if limit is not None and seen >= limit:
+                break
+        self.train(was)
+        return {layer: torch.cat(c)[:limit] for layer, c in chunks.items()}
+
+    def extra_metrics(self) -> dict[str, Any]:
+        counts = [p.parameter_counts() for p in self.pools.values()]
+        return {
+            "adapters_per_layer": {str(layer): len(p) for layer, p in self.pools.items()},
+            "adapter_names_per_layer": {str(layer): p.names for layer, p in self.pools.items()},
+            "params_functional": sum(c["adapters"] + c["router"] for c in counts),
+            "params_descriptors": sum(c["descriptors"] for c in counts),
+        }
