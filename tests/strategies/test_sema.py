@@ -35,7 +35,7 @@ def test_expands_on_a_shift_not_on_a_repeat():
     assert "expansion" in per_exp[2]  # rotated digits: the pool grows
     pools = agent.strategy.pools
     assert all(p.names[0] == "e0" and "e1" not in p.names for p in pools.values())
-    z = [d["zscores"] for k, d in events.items if k == "expansion" and d["adapter"] == "e2"][0]
+    z = next(d["zscores"] for k, d in events.items if k == "expansion" and d["adapter"] == "e2")
     assert all(v > 2.0 for v in z.values())
 
 
