@@ -317,3 +317,10 @@ class RanPACHead(ClassStatsHead):
 def create_head(name: str, dim: int, **params: Any) -> Head:
     """The head registered as ``name`` (``linear``, ``ncm``, ``lda``, ``ranpac``) for ``dim``-wide embeddings."""
     return HEADS.create(name, dim, **params)
+
+
+def masked_cross_entropy(logits: torch.Tensor, y: torch.Tensor, classes: list[int]) -> torch.Tensor:
+    """Cross-entropy over ``classes`` only (the current experience's): other columns get no gradient."""
+    mask = torch.full_like(logits[0], float("-inf"))
+    mask[classes] = 0
+    return F.cross_entropy(logits + mask, y)

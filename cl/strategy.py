@@ -214,6 +214,12 @@ class Strategy(nn.Module):
         )
 
     @torch.no_grad()
+    def update_statistics(self, head: nn.Module, dataset: Dataset, desc: str = "statistics") -> None:
+        """Feed the features of ``dataset`` to a statistics head (NCM, LDA, RanPAC) batch by batch."""
+        for state, y in self.iterate_states(dataset, self.ctx.eval_batch_size, desc=desc):
+            head.update(self.features(state), y.to(self.ctx.device))
+
+    @torch.no_grad()
     def predict(self, inputs) -> torch.Tensor:
         """Predicted global class ids for a raw batch (images or strings); no task id needed."""
         self.eval()

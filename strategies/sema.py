@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from cl.adapters import AdapterConfig, AdapterPool, capturing, inject, routing
 from cl.backbones.base import Backbone, State
 from cl.descriptors import ShiftDetector
-from cl.heads import Head, LinearHead, create_head
+from cl.heads import Head, LinearHead, create_head, masked_cross_entropy
 from cl.registry import register_strategy
 from cl.strategy import Strategy
 from scenarios.stream import Experience
@@ -31,6 +31,8 @@ from scenarios.stream import Experience
 @register_strategy("sema")
 class SEMA(Strategy):
     """Self-expanding adapters: descriptors detect shifts, a pool per layer grows only when needed."""
+
+    always_expand = False  # True: a new adapter in every layer for every experience (no shift test)
 
     def __init__(
         self,
@@ -76,7 +78,6 @@ class SEMA(Strategy):
         self.head: Head = (
             self.train_head if head == "linear" else create_head(head, backbone.embed_dim, **(head_kw or {}))
         )
-        self._current: list[int] = []
 
     @property
     def frozen_depth(self) -> int:
@@ -87,7 +88,6 @@ class SEMA(Strategy):
         super().before_experience(exp)
         self.train_head.add_classes(exp.classes)
         self.head.add_classes(exp.classes)
-        self._current = list(exp.classes)
         for pool in self.pools.values():  # descriptors train only in their own phase
             if pool.descriptors is not None:
                 pool.descriptors.requires_grad_(False)
@@ -99,7 +99,7 @@ class SEMA(Strategy):
         first = all(len(p) == 0 for p in self.pools.values())  # every layer expands: train once
         gen = self.ctx.generator(exp.id, -1)
         for layer, pool in self.pools.items():
-            if len(pool):
+            if len(pool) and not self.always_expand:
                 pooled = self.pooled_inputs(exp.train, [layer], limit=self.scan_samples, generator=gen)
                 decision = self.detector(pool.descriptors, pooled[layer])
                 shift, z = decision.shift, decision.zscores
@@ -155,17 +155,12 @@ class SEMA(Strategy):
             d.record(d.losses(x[-self.buffer_size :]))
 
     def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
-        logits = self.train_head(self.features(state))
-        mask = torch.full_like(logits[0], float("-inf"))
-        mask[self._current] = 0  # cross-entropy over the current experience's classes only
-        return F.cross_entropy(logits + mask, y)
+        return masked_cross_entropy(self.train_head(self.features(state)), y, self.experience.classes)
 
     @torch.no_grad()
     def after_experience(self, exp: Experience) -> None:
-        if self.head is self.train_head:
-            return
-        for state, y in self.iterate_states(exp.train, self.ctx.eval_batch_size, desc=f"exp {exp.id} head"):
-            self.head.update(self.features(state), y.to(self.ctx.device))
+        if self.head is not self.train_head:
+            self.update_statistics(self.head, exp.train, desc=f"exp {exp.id} head")
 
     def scores(self, state: State) -> torch.Tensor:
         return self.head(self.features(state))
@@ -201,3 +196,10 @@ class SEMA(Strategy):
             "params_functional": sum(c["adapters"] + c["router"] for c in counts),
             "params_descriptors": sum(c["descriptors"] for c in counts),
         }
+
+
+@register_strategy("adapter_per_task")
+class AdapterPerTask(SEMA):
+    """SEMA's parts with no shift test: every experience adds an adapter to every adaptable layer."""
+
+    always_expand = True

@@ -49,3 +49,15 @@ def test_task_incremental_evaluation_masks_to_the_task_classes(tmp_path):
     task_cfg["scenario"] = {**TINY_SCENARIO, "kind": "task"}
     cls_m, task_m = run(cls_cfg), run(task_cfg)
     assert task_m["final_accuracy"] > cls_m["final_accuracy"] + 0.2
+
+
+def test_training_free_heads_and_baselines_run(tmp_path):
+    """simplecil with LDA/RanPAC heads, ranpac, aper and adapter_per_task on the tiny stream."""
+    lda = run(tiny_config(tmp_path / "lda", "simplecil", head="lda"))
+    rp = run(tiny_config(tmp_path / "rp", "ranpac", proj_dim=256))
+    assert lda["params_trainable"] == 0 and rp["params_trainable"] == 0
+    assert lda["final_accuracy"] > 0.5 and rp["final_accuracy"] > 0.5
+    aper = run(tiny_config(tmp_path / "aper", "aper", epochs=2, batch_size=64))
+    assert aper["params_added_per_experience"][0] > 0 and aper["params_added_per_experience"][1:] == [0, 0]
+    apt = run(tiny_config(tmp_path / "apt", "adapter_per_task", epochs=1, descriptor_epochs=2, batch_size=64))
+    assert apt["adapters_per_layer"] == {"1": 3, "2": 3, "3": 3}

@@ -1,0 +1,92 @@
+"""APER/ADAM (Zhou et al., 2024): adapt on the first experience only, then class statistics over the
+concatenation of frozen and adapted features, so later experiences need no training at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from cl.adapters import AdapterConfig, AdapterPool, inject, routing
+from cl.backbones.base import Backbone, State
+from cl.heads import LinearHead, create_head, masked_cross_entropy
+from cl.registry import register_strategy
+from cl.strategy import Strategy
+from scenarios.stream import Experience
+
+
+@register_strategy("aper")
+class APER(Strategy):
+    """First-experience adapters + prototypes (``head``: ncm, lda, ranpac) over [frozen, adapted] features."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        layers: Sequence[int] = (-3, -2, -1),
+        adapter: str = "bottleneck",
+        adapter_dim: int | None = None,
+        head: str = "ncm",
+        head_kw: dict[str, Any] | None = None,
+        epochs: int = 3,
+        lr: float = 1e-3,
+        batch_size: int = 128,
+        optimizer: str = "adam",
+        weight_decay: float = 0.0,
+        cache_prefix: bool = True,
+    ) -> None:
+        config = AdapterConfig(kind=adapter, dim=adapter_dim, layers=list(layers), router=None)
+        self.pools: dict[int, AdapterPool] = dict(sorted(inject(backbone, config).items()))
+        super().__init__(
+            backbone, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
+            weight_decay=weight_decay, cache_prefix=cache_prefix,
+        )
+        self.train_head = LinearHead(backbone.embed_dim)
+        self.head = create_head(head, 2 * backbone.embed_dim, **(head_kw or {}))
+
+    @property
+    def frozen_depth(self) -> int:
+        return min(self.pools)
+
+    @property
+    def adapted(self) -> bool:
+        return all(len(p) for p in self.pools.values())
+
+    def before_experience(self, exp: Experience) -> None:
+        super().before_experience(exp)
+        if not self.adapted:
+            self.train_head.add_classes(exp.classes)
+        self.head.add_classes(exp.classes)
+
+    def fit(self, exp: Experience) -> None:
+        if self.adapted:  # only the first experience trains
+            return
+        for pool in self.pools.values():
+            pool.add("first")
+        super().fit(exp)
+        for pool in self.pools.values():
+            pool.freeze("first")
+        self.emit("adapted", layers=list(self.pools), experience=exp.id)
+
+    def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
+        z = self.backbone.forward_from(state, self.frozen_depth)
+        return masked_cross_entropy(self.train_head(z), y, self.experience.classes)
+
+    def features(self, state: State) -> torch.Tensor:
+        """``[frozen, adapted]`` embeddings (frozen: adapters switched off)."""
+        adapted = self.backbone.forward_from(state, self.frozen_depth)
+        if not self.adapted:
+            return torch.cat([adapted, adapted], 1)
+        off = torch.zeros(1, device=adapted.device)
+        with routing(self.pools, dict.fromkeys(self.pools, off)):
+            frozen = self.backbone.forward_from(state, self.frozen_depth)
+        return torch.cat([frozen, adapted], 1)
+
+    @torch.no_grad()
+    def after_experience(self, exp: Experience) -> None:
+        self.update_statistics(self.head, exp.train, desc=f"exp {exp.id} prototypes")
+
+    def scores(self, state: State) -> torch.Tensor:
+        return self.head(self.features(state))
