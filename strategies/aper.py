@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from cl.adapters import AdapterConfig, AdapterPool, inject, routing
+from cl.adapters import AdapterConfig, AdapterPool, adapters_off, inject
 from cl.backbones.base import Backbone, State
 from cl.heads import LinearHead, create_head, masked_cross_entropy
 from cl.registry import register_strategy
@@ -77,10 +77,7 @@ class APER(Strategy):
     def features(self, state: State) -> torch.Tensor:
         """``[frozen, adapted]`` embeddings (frozen: adapters switched off)."""
         adapted = self.backbone.forward_from(state, self.frozen_depth)
-        if not self.adapted:
-            return torch.cat([adapted, adapted], 1)
-        off = torch.zeros(1, device=adapted.device)
-        with routing(self.pools, dict.fromkeys(self.pools, off)):
+        with adapters_off(self.pools):
             frozen = self.backbone.forward_from(state, self.frozen_depth)
         return torch.cat([frozen, adapted], 1)
 

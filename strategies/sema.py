@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from cl.adapters import AdapterConfig, AdapterPool, capturing, inject, routing
+from cl.adapters import AdapterConfig, AdapterPool, adapters_off, capturing, inject, routing
 from cl.backbones.base import Backbone, State
 from cl.descriptors import ShiftDetector
+from cl.errors import ConfigError
 from cl.heads import Head, LinearHead, create_head, masked_cross_entropy
 from cl.registry import register_strategy
 from cl.strategy import Strategy
@@ -45,6 +46,7 @@ class SEMA(Strategy):
         router_kw: dict[str, Any] | None = None,
         head: str = "lda",
         head_kw: dict[str, Any] | None = None,
+        head_features: str = "mixture",
         tau: float = 2.0,
         descriptor_hidden: int = 128,
         buffer_size: int = 500,
@@ -75,9 +77,13 @@ class SEMA(Strategy):
         self.buffer_size, self.descriptor_epochs, self.descriptor_lr = buffer_size, descriptor_epochs, descriptor_lr
         self.scan_samples, self.rescan = scan_samples, rescan
         self.train_head = LinearHead(backbone.embed_dim)  # masked-CE classifier that drives adapter training
-        self.head: Head = (
-            self.train_head if head == "linear" else create_head(head, backbone.embed_dim, **(head_kw or {}))
-        )
+        if head_features not in ("mixture", "concat"):
+            raise ConfigError(f"head_features must be 'mixture' or 'concat' (frozen + mixture), got {head_features!r}")
+        self.concat = head_features == "concat"
+        if self.concat and head == "linear":
+            raise ConfigError("head='linear' is the training head over the mixture; use head_features='mixture'")
+        dim = backbone.embed_dim * (2 if self.concat else 1)
+        self.head: Head = self.train_head if head == "linear" else create_head(head, dim, **(head_kw or {}))
 
     @property
     def frozen_depth(self) -> int:
@@ -155,12 +161,24 @@ class SEMA(Strategy):
             d.record(d.losses(x[-self.buffer_size :]))
 
     def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
-        return masked_cross_entropy(self.train_head(self.features(state)), y, self.experience.classes)
+        return masked_cross_entropy(self.train_head(self.mixture(state)), y, self.experience.classes)
 
     @torch.no_grad()
     def after_experience(self, exp: Experience) -> None:
         if self.head is not self.train_head:
             self.update_statistics(self.head, exp.train, desc=f"exp {exp.id} head")
+
+    def mixture(self, state: State) -> torch.Tensor:
+        """Embedding through the routed adapter mixtures."""
+        return self.backbone.forward_from(state, self.frozen_depth)
+
+    def features(self, state: State) -> torch.Tensor:
+        """What the head sees: the mixture embedding, or ``[frozen, mixture]`` with ``head_features="concat"``."""
+        if not self.concat:
+            return self.mixture(state)
+        with adapters_off(self.pools):
+            frozen = self.mixture(state)
+        return torch.cat([frozen, self.mixture(state)], 1)
 
     def scores(self, state: State) -> torch.Tensor:
         return self.head(self.features(state))
@@ -179,7 +197,7 @@ class SEMA(Strategy):
                                  generator=generator, desc="descriptor inputs")
         for state, _ in it:
             with capturing({layer: self.pools[layer] for layer in layers}) as found:
-                self.features(state)
+                self.mixture(state)
             for layer in layers:
                 chunks[layer].append(found[layer])
             seen += len(found[layers[0]])

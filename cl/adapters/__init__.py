@@ -10,7 +10,7 @@ from cl.adapters.modules import (
     RankOne,
     build_adapter,
 )
-from cl.adapters.pool import AdaptedBlock, AdapterPool, capturing, inject, pools, routing
+from cl.adapters.pool import AdaptedBlock, AdapterPool, adapters_off, capturing, inject, pools, routing
 
 __all__ = [
     "ADAPTERS",
@@ -22,6 +22,7 @@ __all__ = [
     "Bottleneck",
     "LoRA",
     "RankOne",
+    "adapters_off",
     "build_adapter",
     "capturing",
     "inject",

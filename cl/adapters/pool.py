@@ -297,6 +297,13 @@ def routing(pools: Mapping[int, AdapterPool], weights: Mapping[int, torch.Tensor
 
 
 @contextmanager
+def adapters_off(pools: Mapping[int, AdapterPool]) -> Iterator[None]:
+    """Run the backbone as if it had no adapters (every mixture weight 0): the frozen model's features."""
+    with routing(pools, {i: torch.zeros(len(p), device=p._anchor.device) for i, p in pools.items() if len(p)}):
+        yield
+
+
+@contextmanager
 def capturing(pools: Mapping[int, AdapterPool]) -> Iterator[dict[int, torch.Tensor]]:
     """Yields ``{layer: pooled block input [B, c_in]}`` (detached), filled by each forward inside the block."""
     found: dict[int, torch.Tensor] = {}

@@ -84,3 +84,27 @@ def test_prefix_cache_does_not_change_results(tmp_path):
     fresh = run(tiny_config(tmp_path / "b", "sema", cache_prefix=False, **FAST))
     assert fresh["accuracy_matrix"] == cached["accuracy_matrix"]
     assert fresh["adapters_per_layer"] == cached["adapters_per_layer"]
+
+
+def test_concat_head_features_and_frozen_half(tmp_path):
+    """``head_features=concat``: the head sees [frozen, mixture]; the frozen half ignores the adapters."""
+    stream = create_scenario("synthetic", n_classes=4, n_experiences=2, train_per_class=16, test_per_class=4)
+    agent = Agent("vit_tiny_test", "sema", strategy_params={**FAST, "head_features": "concat"}, device="cpu",
+                  progress=False)
+    for exp in stream:
+        agent.learn(exp)
+    s = agent.strategy
+    x = stream[0].test.inputs
+    with torch.no_grad():
+        state = s.backbone.forward_until(s.backbone.prepare(x, "cpu"), s.frozen_depth)
+        feats = s.features(state)
+    d = s.backbone.embed_dim
+    assert feats.shape == (len(x), 2 * d)
+    from cl.backbones import create_backbone
+
+    fresh = create_backbone("vit_tiny_test")
+    fresh.load_state_dict({k.replace(".block.", "."): v for k, v in s.backbone.state_dict().items()
+                           if ".pool." not in k})
+    with torch.no_grad():
+        ref = fresh.forward_features(fresh.prepare(x, "cpu"))
+    assert torch.allclose(feats[:, :d], ref, atol=1e-5)
