@@ -10,6 +10,16 @@ import torch
 
 from cl.descriptors import DescriptorSet
 
+# Tiny random-init backbones of each kind (transformer, CLIP tower, CNN, text encoder).
+TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+TINY = {
+    "vit_tiny_test": {},
+    "open_clip_tiny_test": {},
+    "efficientnet_lite0": {"weights": "none", "img_size": 32},
+    "minilm": {"weights": "none", "config": TINY_BERT},
+}
+SENTENCES = ["a cat sits on the mat", "two dogs run in a park on a sunny day", "hi"]
+
 TINY_SCENARIO = {"name": "synthetic", "n_classes": 6, "n_experiences": 3, "train_per_class": 24,
                  "test_per_class": 12, "image_size": 16}
 TINY_BACKBONE = {"name": "vit_tiny_test"}

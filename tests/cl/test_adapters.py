@@ -10,17 +10,9 @@ import torch
 from cl.adapters import AdaptedBlock, AdapterConfig, AdapterPool, RankOne, capturing, inject, pools, routing
 from cl.backbones import Backbone, create_backbone
 from cl.errors import CheckpointError, ConfigError
-from tests.helpers import one_thread
+from tests.helpers import SENTENCES, TINY, one_thread
 
-TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
-TINY = {
-    "vit_tiny_test": {},
-    "open_clip_tiny_test": {},
-    "efficientnet_lite0": {"weights": "none", "img_size": 32},
-    "minilm": {"weights": "none", "config": TINY_BERT},
-}
 KINDS = ["bottleneck", "lora", "ssf", "rank1"]
-SENTENCES = ["a cat sits on the mat", "two dogs run in a park on a sunny day", "hi"]
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -15,15 +15,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from cl.backbones import Backbone, create_backbone, list_backbones, resolve_timm_name
 from cl.errors import CheckpointError, ConfigError, DataError
+from tests.helpers import SENTENCES, TINY
 
-TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
-TINY = {
-    "vit_tiny_test": {},
-    "open_clip_tiny_test": {},
-    "efficientnet_lite0": {"weights": "none", "img_size": 32},
-    "minilm": {"weights": "none", "config": TINY_BERT},
-}
-SENTENCES = ["a cat sits on the mat", "two dogs run in a park on a sunny day", "hi"]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
