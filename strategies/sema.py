@@ -5,9 +5,11 @@ flag the new data as shifted (loss z-score > tau) gets one new adapter (at most 
 experience), which is trained before the following layers are scanned. Descriptors are then
 trained on the adapter's inputs; old adapters, router columns and descriptors stay frozen.
 
-Defaults follow what we measured (docs in METHODS.md): routing by descriptors needs no training
-on current data, so old inputs keep their routes and features; the classifier is an LDA head
-over the mixture features (``head="linear"`` gives the paper's masked-CE linear classifier).
+Defaults follow what we measured on Split-FashionMNIST (README): hard routing by descriptors needs
+no training on current data, so most old inputs keep their routes and features; the classifier is
+an LDA head over ``[frozen, mixture]`` features (``head_features="concat"``: final accuracy 0.807;
+0.696 with soft routing over the mixture alone). ``head="linear"`` with ``head_features="mixture"`` gives the
+paper's masked-CE linear classifier.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class SEMA(Strategy):
         router_kw: dict[str, Any] | None = None,
         head: str = "lda",
         head_kw: dict[str, Any] | None = None,
-        head_features: str = "mixture",
+        head_features: str = "concat",
         tau: float = 2.0,
         descriptor_hidden: int = 128,
         buffer_size: int = 500,
