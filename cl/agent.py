@@ -21,7 +21,7 @@ from cl.backbones import Backbone, create_backbone
 from cl.cache import PrefixCache
 from cl.callbacks.base import Callback, CallbackList
 from cl.checkpoint import load_checkpoint, save_checkpoint
-from cl.data import iterate_batches
+from cl.data import ArrayDataset, iterate_batches
 from cl.errors import CheckpointError, ConfigError
 from cl.progress import Progress
 from cl.registry import STRATEGIES
@@ -142,8 +142,6 @@ class Agent:
     def predict(self, inputs: torch.Tensor | list[str], batch_size: int | None = None) -> torch.Tensor:
         """Predicted global class ids for raw inputs (images ``[N, C, H, W]`` or strings), batched."""
         bs = batch_size or self.ctx.eval_batch_size
-        from cl.data import ArrayDataset
-
         ds = ArrayDataset(inputs, torch.zeros(len(inputs), dtype=torch.long))
         return torch.cat([self.strategy.predict(x) for x, _ in iterate_batches(ds, bs)])
 

@@ -7,13 +7,20 @@ import random
 import numpy as np
 import torch
 
+from cl.errors import ConfigError
+
+
+def derive_seed(seed: int, *salt: int) -> int:
+    """A 31-bit seed from the run seed and ``salt`` (experience, epoch...); stable across processes."""
+    return hash((seed, *salt)) & 0x7FFFFFFF  # int tuples hash deterministically (no PYTHONHASHSEED)
+
 
 def seed_everything(seed: int, *salt: int, deterministic: bool = True) -> None:
     """Seed python, numpy and torch from ``seed`` and ``salt`` (e.g. the experience id).
 
     Seeding per experience makes a resumed run draw the same numbers as an uninterrupted one.
     """
-    s = hash((seed, *salt)) & 0x7FFFFFFF
+    s = derive_seed(seed, *salt)
     random.seed(s)
     np.random.seed(s)
     torch.manual_seed(s)
@@ -28,7 +35,5 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from cl.errors import ConfigError
-
         raise ConfigError(f"device {device!r} requested but CUDA is not available; use --set device=cpu")
     return dev

@@ -21,7 +21,8 @@ from torch.utils.data import ConcatDataset, Dataset
 from cl.backbones.base import Backbone, State
 from cl.cache import CachedStates, PrefixCache
 from cl.data import iterate_batches
-from cl.errors import TrainingError
+from cl.errors import CheckpointError, TrainingError
+from cl.seed import derive_seed
 from scenarios.stream import Experience
 
 
@@ -41,9 +42,7 @@ class Context:
 
     def generator(self, *salt: int) -> torch.Generator:
         """A CPU generator seeded from the run seed and ``salt`` (e.g. experience, epoch)."""
-        g = torch.Generator()
-        g.manual_seed(hash((self.seed, *salt)) & 0x7FFFFFFF)
-        return g
+        return torch.Generator().manual_seed(derive_seed(self.seed, *salt))
 
 
 class Strategy(nn.Module):
@@ -232,8 +231,6 @@ class Strategy(nn.Module):
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load a ``checkpoint_state``; growing modules resize themselves from it."""
-        from cl.errors import CheckpointError
-
         missing, unexpected = self.load_state_dict(state, strict=False)
         bad = [k for k in missing if k not in self._pristine]
         if bad or unexpected:
