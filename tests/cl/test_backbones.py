@@ -165,7 +165,7 @@ def test_efficientnet_loads_staged_timm_checkpoint(tmp_path: Path) -> None:
 
 def test_pretrained_without_hub_says_what_to_do() -> None:
     try:
-        create_backbone("vit_small_patch16_224", pretrained=True)
+        create_backbone("vit_small_patch16_224", pretrained=True)  # offline on purpose: must fail fast with a hint
     except ConfigError as e:
         assert "checkpoint=" in str(e)
     else:
