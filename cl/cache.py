@@ -92,28 +92,28 @@ def compute_states(
 
 
 class PrefixCache:
-    """States per (dataset, depth), kept while they fit in ``max_bytes``.
+    """States per (backbone, dataset, depth), kept while they fit in ``max_bytes``.
 
-    The cache holds a reference to each dataset it keys, so an id is never reused for another one.
+    The cache holds a reference to each backbone and dataset it keys, so an id is never reused for another one.
     """
 
     def __init__(self, max_bytes: int = 8 << 30) -> None:
         self.max_bytes = max_bytes
-        self._store: dict[tuple[int, int], tuple[Dataset, CachedStates]] = {}
+        self._store: dict[tuple[int, int, int], tuple[Backbone, Dataset, CachedStates]] = {}
 
     def get(
         self, backbone: Backbone, dataset: Dataset, depth: int, device: torch.device, **kw
     ) -> CachedStates:
-        key = (id(dataset), depth)
+        key = (id(backbone), id(dataset), depth)
         if key in self._store:
-            return self._store[key][1]
+            return self._store[key][2]
         states = compute_states(backbone, dataset, depth, device, **kw)
         if states.nbytes() + self.nbytes() <= self.max_bytes:
-            self._store[key] = (dataset, states)
+            self._store[key] = (backbone, dataset, states)
         return states
 
     def nbytes(self) -> int:
-        return sum(s.nbytes() for _, s in self._store.values())
+        return sum(s.nbytes() for _, _, s in self._store.values())
 
     def clear(self) -> None:
         self._store.clear()
