@@ -49,6 +49,7 @@ class SEMA(Strategy):
         head: str = "lda",
         head_kw: dict[str, Any] | None = None,
         head_features: str = "concat",
+        route_by: str = "layer",
         tau: float = 2.0,
         descriptor_hidden: int = 128,
         buffer_size: int = 500,
@@ -82,6 +83,13 @@ class SEMA(Strategy):
         if head_features not in ("mixture", "concat"):
             raise ConfigError(f"head_features must be 'mixture' or 'concat' (frozen + mixture), got {head_features!r}")
         self.concat = head_features == "concat"
+        if route_by not in ("layer", "task"):
+            raise ConfigError(f"route_by must be 'layer' (each layer's router) or 'task' (the first layer's "
+                              f"descriptors pick one experience's adapters everywhere), got {route_by!r}")
+        if route_by == "task" and router != "descriptor":
+            raise ConfigError("route_by='task' picks the experience with the first layer's descriptors: "
+                              "use router='descriptor'")
+        self.route_by = route_by
         if self.concat and head == "linear":
             raise ConfigError("head='linear' is the training head over the mixture; use head_features='mixture'")
         dim = backbone.embed_dim * (2 if self.concat else 1)
@@ -172,7 +180,35 @@ class SEMA(Strategy):
 
     def mixture(self, state: State) -> torch.Tensor:
         """Embedding through the routed adapter mixtures."""
+        if self.route_by == "task":
+            with routing(self.pools, self.task_routes(state)):
+                return self.backbone.forward_from(state, self.frozen_depth)
         return self.backbone.forward_from(state, self.frozen_depth)
+
+    @torch.no_grad()
+    def task_routes(self, state: State) -> dict[int, torch.Tensor]:
+        """One-hot routes ``{layer: [B, K]}`` for ``route_by="task"``: the first layer's best descriptor names an
+        experience; every layer uses the adapter that experience used there (its own, or the latest older one).
+        Layers already forced (training, ``adapters_off``) keep their override."""
+        first = self.pools[self.frozen_depth]
+        free = {i: p for i, p in self.pools.items() if p.route_override is None and len(p) > 1}
+        if not free or len(first) == 0:
+            return {}
+        x, mask = (state[0], state[1]) if isinstance(state, tuple) else (state, None)
+        forced = first.route_override
+        if forced is None:  # [B] index into first.names
+            chosen = first.descriptors.zscores(first.pool_input(x, mask)).argmin(-1)
+        elif forced.any():  # training the first layer's new adapter: its experience everywhere
+            chosen = forced.expand(x.shape[0], -1).argmax(-1)
+        else:  # adapters off
+            return {}
+        created = [exp_index(n) for n in first.names]
+        routes = {}
+        for i, pool in free.items():
+            own = [exp_index(n) for n in pool.names]
+            table = torch.tensor([max(k for k, e in enumerate(own) if e <= c) if min(own) <= c else 0 for c in created])
+            routes[i] = F.one_hot(table.to(chosen.device)[chosen], len(pool)).to(x.dtype)
+        return routes
 
     def features(self, state: State) -> torch.Tensor:
         """What the head sees: the mixture embedding, or ``[frozen, mixture]`` with ``head_features="concat"``."""
@@ -216,6 +252,11 @@ class SEMA(Strategy):
             "params_functional": sum(c["adapters"] + c["router"] for c in counts),
             "params_descriptors": sum(c["descriptors"] for c in counts),
         }
+
+
+def exp_index(name: str) -> int:
+    """The experience an adapter was made for, from its name ``e<id>``."""
+    return int(name[1:]) if name[:1] == "e" and name[1:].isdigit() else -1
 
 
 @register_strategy("adapter_per_task")

@@ -108,3 +108,44 @@ def test_concat_head_features_and_frozen_half(tmp_path):
     with torch.no_grad():
         ref = fresh.forward_features(fresh.prepare(x, "cpu"))
     assert torch.allclose(feats[:, :d], ref, atol=1e-5)
+
+
+def test_task_routes_follow_the_first_layer_everywhere():
+    """``route_by=task``: the first layer's best descriptor picks one experience's adapters in every layer;
+    a layer that reused an older adapter for that experience uses the older one."""
+    stream = create_scenario("rotated_digits", angles=[0, 90, 45], train_per_class=20, test_per_class=10)
+    agent = Agent("vit_tiny_test", "adapter_per_task", strategy_params={**FAST, "route_by": "task"},
+                  device="cpu", progress=False)
+    for exp in stream:
+        agent.learn(exp)
+    s = agent.strategy
+    first_layer, *later = list(s.pools)
+    s.pools[later[-1]].adapters.pop("e1")  # as if the last layer had reused e0 for experience 1
+    s.pools[later[-1]].descriptors.pop("e1")
+    x = torch.cat([e.test.inputs for e in stream])
+    with torch.no_grad():
+        state = s.backbone.forward_until(s.backbone.prepare(x, "cpu"), s.frozen_depth)
+        routes = s.task_routes(state)
+        first = s.pools[first_layer]
+        chosen = first.descriptors.zscores(first.pool_input(state)).argmin(-1)
+    assert sorted(chosen.unique().tolist()) == [0, 1, 2]  # every experience is picked by some inputs
+    for layer in (first_layer, *later[:-1]):
+        assert torch.equal(routes[layer].argmax(-1), chosen)  # the same experience in every layer
+    assert torch.equal(routes[later[-1]].argmax(-1), torch.tensor([0, 0, 1])[chosen])  # e1 -> reused e0
+    assert all(torch.equal(r.sum(-1), torch.ones(len(x))) for r in routes.values())  # one-hot
+    from cl.adapters import routing
+
+    with torch.no_grad(), routing(s.pools, {first_layer: torch.tensor([0.0, 1.0, 0.0])}):
+        forced = s.task_routes(state)  # training the first layer's e1 adapter drags the others along
+    assert bool((forced[later[0]].argmax(-1) == 1).all()) and bool((forced[later[-1]].argmax(-1) == 0).all())
+
+
+def test_route_by_needs_the_descriptor_router():
+    import pytest
+
+    from cl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="route_by"):
+        Agent("vit_tiny_test", "sema", strategy_params={"route_by": "task", "router": "softmax"}, device="cpu")
+    with pytest.raises(ConfigError, match="route_by"):
+        Agent("vit_tiny_test", "sema", strategy_params={"route_by": "experience"}, device="cpu")
