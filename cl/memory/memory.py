@@ -1,0 +1,410 @@
+"""``ExperienceMemory``: vectors with typed metadata over FAISS, searchable by kind and filters.
+
+Every kind (exemplar, adapter_key, prototype, task) has its own FAISS index, so a search for adapter
+keys never wades through a million exemplars, and each kind is exact (``IndexFlat``) until it outgrows
+``exact_threshold``, then HNSW (``index="auto"``/``"hnsw"``) or IVF (``"ivf"``); see ``cl.memory.index``.
+Filters on experience, class or adapter select ids in SQLite, which the kind's index then searches
+exactly (brute force over the subset) or through an ``IDSelector`` when the subset is large.
+Metadata lives in SQLite (``cl.memory.store``); ``save`` writes an atomic, checksummed generation
+(``cl.memory.persist``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import faiss
+import numpy as np
+
+import cl
+from cl.errors import CheckpointError, ConfigError, DataError
+from cl.memory.index import METRICS, IndexConfig, KindIndex, gpu_available
+from cl.memory.persist import FORMAT, FORMAT_VERSION, check_writable, is_memory_dir, read_generation, write_generation
+from cl.memory.store import KINDS, MetadataStore, check_kind, encode_rows, normalize_filters
+
+METADATA_FILE = "metadata.sqlite"
+_SUBSET_CACHE_SIZE = 32
+
+
+class Hit(NamedTuple):
+    """One neighbour of a query: its id, score (inner product, or squared L2 distance) and metadata."""
+
+    id: int
+    score: float
+    metadata: dict[str, Any] | None
+
+
+@dataclass
+class SearchResult:
+    """Neighbours of a batch of queries, best first.
+
+    ``scores`` and ``ids`` are ``[n_queries, k]``; where fewer than ``k`` entries match, the row ends
+    with id -1 and score -inf (``ip``, higher is nearer) or +inf (``l2``, squared distance, lower is
+    nearer). ``metadata[q]`` holds the metadata of the valid hits of query ``q`` (aligned with the
+    start of ``ids[q]``); it is None when searched with ``with_metadata=False``.
+    """
+
+    scores: np.ndarray
+    ids: np.ndarray
+    metadata: list[list[dict[str, Any]]] | None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, q: int) -> list[Hit]:
+        """The valid hits of query ``q``."""
+        ids, scores = self.ids[q], self.scores[q]
+        n = int((ids >= 0).sum())
+        metas = self.metadata[q] if self.metadata is not None else [None] * n
+        return [Hit(int(i), float(s), m) for i, s, m in zip(ids[:n], scores[:n], metas, strict=True)]
+
+
+@dataclass
+class Entries:
+    """Stored entries: ``ids [n]``, ``vectors [n, dim]`` float32 and one metadata dict per entry."""
+
+    ids: np.ndarray
+    vectors: np.ndarray
+    metadata: list[dict[str, Any]]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _as_matrix(x: Any, dim: int, what: str) -> np.ndarray:
+    """``x`` (numpy, torch or nested lists) as a C-contiguous float32 ``[n, dim]`` array of finite values."""
+    torch = sys.modules.get("torch")  # a tensor can only exist if torch was imported
+    if torch is not None and isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float32).numpy()
+    x = np.asarray(x)
+    if x.dtype.kind not in "fiu" or x.dtype == np.bool_:
+        raise DataError(f"{what} must be real numbers (float32 preferred), got dtype {x.dtype}")
+    if x.ndim == 1 and x.shape[0] == dim:
+        x = x[None]
+    if x.ndim != 2:
+        raise DataError(f"{what} must be a [n, {dim}] matrix, got shape {tuple(x.shape)}")
+    if x.shape[1] != dim:
+        raise DataError(f"{what} have dimension {x.shape[1]}, this memory holds dimension {dim} (expected [n, {dim}])")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        shown = ", ".join(map(str, bad[:10].tolist())) + (", ..." if len(bad) > 10 else "")
+        raise DataError(f"{what} contain NaN or inf in {len(bad)} row(s): {shown}")
+    return x
+
+
+def _as_ids(ids: Any) -> np.ndarray:
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(ids, torch.Tensor):
+        ids = ids.detach().cpu().numpy()
+    arr = np.asarray(ids).ravel() if not isinstance(ids, (int, np.integer)) else np.array([ids])
+    if arr.size and arr.dtype.kind not in "iu":
+        raise DataError(f"ids must be integers (as returned by add), got dtype {arr.dtype}")
+    return arr.astype(np.int64, copy=False)
+
+
+def _kinds_arg(kind: str | Sequence[str] | None) -> list[str]:
+    if kind is None:
+        return list(KINDS)
+    if isinstance(kind, str):
+        return [check_kind(kind)]
+    return [check_kind(k) for k in kind]
+
+
+def _filter_key(kind: str, filters: Mapping[str, Any]) -> tuple[Any, ...]:
+    def freeze(v: Any) -> Any:
+        if isinstance(v, np.ndarray):
+            return tuple(v.tolist())
+        if isinstance(v, (list, tuple, set, frozenset)):
+            return tuple(sorted(v, key=repr))
+        return v
+
+    return (kind, *sorted((k, freeze(v)) for k, v in filters.items()))
+
+
+class ExperienceMemory:
+    """Vectors of one dimension with typed metadata, searched by similarity per kind.
+
+    ``metric``: ``"ip"`` (inner product; normalise vectors for cosine) or ``"l2"`` (squared distance).
+    ``index``: ``"auto"`` (exact up to ``exact_threshold`` vectors of a kind, HNSW above), ``"flat"``
+    (always exact), ``"hnsw"`` (from the first vector) or ``"ivf"`` (exact, then IVF trained once at the
+    threshold). ``path``: the directory ``save()`` writes; nothing is written before. ``gpu``: None uses
+    a GPU when FAISS sees one. The remaining keywords tune the indexes (``IndexConfig``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        path: str | Path | None = None,
+        metric: str = "ip",
+        index: str = "auto",
+        *,
+        exact_threshold: int = 20_000,
+        hnsw_m: int = 32,
+        ef_construction: int = 40,
+        ef_search: int = 64,
+        nlist: int | None = None,
+        nprobe: int = 32,
+        compact_fraction: float = 0.25,
+        gpu: bool | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+            raise ConfigError(f"memory dim must be a positive int, got {dim!r}")
+        if metric not in METRICS:
+            raise ConfigError(f"unknown memory metric {metric!r} (choose 'ip' or 'l2')")
+        config = IndexConfig(index, exact_threshold, hnsw_m, ef_construction, ef_search, nlist, nprobe,
+                             compact_fraction)
+        config.validate()
+        if gpu and not gpu_available():
+            raise ConfigError("gpu=True but FAISS sees no GPU (faiss-cpu, or no device); pass gpu=None to use "
+                              "a GPU only when there is one")
+        self.path = Path(path) if path is not None else None
+        if self.path is not None:
+            check_writable(self.path)
+            if is_memory_dir(self.path) and not overwrite:
+                raise ConfigError(
+                    f"{self.path} already holds an experience memory; open it with ExperienceMemory.load(path), "
+                    "or pass overwrite=True to replace it at the next save()"
+                )
+        self.dim, self.metric, self.config = int(dim), metric, config
+        self.gpu = gpu_available() if gpu is None else bool(gpu)
+        self._store = MetadataStore()
+        self._indexes = {kind: KindIndex(self.dim, metric, config, self.gpu) for kind in KINDS}
+        self._next_id = 0
+        self._subsets: dict[tuple[Any, ...], np.ndarray] = {}  # filter -> matching ids, until the next change
+
+    # -- sizes ------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return sum(len(ix) for ix in self._indexes.values())
+
+    def counts(self) -> dict[str, int]:
+        """Number of entries per kind (kinds with none are left out)."""
+        return {kind: len(ix) for kind, ix in self._indexes.items() if len(ix)}
+
+    def structures(self) -> dict[str, str]:
+        """The index each non-empty kind uses now: ``flat``, ``hnsw`` or ``ivf``."""
+        return {kind: ix.structure for kind, ix in self._indexes.items() if len(ix)}
+
+    def __repr__(self) -> str:
+        kinds = ", ".join(f"{k}: {n} ({self._indexes[k].structure})" for k, n in self.counts().items())
+        where = f", path={str(self.path)!r}" if self.path is not None else ""
+        return (f"ExperienceMemory(dim={self.dim}, metric={self.metric!r}, index={self.config.index!r}, "
+                f"entries={{{kinds}}}{where})")
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    def add(self, vectors: Any, metadata: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> np.ndarray:
+        """Store ``vectors [n, dim]`` with one metadata dict per row (a single dict applies to every row).
+
+        Each dict needs ``kind`` (one of KINDS); ``experience`` and ``class`` (ints) and ``adapter`` (str
+        or int) are typed columns, other JSON-serializable keys are kept too. Returns the new ids, which
+        stay valid until the entry is removed.
+        """
+        x = _as_matrix(vectors, self.dim, "vectors")
+        if isinstance(metadata, Mapping):
+            metadata = [metadata] * len(x)
+        if isinstance(metadata, (str, bytes)) or not isinstance(metadata, Sequence):
+            raise DataError(f"metadata must be a list of dicts (one per vector), got {type(metadata).__name__}")
+        if len(metadata) != len(x):
+            raise DataError(f"got {len(x)} vectors but {len(metadata)} metadata dicts; pass one dict per vector")
+        ids = np.arange(self._next_id, self._next_id + len(x), dtype=np.int64)
+        rows = encode_rows(ids, metadata)  # validates everything before anything changes
+        kinds = np.array([r[1] for r in rows])
+        for kind in np.unique(kinds).tolist():
+            mask = kinds == kind
+            self._indexes[kind].add(x[mask], ids[mask])
+        self._store.insert(rows)
+        self._next_id += len(x)
+        self._subsets.clear()
+        return ids
+
+    def remove(self, ids: Any) -> None:
+        """Remove entries by id; ids not in the memory raise DataError and nothing is removed."""
+        ids = np.unique(_as_ids(ids))
+        if len(ids) == 0:
+            return
+        for kind, kind_ids in self._store.kinds_of(ids).items():
+            self._indexes[kind].remove(kind_ids)
+        self._store.delete(ids)
+        self._subsets.clear()
+
+    def update(self, ids: Any, **values: Any) -> None:
+        """Set metadata on entries, e.g. ``update(ids, adapter="t3")``; other keys merge into the extras
+        (a None extra deletes that key). The kind cannot change: remove and add the vector again."""
+        values = {("class" if k == "class_" else k): v for k, v in values.items()}
+        ids = np.unique(_as_ids(ids))
+        if len(ids) and values:
+            self._store.update(ids, values)
+            self._subsets.clear()
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def search(
+        self, queries: Any, k: int, kind: str | Sequence[str] | None = None, *, with_metadata: bool = True,
+        **filters: Any,
+    ) -> SearchResult:
+        """The ``k`` nearest entries of each query row, among ``kind`` (None: all kinds) matching ``filters``.
+
+        ``filters``: ``experience``, ``class`` (or ``class_``), ``adapter``; a value may be a scalar, a list
+        (any of) or None (unset). All queries are searched in one FAISS call per kind.
+        """
+        q = _as_matrix(queries, self.dim, "queries")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ConfigError(f"k must be a positive int, got {k!r}")
+        k = int(k)
+        kinds = [kd for kd in _kinds_arg(kind) if len(self._indexes[kd])]
+        filters = normalize_filters(filters)
+        parts = [self._indexes[kd].search(q, k, self._subset(kd, filters) if filters else None) for kd in kinds]
+        if not parts:
+            scores, ids = np.full((len(q), k), -np.inf if self.metric == "ip" else np.inf, np.float32), \
+                np.full((len(q), k), -1, np.int64)
+        elif len(parts) == 1:
+            scores, ids = parts[0]
+        else:
+            scores, ids = np.hstack([p[0] for p in parts]), np.hstack([p[1] for p in parts])
+            order = np.argsort(-scores if self.metric == "ip" else scores, axis=1, kind="stable")[:, :k]
+            scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+        metadata = None
+        if with_metadata:
+            found = self._store.get(np.unique(ids[ids >= 0]))
+            metadata = [[found[i] for i in row if i >= 0] for row in ids.tolist()]
+        return SearchResult(scores, ids, metadata)
+
+    def _subset(self, kind: str, filters: Mapping[str, Any]) -> np.ndarray:
+        key = _filter_key(kind, filters)
+        if key not in self._subsets:
+            if len(self._subsets) >= _SUBSET_CACHE_SIZE:
+                self._subsets.pop(next(iter(self._subsets)))
+            self._subsets[key] = self._store.ids([kind], filters)
+        return self._subsets[key]
+
+    def get(self, ids: Any) -> Entries:
+        """Vectors and metadata of ``ids``, in the order given; unknown ids raise DataError."""
+        ids = _as_ids(ids)
+        metas = self._store.get(ids)
+        vectors = np.empty((len(ids), self.dim), np.float32)
+        kinds = np.array([metas[i]["kind"] for i in ids.tolist()])
+        for kind in np.unique(kinds).tolist():
+            mask = kinds == kind
+            vectors[mask] = self._indexes[kind].reconstruct(ids[mask])
+        return Entries(ids, vectors, [metas[i] for i in ids.tolist()])
+
+    def ids(self, kind: str | Sequence[str] | None = None, **filters: Any) -> np.ndarray:
+        """Ids (ascending) of the entries of ``kind`` matching ``filters``."""
+        kinds = None if kind is None else _kinds_arg(kind)
+        return self._store.ids(kinds, normalize_filters(filters))
+
+    def count(self, kind: str | Sequence[str] | None = None, **filters: Any) -> int:
+        """Number of entries of ``kind`` matching ``filters``."""
+        if not filters:
+            return sum(len(self._indexes[kd]) for kd in _kinds_arg(kind))
+        kinds = None if kind is None else _kinds_arg(kind)
+        return self._store.count(kinds, normalize_filters(filters))
+
+    def vectors(self, kind: str | Sequence[str] | None = None, **filters: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Ids (ascending) and vectors ``[n, dim]`` of the matching entries, without their metadata."""
+        kinds = _kinds_arg(kind)
+        filters = normalize_filters(filters)
+        ids = [self._store.ids([kd], filters) for kd in kinds]
+        vecs = [self._indexes[kd].reconstruct(i) for kd, i in zip(kinds, ids, strict=True)]
+        all_ids = np.concatenate(ids)
+        order = np.argsort(all_ids, kind="stable")
+        return all_ids[order], np.concatenate(vecs)[order]
+
+    def entries(self, kind: str | Sequence[str] | None = None, **filters: Any) -> Entries:
+        """Ids (ascending), vectors and metadata of the matching entries."""
+        ids, metadata = self._store.select(None if kind is None else _kinds_arg(kind), normalize_filters(filters))
+        _, vectors = self.vectors(kind, **filters)
+        return Entries(ids, vectors, metadata)
+
+    # -- persistence ------------------------------------------------------------------------------
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write the memory atomically to ``path`` (default: the constructor's) and return the directory.
+
+        A crash at any moment leaves the previous save loadable; see ``cl.memory.persist``.
+        """
+        if path is not None:
+            self.path = Path(path)
+        if self.path is None:
+            raise ConfigError("this memory has no path: pass path= to ExperienceMemory(...) or to save(path)")
+        kinds = {}
+        for kind, ix in self._indexes.items():
+            kinds[kind] = {"structure": ix.structure, "count": len(ix),
+                           "file": f"index-{kind}.faiss" if ix.index is not None else None}
+
+        def write_files(folder: Path) -> list[str]:
+            self._store.save(folder / METADATA_FILE)
+            names = [METADATA_FILE]
+            for kind, ix in self._indexes.items():
+                if ix.index is not None:
+                    faiss.write_index(ix.index, str(folder / kinds[kind]["file"]))
+                    names.append(kinds[kind]["file"])
+            return names
+
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "written_by": f"clagent {cl.__version__}, faiss {faiss.__version__}",
+            "saved_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "dim": self.dim,
+            "metric": self.metric,
+            "config": asdict(self.config),
+            "next_id": self._next_id,
+            "entries": len(self),
+            "kinds": kinds,
+        }
+        write_generation(self.path, write_files, manifest)
+        return self.path
+
+    @classmethod
+    def load(cls, path: str | Path, *, gpu: bool | None = None, verify: bool = True) -> ExperienceMemory:
+        """Open a saved memory; a missing, foreign, corrupted or newer-format one raises CheckpointError.
+
+        ``verify`` checks every file against its sha256 in the manifest (reads each file once more).
+        """
+        root = Path(path)
+        gen, manifest = read_generation(root, verify=verify)
+        try:
+            mem = cls(manifest["dim"], None, manifest["metric"], gpu=gpu, **{
+                k: v for k, v in manifest["config"].items()})
+            next_id = int(manifest["next_id"])
+            kinds = manifest["kinds"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"experience memory {root} has an invalid manifest ({e}); it is corrupted") from None
+        mem.path = root
+        mem._store = MetadataStore.load(gen / METADATA_FILE)
+        mem._next_id = next_id
+        for kind, info in kinds.items():
+            if kind not in KINDS or not info.get("file"):
+                continue
+            try:
+                index = faiss.read_index(str(gen / info["file"]))
+            except RuntimeError as e:
+                raise CheckpointError(f"experience memory {root}: cannot read {info['file']} ({e})") from None
+            if index.d != mem.dim:
+                raise CheckpointError(f"experience memory {root}: {info['file']} has dimension {index.d}, "
+                                      f"the manifest says {mem.dim}; it is corrupted")
+            ix = mem._indexes[kind]
+            ix.index = index
+            stored_ids = mem._store.ids([kind])
+            if ix.structure == "ivf":
+                consistent = ix.ntotal == len(stored_ids)
+            else:
+                in_index = ix.stored_ids()
+                ix.removed = np.setdiff1d(in_index, stored_ids)
+                consistent = np.isin(stored_ids, in_index).all() and (not len(ix.removed) or ix.structure == "hnsw")
+            if not consistent or len(ix) != info.get("count") or (len(stored_ids) and stored_ids[-1] >= next_id):
+                raise CheckpointError(f"experience memory {root} is inconsistent: the {kind} index holds "
+                                      f"{len(ix)} entries, its metadata {len(stored_ids)}; it is corrupted")
+        if sum(len(ix) for ix in mem._indexes.values()) != mem._store.count():
+            raise CheckpointError(f"experience memory {root} is inconsistent: metadata rows without vectors")
+        return mem

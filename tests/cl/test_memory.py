@@ -1,0 +1,396 @@
+"""ExperienceMemory: exact search against numpy, filters, removal, persistence, crashes mid-save, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+import cl.memory.index as memory_index
+import cl.memory.memory as memory_module
+import cl.memory.persist as persist
+from cl.errors import CheckpointError, ConfigError, DataError
+from cl.memory import KINDS, ExperienceMemory
+
+faiss.omp_set_num_threads(1)
+D = 16
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def data(n: int, seed: int = 0, dim: int = D) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+
+
+def metas(n: int, kinds=KINDS) -> list[dict]:
+    return [{"kind": kinds[i % len(kinds)], "experience": i % 3, "class": i % 5, "adapter": f"a{i % 2}", "i": i}
+            for i in range(n)]
+
+
+def brute(x: np.ndarray, q: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and row indices of the k nearest rows of x for each query (numpy reference)."""
+    s = q @ x.T if metric == "ip" else ((q[:, None, :] - x[None]) ** 2).sum(-1)
+    order = np.argsort(-s if metric == "ip" else s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, order, 1), order
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(found.tolist(), truth.tolist(), strict=True)]))
+
+
+@pytest.fixture
+def mem_and_data():
+    x, m = data(400), metas(400)
+    mem = ExperienceMemory(D, index="flat")
+    ids = mem.add(x, m)
+    return mem, x, m, ids
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_search_matches_brute_force_per_kind_and_across_kinds(metric):
+    x, m, q = data(500), metas(500), data(7, seed=1)
+    mem = ExperienceMemory(D, metric=metric)
+    ids = mem.add(x, m)
+    assert ids.tolist() == list(range(500)) and len(mem) == 500 and mem.structures()["prototype"] == "flat"
+    kinds = np.array([r["kind"] for r in m])
+    for kind in KINDS:
+        rows = np.flatnonzero(kinds == kind)
+        scores, order = brute(x[rows], q, 10, metric)
+        hits = mem.search(q, 10, kind=kind)
+        np.testing.assert_array_equal(hits.ids, ids[rows][order])
+        np.testing.assert_allclose(hits.scores, scores, rtol=1e-4, atol=1e-4)
+        assert all(h["kind"] == kind for row in hits.metadata for h in row)
+    scores, order = brute(x, q, 10, metric)
+    hits = mem.search(q, 10)  # all kinds merged
+    np.testing.assert_array_equal(hits.ids, order)
+    np.testing.assert_allclose(hits.scores, scores, rtol=1e-4, atol=1e-4)
+    assert [h.metadata["i"] for h in hits[0]] == order[0].tolist()
+    two = mem.search(q, 5, kind=["task", "prototype"])
+    rows = np.flatnonzero(np.isin(kinds, ["task", "prototype"]))
+    np.testing.assert_array_equal(two.ids, rows[brute(x[rows], q, 5, metric)[1]])
+
+
+@pytest.mark.parametrize("threshold", [1000, 10], ids=["subset-brute-force", "subset-idselector"])
+def test_filters_are_exact(mem_and_data, threshold):
+    mem, x, m, ids = mem_and_data
+    mem.config.exact_threshold = threshold  # 10: the filtered subsets go through an IDSelector on the flat index
+    q = data(5, seed=2)
+    cases = [
+        ("exemplar", {"experience": 1}),
+        ("exemplar", {"class": 2, "adapter": "a0"}),
+        ("prototype", {"class_": [1, 3]}),
+        (None, {"experience": [0, 2]}),
+        ("task", {"adapter": "a1", "experience": 0}),
+    ]
+    for kind, filters in cases:
+        want = "class" if "class_" in filters else None
+        f = {(want or k): v for k, v in filters.items()}
+        keep = np.array([(kind is None or r["kind"] == kind)
+                         and all(r[c] in (v if isinstance(v, list) else [v]) for c, v in f.items()) for r in m])
+        rows = np.flatnonzero(keep)
+        hits = mem.search(q, 8, kind=kind, **filters)
+        np.testing.assert_array_equal(hits.ids, ids[rows][brute(x[rows], q, 8, "ip")[1]], err_msg=str(filters))
+        assert mem.count(kind, **filters) == len(rows)
+        np.testing.assert_array_equal(mem.ids(kind, **filters), ids[rows])
+    few = mem.search(q, 50, kind="exemplar", experience=1, **{"class": 2})  # 6 entries match: padded to k
+    assert (few.ids[:, :6] >= 0).all() and (few.ids[:, 6:] == -1).all() and np.isneginf(few.scores[:, 6:]).all()
+    assert len(few.metadata[0]) == 6 and len(few[0]) == 6
+    assert (mem.search(q, 3, experience=7).ids == -1).all()
+    assert mem.count("exemplar", adapter=None) == 0
+
+
+def test_remove_keeps_ids_stable_and_hides_removed(mem_and_data):
+    mem, x, _, ids = mem_and_data
+    gone = ids[::3]
+    mem.remove(gone)
+    assert len(mem) == 400 - len(gone)
+    kept = np.setdiff1d(ids, gone)
+    got = mem.get(kept[::-1])
+    np.testing.assert_array_equal(got.vectors, x[kept[::-1]])
+    assert [g["i"] for g in got.metadata] == kept[::-1].tolist()
+    hits = mem.search(x, 20)
+    assert not np.isin(hits.ids, gone).any()
+    np.testing.assert_array_equal(hits.ids, kept[brute(x[kept], x, 20, "ip")[1]])
+    new = mem.add(data(3, seed=9), metas(3))
+    assert new.tolist() == [400, 401, 402]  # ids are never reused
+    with pytest.raises(DataError, match=r"1 id\(s\) are not in the memory: 0"):
+        mem.remove([0, 1])
+    assert 1 in mem.ids()  # nothing was removed by the failed call
+    with pytest.raises(DataError, match="not in the memory"):
+        mem.get([3])
+
+
+def test_helpers_entries_vectors_update(mem_and_data):
+    mem, x, m, ids = mem_and_data
+    e = mem.entries("prototype", experience=2)
+    rows = [i for i, r in enumerate(m) if r["kind"] == "prototype" and r["experience"] == 2]
+    np.testing.assert_array_equal(e.ids, rows)
+    np.testing.assert_array_equal(e.vectors, x[rows])
+    assert e.metadata[0] == {**m[rows[0]]}
+    vid, vec = mem.vectors(["task", "exemplar"])
+    rows = [i for i, r in enumerate(m) if r["kind"] in ("task", "exemplar")]
+    np.testing.assert_array_equal(vid, rows)
+    np.testing.assert_array_equal(vec, x[rows])
+    mem.update(ids[:2], adapter=7, experience=None, note="x", i=None)
+    assert mem.get(ids[:2]).metadata[1] == {"kind": KINDS[1], "experience": None, "class": 1, "adapter": 7,
+                                            "note": "x"}
+    assert mem.count(adapter=7) == 2
+    with pytest.raises(DataError, match="kind cannot be updated"):
+        mem.update(ids[:1], kind="task")
+    with pytest.raises(DataError, match="'class' must be an int"):
+        mem.update(ids[:1], class_="three")
+
+
+def test_save_load_round_trip_identical_neighbours(tmp_path):
+    x, q = data(900), data(20, seed=3)
+    mem = ExperienceMemory(D, tmp_path / "mem", metric="l2", exact_threshold=300)
+    meta = [{"kind": "exemplar", "experience": i % 4} for i in range(600)] + metas(300, ("prototype",))
+    ids = mem.add(x, meta)
+    mem.remove(ids[:50])
+    assert mem.structures() == {"exemplar": "hnsw", "prototype": "flat"}
+    before = mem.search(q, 10)
+    filtered = mem.search(q, 10, kind="exemplar", experience=[1, 2])
+    assert mem.save() == tmp_path / "mem"
+    loaded = ExperienceMemory.load(tmp_path / "mem")
+    assert len(loaded) == len(mem) == 850 and loaded.counts() == mem.counts()
+    assert loaded.structures() == mem.structures() and loaded.config == mem.config and loaded.metric == "l2"
+    after = loaded.search(q, 10)
+    np.testing.assert_array_equal(after.ids, before.ids)
+    np.testing.assert_array_equal(after.scores, before.scores)
+    assert after.metadata == before.metadata
+    np.testing.assert_array_equal(loaded.search(q, 10, kind="exemplar", experience=[1, 2]).ids, filtered.ids)
+    assert not np.isin(after.ids, ids[:50]).any()  # tombstones survive the round trip
+    assert loaded.add(data(1), {"kind": "task"}).tolist() == [900]
+    loaded.save()
+    assert sorted(p.name for p in (tmp_path / "mem").iterdir()) == ["CURRENT", "gen-000002"]
+
+
+def test_auto_index_switches_above_threshold_with_high_recall():
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((20, D)) * 3
+    x = (centers[rng.integers(20, size=3000)] + rng.standard_normal((3000, D))).astype(np.float32)
+    q = (centers[rng.integers(20, size=100)] + rng.standard_normal((100, D))).astype(np.float32)
+    mem = ExperienceMemory(D, metric="l2", exact_threshold=1000)
+    for s in range(0, 3000, 500):
+        mem.add(x[s : s + 500], [{"kind": "exemplar", "class": i % 10} for i in range(s, s + 500)])
+        assert mem.structures()["exemplar"] == ("flat" if s + 500 <= 1000 else "hnsw")
+    ids = mem.search(q, 10, kind="exemplar").ids
+    assert recall(ids, brute(x, q, 10, "l2")[1]) >= 0.95
+    rows = np.arange(3, 3000, 10)  # class 3: 300 ids <= threshold, searched exactly
+    np.testing.assert_array_equal(mem.search(q, 10, class_=3).ids, rows[brute(x[rows], q, 10, "l2")[1]])
+    rows = np.flatnonzero(np.arange(3000) % 10 < 5)  # 1500 ids > threshold: IDSelector inside HNSW
+    assert recall(mem.search(q, 10, class_=[0, 1, 2, 3, 4]).ids, rows[brute(x[rows], q, 10, "l2")[1]]) >= 0.95
+    mem.remove(np.arange(0, 3000, 2)[:500])  # 500 tombstones (17%): hidden by an IDSelector
+    assert len(mem._indexes["exemplar"].removed) == 500
+    assert not np.isin(mem.search(q, 10).ids, np.arange(0, 1000, 2)).any()
+    mem.remove(np.arange(0, 3000, 2)[500:800])  # 800 (27%): compacts, still HNSW above 1000
+    assert len(mem._indexes["exemplar"].removed) == 0 and mem.structures()["exemplar"] == "hnsw"
+    keep = np.setdiff1d(np.arange(3000), np.arange(0, 3000, 2)[:800])
+    found = mem.search(q, 10).ids
+    assert recall(found, keep[brute(x[keep], q, 10, "l2")[1]]) >= 0.95
+
+
+def test_ivf_trains_once_at_threshold_and_round_trips(tmp_path):
+    x, q = data(4000), data(30, seed=5)
+    mem = ExperienceMemory(D, tmp_path / "m", index="ivf", exact_threshold=2000, nprobe=64)
+    mem.add(x[:2000], {"kind": "exemplar"})
+    assert mem.structures() == {"exemplar": "flat"}
+    mem.add(x[2000:3000], {"kind": "exemplar"})
+    ivf = mem._indexes["exemplar"].index
+    assert mem.structures() == {"exemplar": "ivf"} and ivf.is_trained
+    mem.add(x[3000:], {"kind": "exemplar"})
+    assert mem._indexes["exemplar"].index is ivf  # later adds go into the trained index
+    mem.remove(np.arange(100))
+    keep = np.arange(100, 4000)
+    hits = mem.search(q, 10)
+    assert recall(hits.ids, keep[brute(x[keep], q, 10, "ip")[1]]) >= 0.95
+    np.testing.assert_array_equal(mem.get([150, 3999]).vectors, x[[150, 3999]])
+    mem.save()
+    np.testing.assert_array_equal(ExperienceMemory.load(tmp_path / "m").search(q, 10).ids, hits.ids)
+
+
+def test_torch_and_single_vector_inputs():
+    mem = ExperienceMemory(D)
+    t = torch.from_numpy(data(10)).double()
+    ids = mem.add(t, [{"kind": "adapter_key", "adapter": i} for i in range(10)])
+    hits = mem.search(t[3], 2, kind="adapter_key")  # a single [dim] query
+    assert hits.ids.shape == (1, 2) and hits.ids[0, 0] == ids[3] and hits[0][0].metadata["adapter"] == 3
+    mem.remove(torch.tensor(ids[:2]))
+    assert len(mem) == 8
+
+
+def test_bad_input_errors_say_what_to_do():
+    mem = ExperienceMemory(D)
+    with pytest.raises(DataError, match=r"dimension 8, this memory holds dimension 16 \(expected \[n, 16\]\)"):
+        mem.add(data(2, dim=8), metas(2))
+    with pytest.raises(DataError, match="queries have dimension 8"):
+        mem.search(data(2, dim=8), 1)
+    bad = data(3)
+    bad[1, 4], bad[2, 0] = np.nan, np.inf
+    with pytest.raises(DataError, match=r"NaN or inf in 2 row\(s\): 1, 2"):
+        mem.add(bad, metas(3))
+    with pytest.raises(DataError, match="NaN or inf"):
+        mem.search(bad, 1)
+    with pytest.raises(DataError, match="got 3 vectors but 2 metadata dicts"):
+        mem.add(data(3), metas(2))
+    with pytest.raises(DataError, match="metadata row 1: unknown kind 'prototypes'; did you mean 'prototype'"):
+        mem.add(data(2), [{"kind": "task"}, {"kind": "prototypes"}])
+    with pytest.raises(DataError, match="metadata row 0 has no 'kind'"):
+        mem.add(data(1), [{"class": 1}])
+    with pytest.raises(DataError, match="'experience' must be an int"):
+        mem.add(data(1), [{"kind": "task", "experience": 1.5}])
+    with pytest.raises(DataError, match="JSON-serializable"):
+        mem.add(data(1), [{"kind": "task", "blob": object()}])
+    with pytest.raises(DataError, match="must be real numbers"):
+        mem.add(np.array([["a"] * D]), metas(1))
+    assert len(mem) == 0  # every failed add left the memory unchanged
+    mem.add(data(5), metas(5))
+    with pytest.raises(ConfigError, match="unknown memory kind 'adapter_keys'; did you mean 'adapter_key'"):
+        mem.search(data(1), 3, kind="adapter_keys")
+    for k in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match="k must be a positive int"):
+            mem.search(data(1), k)
+    with pytest.raises(ConfigError, match="unknown memory filter 'experiment'; did you mean 'experience'"):
+        mem.search(data(1), 3, experiment=1)
+    with pytest.raises(ConfigError, match="unknown memory index 'hnws'"):
+        ExperienceMemory(D, index="hnws")
+    with pytest.raises(ConfigError, match="unknown memory metric 'cos'"):
+        ExperienceMemory(D, metric="cos")
+    with pytest.raises(ConfigError, match="no path"):
+        mem.save()
+
+
+def test_load_rejects_missing_foreign_corrupted_and_newer(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        ExperienceMemory.load(tmp_path / "nothing")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("hi")
+    with pytest.raises(CheckpointError, match="is not an experience memory"):
+        ExperienceMemory.load(tmp_path / "other")
+    with pytest.raises(ConfigError, match="exists and is not an experience memory"):
+        ExperienceMemory(D, tmp_path / "other")
+    path = tmp_path / "mem"
+    mem = ExperienceMemory(D, path)
+    mem.add(data(50), metas(50))
+    mem.save()
+    with pytest.raises(ConfigError, match="already holds an experience memory; open it with"):
+        ExperienceMemory(D, path)
+    gen = path / (path / "CURRENT").read_text().strip()
+    index_file = gen / "index-exemplar.faiss"
+    blob = bytearray(index_file.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    index_file.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match=r"index-exemplar.faiss does not match its sha256 checksum \(truncated"):
+        ExperienceMemory.load(path)
+    mem.save()  # a fresh generation
+    gen = path / (path / "CURRENT").read_text().strip()
+    manifest = json.loads((gen / "manifest.json").read_text())
+    (gen / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(CheckpointError, match=r"format version 99, written by a newer clagent.*upgrade clagent"):
+        ExperienceMemory.load(path)
+    (gen / "manifest.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        ExperienceMemory.load(path)
+    (path / "CURRENT").write_text("gen-000077\n")
+    with pytest.raises(CheckpointError, match="corrupted: CURRENT names 'gen-000077'"):
+        ExperienceMemory.load(path)
+
+
+def test_failed_save_leaves_previous_memory_and_is_cleaned_up(tmp_path, monkeypatch):
+    path = tmp_path / "mem"
+    mem = ExperienceMemory(D, path)
+    mem.add(data(100), metas(100))
+    mem.save()
+    mem.add(data(10, seed=1), metas(10))
+    real_replace = os.replace
+    for fail_at in ("write_index", "rename", "swap"):
+        def boom(*a, fail_at=fail_at, **kw):
+            raise OSError(f"simulated crash at {fail_at}")
+
+        if fail_at == "write_index":
+            monkeypatch.setattr(memory_module.faiss, "write_index", boom)
+        else:
+            monkeypatch.setattr(persist.os, "replace", lambda src, dst, fail_at=fail_at: (
+                boom() if (fail_at == "swap") == (Path(dst).name == "CURRENT") else real_replace(src, dst)))
+        with pytest.raises(OSError, match="simulated"):
+            mem.save()
+        monkeypatch.undo()
+        assert len(ExperienceMemory.load(path)) == 100
+    mem.save()
+    assert len(ExperienceMemory.load(path)) == 110
+    assert sorted(p.name for p in path.iterdir()) == ["CURRENT", "gen-000005"]
+
+
+CHILD = """
+import sys
+import faiss
+import numpy as np
+from cl.memory import ExperienceMemory
+faiss.omp_set_num_threads(1)
+mem = ExperienceMemory.load(sys.argv[1], verify=False)
+rng = np.random.default_rng(int(sys.argv[2]))
+print("ready", flush=True)
+while True:
+    mem.add(rng.standard_normal((20, mem.dim)).astype("float32"), {"kind": "exemplar", "experience": 9})
+    print("begin", flush=True)
+    mem.save()
+    print("end", flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
+def test_sigkill_during_save_leaves_every_previous_entry(tmp_path):
+    path, n, dim = tmp_path / "mem", 40_000, 64
+    x = data(n, dim=dim)
+    mem = ExperienceMemory(dim, path, index="flat")
+    ids = mem.add(x, [{"kind": "exemplar", "class": i % 7} for i in range(n)])
+    t0 = time.perf_counter()
+    mem.save()
+    t_save = time.perf_counter() - t0
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    rng = np.random.default_rng(0)
+    mid_save = 0
+    for trial in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(trial)], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        time.sleep(rng.uniform(0, 3 * t_save))
+        proc.send_signal(signal.SIGKILL)
+        out = proc.communicate()[0].split()
+        assert proc.returncode == -signal.SIGKILL
+        mid_save += bool(out) and out[-1] == "begin"
+        loaded = ExperienceMemory.load(path)
+        added = loaded.count(experience=9)
+        assert len(loaded) == n + added and added % 20 == 0
+        got = loaded.get(ids[::97])
+        np.testing.assert_array_equal(got.vectors, x[::97])
+        assert [m["class"] for m in got.metadata] == (ids[::97] % 7).tolist()
+    print(f"save {t_save:.3f} s, {mid_save}/6 kills inside save()")
+    assert mid_save >= 1  # at least one kill landed inside save()
+
+
+def test_gpu_code_path_with_a_stand_in_device(monkeypatch):
+    """The GPU mirror (sync on add, rebuild after remove, position -> id map) checked with a CPU clone."""
+    monkeypatch.setattr(memory_module, "gpu_available", lambda: True)
+    clones = []
+    monkeypatch.setattr(memory_index, "_gpu_clone", lambda index: clones.append(1) or faiss.clone_index(index))
+    x, q = data(600), data(9, seed=4)
+    for index in ("flat", "ivf"):
+        gpu = ExperienceMemory(D, index=index, exact_threshold=300, gpu=True)
+        cpu = ExperienceMemory(D, index=index, exact_threshold=300, gpu=False)
+        for mem in (gpu, cpu):
+            mem.add(x[:400], {"kind": "exemplar"})
+        np.testing.assert_array_equal(gpu.search(q, 7).ids, cpu.search(q, 7).ids)
+        for mem in (gpu, cpu):
+            mem.add(x[400:], {"kind": "exemplar"})
+            mem.remove(np.arange(0, 400, 3))
+            mem.add(x[:5] + 1, {"kind": "exemplar"})
+        np.testing.assert_array_equal(gpu.search(q, 7).ids, cpu.search(q, 7).ids)
+        np.testing.assert_array_equal(gpu.search(q, 7, class_=None).ids, cpu.search(q, 7).ids)  # filtered: CPU
+    assert len(clones) == 4  # one mirror per index, rebuilt once after the remove
