@@ -76,6 +76,28 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+def _bitmap_selector(ids: np.ndarray) -> tuple[Any, np.ndarray]:
+    """An ``IDSelectorBitmap`` holding ``ids`` (one bit per id up to the largest: O(1) membership tests,
+    1 MB for 8M ids) and the bitmap it reads, which must outlive it."""
+    mask = np.zeros(int(ids.max()) + 1, dtype=bool)
+    mask[ids] = True
+    bitmap = np.packbits(mask, bitorder="little")
+    return faiss.IDSelectorBitmap(bitmap), bitmap
+
+
+@dataclass
+class Subset:
+    """The ids a filtered search is restricted to, with the FAISS selector built on first use."""
+
+    ids: np.ndarray
+    _selector: tuple[Any, np.ndarray] | None = None
+
+    def selector(self) -> Any:
+        if self._selector is None:
+            self._selector = _bitmap_selector(self.ids)
+        return self._selector[0]
+
+
 class KindIndex:
     """Vectors of one kind with the memory's ids; see the module docstring for the policy."""
 
@@ -86,18 +108,18 @@ class KindIndex:
         self.removed = removed if removed is not None else np.empty(0, np.int64)  # HNSW tombstones, sorted
         self._not_removed: Any = None  # cached IDSelectorNot over the tombstones
         self._mirror: Any = None  # GPU copy: (gpu index, position -> id map or None for IVF)
+        self._structure: tuple[Any, str] = (None, "flat")  # (index it describes, its structure)
 
     # -- state ------------------------------------------------------------------------------------
 
     @property
     def structure(self) -> str:
-        if self.index is None:
-            return "flat"
-        inner = self.index.index if isinstance(self.index, faiss.IndexIDMap2) else self.index
-        inner = faiss.downcast_index(inner)
-        if isinstance(inner, faiss.IndexHNSW):
-            return "hnsw"
-        return "ivf" if isinstance(inner, faiss.IndexIVF) else "flat"
+        if self._structure[0] is not self.index:
+            inner = self.index.index if isinstance(self.index, faiss.IndexIDMap2) else self.index
+            inner = faiss.downcast_index(inner) if inner is not None else None
+            kind = "ivf" if isinstance(inner, faiss.IndexIVF) else "flat"
+            self._structure = (self.index, "hnsw" if isinstance(inner, faiss.IndexHNSW) else kind)
+        return self._structure[1]
 
     @property
     def ntotal(self) -> int:
@@ -214,19 +236,19 @@ class KindIndex:
             params.sel = sel
         return params
 
-    def search(self, queries: np.ndarray, k: int, subset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, subset: Subset | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Scores and ids ``[nq, k]`` (id -1 where fewer than k match); ``subset``: only these ids (all live)."""
         nq = len(queries)
-        if self.index is None or len(self) == 0 or (subset is not None and len(subset) == 0):
+        if self.index is None or len(self) == 0 or (subset is not None and len(subset.ids) == 0):
             return _empty(nq, k, self.metric)
-        if subset is not None and len(subset) <= self.config.exact_threshold:
-            return self._exact_subset(queries, k, subset)
+        if subset is not None and len(subset.ids) <= self.config.exact_threshold:
+            return self._exact_subset(queries, k, subset.ids)
         if subset is not None:
-            sel = faiss.IDSelectorBatch(subset)
+            sel = subset.selector()
         elif len(self.removed):
             if self._not_removed is None:
-                inner = faiss.IDSelectorBatch(self.removed)
-                self._not_removed = (faiss.IDSelectorNot(inner), inner)  # keep the inner selector alive
+                inner, bitmap = _bitmap_selector(self.removed)
+                self._not_removed = (faiss.IDSelectorNot(inner), inner, bitmap)  # keep what it reads alive
             sel = self._not_removed[0]
         else:
             sel = None

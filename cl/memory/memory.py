@@ -23,7 +23,7 @@ import numpy as np
 
 import cl
 from cl.errors import CheckpointError, ConfigError, DataError
-from cl.memory.index import METRICS, IndexConfig, KindIndex, gpu_available
+from cl.memory.index import METRICS, IndexConfig, KindIndex, Subset, gpu_available
 from cl.memory.persist import FORMAT, FORMAT_VERSION, check_writable, is_memory_dir, read_generation, write_generation
 from cl.memory.store import KINDS, MetadataStore, check_kind, encode_rows, normalize_filters
 
@@ -178,7 +178,7 @@ class ExperienceMemory:
         self._store = MetadataStore()
         self._indexes = {kind: KindIndex(self.dim, metric, config, self.gpu) for kind in KINDS}
         self._next_id = 0
-        self._subsets: dict[tuple[Any, ...], np.ndarray] = {}  # filter -> matching ids, until the next change
+        self._subsets: dict[tuple[Any, ...], Subset] = {}  # filter -> matching ids, until the next change
 
     # -- sizes ------------------------------------------------------------------------------------
 
@@ -278,12 +278,13 @@ class ExperienceMemory:
             metadata = [[found[i] for i in row if i >= 0] for row in ids.tolist()]
         return SearchResult(scores, ids, metadata)
 
-    def _subset(self, kind: str, filters: Mapping[str, Any]) -> np.ndarray:
+    def _subset(self, kind: str, filters: Mapping[str, Any]) -> Subset:
+        """The ids of ``kind`` matching ``filters``, cached (with their FAISS selector) until the next change."""
         key = _filter_key(kind, filters)
         if key not in self._subsets:
             if len(self._subsets) >= _SUBSET_CACHE_SIZE:
                 self._subsets.pop(next(iter(self._subsets)))
-            self._subsets[key] = self._store.ids([kind], filters)
+            self._subsets[key] = Subset(self._store.ids([kind], filters))
         return self._subsets[key]
 
     def get(self, ids: Any) -> Entries:
