@@ -5,12 +5,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 FORTUNES := /usr/share/games/fortunes/computers
+CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CONFIG ?= examples/default.yaml
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: run test install data lint bench clean
+.PHONY: run test install data browser lint bench clean
 
 install: $(STAMP)
 
@@ -26,10 +27,18 @@ $(FMNIST) $(FORTUNES):
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq dataset-fashion-mnist fortunes
 
-run: install data
-	$(BIN)/cl run $(CONFIG)
+# headless Chromium renders the HTML report in tests/cl/test_report.py
+browser: $(CHROMIUM)
 
-test: install data
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+# ends by writing RUN/report.html (the dashboard: `cl report`) and printing its path
+run: install data
+	$(BIN)/cl run $(CONFIG) --report
+
+test: install data browser
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
 
 lint: install

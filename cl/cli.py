@@ -1,4 +1,5 @@
-"""The ``cl`` command: ``cl run`` and ``cl list`` (a thin layer over ``cl.run`` and the registries)."""
+"""The ``cl`` command: ``cl run``, ``cl sweep``, ``cl report`` and ``cl list`` (a thin layer over ``cl.run``,
+``cl.sweep``, ``cl.report`` and the registries)."""
 
 from __future__ import annotations
 
@@ -20,15 +21,34 @@ def _run(args: argparse.Namespace) -> int:
         if args.config or args.strategy or args.scenario or args.backbone or args.seed is not None:
             raise CLError("--resume takes the config from RUN/config.yaml; drop the other config options")
         cfg = load_run_config(args.resume, args.set)
-        run(cfg, resume=True)
+        run(cfg, resume=True, report=args.report)
         return 0
     data = read_yaml(args.config) if args.config else {}
     components = {"strategy": args.strategy, "scenario": args.scenario, "backbone": args.backbone}
     loggers = args.logger.split(",") if args.logger else None
     cfg = build_config(data, args.set, components, seed=args.seed, out=args.out, loggers=loggers,
                        device=args.device)
-    run(cfg, overwrite=args.overwrite)
+    run(cfg, overwrite=args.overwrite, report=args.report)
     return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from cl.report import find_runs, write_report
+
+    runs = find_runs(args.runs)
+    out = args.out or (str(runs[0] / "report.html") if len(args.runs) == 1 and len(runs) == 1 else "report.html")
+    path = write_report(runs, out, title=args.title)
+    Console().print(f"report ({len(runs)} run{'s' if len(runs) != 1 else ''}): {path}", highlight=False)
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from cl.sweep import build_sweep, run_sweep
+
+    loggers = args.logger.split(",") if args.logger else None
+    sweep = build_sweep(args.config, args.grid, args.seeds, args.set, args.out, loggers=loggers, device=args.device)
+    status = run_sweep(sweep, report=args.report)
+    return 1 if any(s.startswith("failed") for s in status.values()) else 0
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -63,7 +83,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set strategy.lr=0.01 (repeatable)")
     r.add_argument("--resume", metavar="RUN", help="continue the run in directory RUN")
     r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    r.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="write the HTML dashboard RUN/report.html after each experience (default: on)")
     r.set_defaults(fn=_run)
+    rep = sub.add_parser("report", help="write one self-contained HTML dashboard over runs")
+    rep.add_argument("runs", nargs="+", metavar="RUN",
+                     help="run directories, or folders of runs (e.g. a `cl sweep` output directory)")
+    rep.add_argument("--out", help="HTML file to write (default: RUN/report.html for one run, else ./report.html)")
+    rep.add_argument("--title", help="page title")
+    rep.set_defaults(fn=_report)
+    sw = sub.add_parser("sweep", help="run a grid of configs x seeds, one directory each, then report them")
+    sw.add_argument("config", nargs="?", help="base run config YAML, or a sweep file (base/config, grid, seeds, set)")
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="values to cross, e.g. --grid strategy.name=simplecil,sema (repeatable)")
+    sw.add_argument("--seeds", metavar="S1,S2", help="seeds, e.g. 0,1,2 (each grid point runs once per seed)")
+    sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value in every run (repeatable)")
+    sw.add_argument("--out", help="sweep directory (default runs/sweep-<config name>)")
+    sw.add_argument("--logger", help="comma-separated loggers for every run")
+    sw.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    sw.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                    help="write OUT/report.html over the sweep's runs (default: on)")
+    sw.set_defaults(fn=_sweep)
     ls = sub.add_parser("list", help="list registered strategies, scenarios, backbones, loggers")
     ls.add_argument("kind", nargs="?", help="strategies | scenarios | backbones | heads | routers | loggers")
     ls.add_argument("--pattern", default="*", help="wildcard filter, e.g. 'vit_*'")

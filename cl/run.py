@@ -18,6 +18,7 @@ from rich.console import Console
 from cl.agent import Agent
 from cl.callbacks.base import Callback
 from cl.callbacks.events import EventLog
+from cl.callbacks.logger import RunLogger
 from cl.checkpoint import Checkpointer, load_checkpoint
 from cl.config import RunConfig, build_config, dump_yaml, read_yaml, resolve, to_dict
 from cl.errors import ConfigError
@@ -31,9 +32,17 @@ def default_out(cfg: RunConfig) -> str:
     return f"runs/{cfg.scenario.name}-{cfg.strategy.name}-{cfg.backbone.name}-seed{cfg.seed}"
 
 
-def make_loggers(names: list[str]) -> list[Callback]:
-    """Logger callbacks by name (``console``, ...)."""
-    return [LOGGERS.get(n)() for n in names]
+def make_loggers(names: list[str], run_dir: Path | None = None, config: dict[str, Any] | None = None) -> list[Callback]:
+    """Logger callbacks by name (``console``, ``csv``, ``tensorboard``, ``wandb``, ``report``).
+
+    Loggers that write files (``RunLogger``) get the run directory and the resolved config.
+    """
+    loggers: list[Callback] = []
+    for name in dict.fromkeys(names):  # a name given twice logs once
+        cls = LOGGERS.get(name)
+        is_run_logger = isinstance(cls, type) and issubclass(cls, RunLogger)
+        loggers.append(cls(run_dir=run_dir, config=config) if is_run_logger else cls())
+    return loggers
 
 
 class RunLock:
@@ -56,6 +65,11 @@ class RunLock:
         self._f.close()
 
 
+def same_config(on_disk: RunConfig, cfg: RunConfig) -> bool:
+    """Whether ``cfg`` describes the run already in a directory; the loggers may differ."""
+    return dump_yaml(on_disk.model_copy(update={"loggers": cfg.loggers})) == dump_yaml(cfg)
+
+
 def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[RunConfig, Path, bool]:
     """Decide the run directory and whether this run resumes; write ``config.yaml``."""
     out = Path(cfg.out or default_out(cfg))
@@ -63,8 +77,7 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[RunC
     if overwrite and out.exists():
         shutil.rmtree(out)
     if cfg_file.exists():
-        on_disk = dump_yaml(build_config(read_yaml(cfg_file)))
-        if on_disk != dump_yaml(cfg) and not resume:
+        if not same_config(build_config(read_yaml(cfg_file)), cfg) and not resume:
             raise ConfigError(
                 f"{out} already holds a run with a different config; pass --resume {out} to continue it, "
                 "--overwrite to replace it, or --out for a new directory"
@@ -82,9 +95,16 @@ def run(
     overwrite: bool = False,
     extra_callbacks: list[Callback] | None = None,
     console: Console | None = None,
+    report: bool = False,
 ) -> dict[str, Any]:
-    """Run a config end to end; returns the metrics written to ``metrics.json``."""
+    """Run a config end to end; returns the metrics written to ``metrics.json``.
+
+    ``report=True`` also writes the HTML dashboard ``RUN/report.html`` after every experience (as the
+    ``report`` logger does).
+    """
     cfg = resolve(cfg if isinstance(cfg, RunConfig) else build_config(cfg))
+    for name in cfg.loggers:  # unknown logger names fail before the run directory is touched
+        LOGGERS.get(name)
     if cfg.out is None:
         cfg.out = default_out(cfg)
     if cfg.threads:
@@ -95,7 +115,8 @@ def run(
         stream = SCENARIOS.create(cfg.scenario.name, **cfg.scenario.params)
         metrics_cb = MetricsCallback(out / "metrics.json", n_experiences=len(stream))
         callbacks: list[Callback] = [
-            metrics_cb, EventLog(out / "events.jsonl"), *make_loggers(cfg.loggers),
+            metrics_cb, EventLog(out / "events.jsonl"),
+            *make_loggers([*cfg.loggers, *(["report"] if report else [])], out, to_dict(cfg)),
             *(extra_callbacks or []), Checkpointer(out / "checkpoints"),
         ]
         agent = Agent(
@@ -117,6 +138,8 @@ def run(
         agent.callbacks.after_run(agent)
         metrics = metrics_cb.metrics(agent)
     console.print(f"run directory: {out}")
+    if (out / "report.html").exists() and (report or "report" in cfg.loggers):
+        console.print(f"report: {out / 'report.html'}")
     return metrics
 
 
