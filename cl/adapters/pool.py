@@ -117,12 +117,34 @@ class AdapterPool(nn.Module):
         experts = list(self.adapters.values())
         if self.config.kind == "rank1":
             return RankOne.mix(experts, x, self.config.top_k, w)
+        if w is not None and not bool(w.any()):  # adapters off: the frozen block's output
+            return None
+        if w is not None and is_one_hot(w):
+            return self._dispatch(experts, x, y, w.argmax(-1))
         out = None
         for k, adapter in enumerate(experts):
             delta = adapter(y if adapter.uses_output else x)
             if w is not None:
                 delta = delta * per_sample(w[:, k], delta)
             out = delta if out is None else out + delta
+        return out
+
+    @staticmethod
+    def _dispatch(experts: list[nn.Module], x: torch.Tensor, y: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        """Hard routes: each adapter runs only on the inputs routed to it (cost independent of K)."""
+        out = None
+        for k, adapter in enumerate(experts):
+            idx = (route == k).nonzero().squeeze(1)
+            if not len(idx):
+                continue
+            delta = adapter((y if adapter.uses_output else x).index_select(0, idx))
+            if len(idx) == len(route):
+                return delta
+            if out is None:
+                out = delta.new_zeros(len(route), *delta.shape[1:])
+                if y.is_contiguous(memory_format=torch.channels_last) and out.dim() == 4:
+                    out = out.contiguous(memory_format=torch.channels_last)
+            out = out.index_copy(0, idx, delta)
         return out
 
     def parameter_counts(self) -> dict[str, int]:
@@ -163,6 +185,11 @@ class AdapterPool(nn.Module):
             if name not in self.adapters:
                 self.add(name)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def is_one_hot(w: torch.Tensor) -> bool:
+    """Whether every row of mixture weights ``[B, K]`` is a one-hot vector (hard routes)."""
+    return bool(((w == 0) | (w == 1)).all()) and bool((w.sum(-1) == 1).all())
 
 
 class AdaptedBlock(nn.Module):

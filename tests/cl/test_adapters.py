@@ -175,6 +175,36 @@ def test_route_override_selects_one_adapter() -> None:
         b(x)
 
 
+@pytest.mark.parametrize("name", ["vit_tiny_test", "efficientnet_lite0"])
+def test_hard_routes_run_each_adapter_on_its_inputs_only(name: str) -> None:
+    """One-hot routes dispatch inputs to their adapter: same outputs and gradients as the dense sum."""
+    b, ps = expanded(name, "bottleneck")
+    x = batch(b)
+    train_step(b, x)  # t1 moves away from zero
+    hard = {i: torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]) for i in ps}
+    soft = {i: w * (1 - 1e-7) + (1 - w) * 1e-7 for i, w in hard.items()}  # not one-hot: the dense path
+
+    def run(weights):
+        b.zero_grad(set_to_none=True)
+        with routing(ps, weights):
+            out = b(x)
+        out.pow(2).sum().backward()
+        return out.detach(), [p.grad.clone() for p in b.parameters() if p.grad is not None]
+
+    (fast, g_fast), (dense, g_dense) = run(hard), run(soft)
+    torch.testing.assert_close(fast, dense, rtol=1e-4, atol=1e-5)
+    assert len(g_fast) == len(g_dense) > 0
+    for a, c in zip(g_fast, g_dense, strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-3, atol=1e-5)
+    calls = []
+    hooks = [p.adapters["t0"].register_forward_hook(lambda m, a, o: calls.append(len(a[0]))) for p in ps.values()]
+    with torch.no_grad(), routing(ps, hard):
+        b(x)
+    for h in hooks:
+        h.remove()
+    assert calls == [1] * len(ps)  # t0 saw only the one input routed to it, in every block
+
+
 def test_text_pooling_ignores_padding() -> None:
     b = tiny("minilm")
     ps = inject(b, AdapterConfig())
