@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -36,7 +37,7 @@ def _report(args: argparse.Namespace) -> int:
     from cl.report import find_runs, write_report
 
     runs = find_runs(args.runs)
-    out = args.out or (str(runs[0] / "report.html") if len(args.runs) == 1 and len(runs) == 1 else "report.html")
+    out = args.out or (str(Path(args.runs[0]) / "report.html") if len(args.runs) == 1 else "report.html")
     path = write_report(runs, out, title=args.title)
     Console().print(f"report ({len(runs)} run{'s' if len(runs) != 1 else ''}): {path}", highlight=False)
     return 0
@@ -84,12 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", metavar="RUN", help="continue the run in directory RUN")
     r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     r.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
-                   help="write the HTML dashboard RUN/report.html after each experience (default: on)")
+                   help="write the HTML dashboard RUN/report.html, refreshed during long runs (default: on)")
     r.set_defaults(fn=_run)
     rep = sub.add_parser("report", help="write one self-contained HTML dashboard over runs")
     rep.add_argument("runs", nargs="+", metavar="RUN",
                      help="run directories, or folders of runs (e.g. a `cl sweep` output directory)")
-    rep.add_argument("--out", help="HTML file to write (default: RUN/report.html for one run, else ./report.html)")
+    rep.add_argument("--out", help="HTML file to write (default: RUN/report.html for one path, else ./report.html)")
     rep.add_argument("--title", help="page title")
     rep.set_defaults(fn=_report)
     sw = sub.add_parser("sweep", help="run a grid of configs x seeds, one directory each, then report them")

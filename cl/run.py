@@ -99,8 +99,8 @@ def run(
 ) -> dict[str, Any]:
     """Run a config end to end; returns the metrics written to ``metrics.json``.
 
-    ``report=True`` also writes the HTML dashboard ``RUN/report.html`` after every experience (as the
-    ``report`` logger does).
+    ``report=True`` also writes the HTML dashboard ``RUN/report.html`` at the end, refreshed during
+    long runs (the ``report`` logger).
     """
     cfg = resolve(cfg if isinstance(cfg, RunConfig) else build_config(cfg))
     for name in cfg.loggers:  # unknown logger names fail before the run directory is touched

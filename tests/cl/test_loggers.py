@@ -96,8 +96,9 @@ KILL_SCRIPT = textwrap.dedent(
 )
 
 
-def test_resume_continues_steps_without_repeats(tmp_path):
-    cfg = logged_config(tmp_path, ["csv", "tensorboard"])
+def test_resume_continues_steps_without_repeats(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = logged_config(tmp_path, ["csv", "tensorboard", "wandb"])
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, json.dumps(cfg)], env=env, capture_output=True,
                           text=True, timeout=300)
@@ -109,6 +110,11 @@ def test_resume_continues_steps_without_repeats(tmp_path):
     assert [int(r["step"]) for r in read_csv(out / "csv" / "experiences.csv")] == [0, 1, 2]
     assert [s for s, _ in scalars(out / "tensorboard" / "epochs", "epoch/loss")] == list(range(6))
     assert [s for s, _ in scalars(out / "tensorboard" / "experiences", "stream/accuracy_seen")] == [0, 1, 2]
+    first, second = sorted((out / "wandb").glob("offline-run-*"))  # one W&B run id, a directory per process
+    assert first.name.rsplit("-", 1)[1] == second.name.rsplit("-", 1)[1]
+    history = wandb_history(second)
+    assert [h["experience"] for h in history if "experience/accuracy_seen" in h] == [2]
+    assert [h["epoch"] for h in history if "epoch/loss" in h] == [4, 5]
 
 
 def wandb_records(path):
@@ -135,6 +141,12 @@ def wandb_records(path):
     return records
 
 
+def wandb_history(run_dir):
+    records = wandb_records(next(run_dir.glob("run-*.wandb")))
+    return [{(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
+            for r in records if r.WhichOneof("record_type") == "history"]
+
+
 def test_wandb_offline_run_holds_per_experience_metrics(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = logged_config(tmp_path, ["console"])
@@ -145,8 +157,7 @@ def test_wandb_offline_run_holds_per_experience_metrics(tmp_path, capsys, monkey
     run_dirs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1
     records = wandb_records(next(run_dirs[0].glob("run-*.wandb")))
-    history = [{(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
-               for r in records if r.WhichOneof("record_type") == "history"]
+    history = wandb_history(run_dirs[0])
     per_exp = [h for h in history if "experience/accuracy_seen" in h]
     assert [h["experience"] for h in per_exp] == [0, 1, 2]
     assert [h["experience/accuracy_seen"] for h in per_exp] == pytest.approx(metrics["accuracy_seen"])

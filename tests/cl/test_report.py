@@ -132,11 +132,27 @@ def test_cl_run_writes_the_report_and_prints_its_path(tmp_path, capsys):
     path.write_text(yaml.safe_dump(cfg))
     assert main(["run", str(path)]) == 0
     assert f"report: {tmp_path / 'run' / 'report.html'}" in capsys.readouterr().out.replace("\n", "")
-    assert "finished (3 experiences)" in (tmp_path / "run" / "report.html").read_text()
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "<td>finished</td>" in page and "in progress" not in page  # the last write saw the run finished
     cfg["out"] = str(tmp_path / "quiet")
     path.write_text(yaml.safe_dump(cfg))
     assert main(["run", str(path), "--no-report"]) == 0
     assert not (tmp_path / "quiet" / "report.html").exists()
+
+
+def test_long_runs_refresh_the_report_as_they_go(tmp_path, monkeypatch):
+    import cl.callbacks.report
+
+    monkeypatch.setattr(cl.callbacks.report, "OVERHEAD", float("inf"))  # as if every experience were long
+    seen = {}
+
+    class Probe(Callback):  # runs after the report logger
+        def after_experience(self, agent, exp):
+            seen[exp.id] = (tmp_path / "run" / "report.html").read_text()
+
+    run(tiny_config(tmp_path, "simplecil"), report=True, extra_callbacks=[Probe()])
+    assert "in progress: 2 of 3 experiences done" in seen[1]
+    assert "in progress" not in (tmp_path / "run" / "report.html").read_text()
 
 
 def test_cl_report_command(runs, tmp_path, capsys):
