@@ -49,7 +49,7 @@ class WandbLogger(RunLogger):
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT") or "clagent", entity=os.environ.get("WANDB_ENTITY") or None,
             dir=str(self.run_dir), id=self.run_id, name=self.run_dir.name, group=seed_group(self.config),
-            config=self.config, tags=[t for t in tags if t], resume="allow", reinit="create_new",
+            config=self.config, allow_val_change=True, tags=[t for t in tags if t], resume="allow", reinit="create_new",
             mode=os.environ.get("WANDB_MODE") or "offline",
             settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
         )
