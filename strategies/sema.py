@@ -83,13 +83,20 @@ class SEMA(Strategy):
         if head_features not in ("mixture", "concat"):
             raise ConfigError(f"head_features must be 'mixture' or 'concat' (frozen + mixture), got {head_features!r}")
         self.concat = head_features == "concat"
-        if route_by not in ("layer", "task"):
-            raise ConfigError(f"route_by must be 'layer' (each layer's router) or 'task' (the first layer's "
-                              f"descriptors pick one experience's adapters everywhere), got {route_by!r}")
+        if route_by not in ("layer", "task", "head"):
+            raise ConfigError(
+                f"route_by must be 'layer' (each layer's router), 'task' (the first layer's descriptors pick one "
+                f"experience's adapters everywhere) or 'head' (an LDA head on frozen features picks it), "
+                f"got {route_by!r}"
+            )
         if route_by == "task" and router != "descriptor":
             raise ConfigError("route_by='task' picks the experience with the first layer's descriptors: "
                               "use router='descriptor'")
         self.route_by = route_by
+        # route_by="head": which experience a frozen embedding belongs to, via its predicted class
+        self.task_head: Head | None = create_head("lda", backbone.embed_dim) if route_by == "head" else None
+        self.register_buffer("class_experience", torch.zeros(0, dtype=torch.long))
+        self._training_exp: int | None = None  # inside fit: the current experience routes every layer
         if self.concat and head == "linear":
             raise ConfigError("head='linear' is the training head over the mixture; use head_features='mixture'")
         dim = backbone.embed_dim * (2 if self.concat else 1)
@@ -104,12 +111,31 @@ class SEMA(Strategy):
         super().before_experience(exp)
         self.train_head.add_classes(exp.classes)
         self.head.add_classes(exp.classes)
+        need = max(exp.classes) + 1
+        if need > len(self.class_experience):
+            grown = self.class_experience.new_full((need,), -1)
+            grown[: len(self.class_experience)] = self.class_experience
+            self.class_experience = grown
+        taken = [c for c in exp.classes if self.class_experience[c] not in (-1, exp.id)]
+        if taken and self.task_head is not None:
+            raise ConfigError(
+                f"route_by='head' routes by class, but classes {taken} of experience {exp.id} were already in "
+                "an earlier experience (a domain-incremental stream?): use route_by='task' or 'layer'"
+            )
+        self.class_experience[list(exp.classes)] = exp.id
         for pool in self.pools.values():  # descriptors train only in their own phase
             if pool.descriptors is not None:
                 pool.descriptors.requires_grad_(False)
 
     def fit(self, exp: Experience) -> None:
         """Scan layers in order; expand where the data shifted; train each expansion before going on."""
+        self._training_exp = exp.id
+        try:
+            self._scan_and_expand(exp)
+        finally:
+            self._training_exp = None
+
+    def _scan_and_expand(self, exp: Experience) -> None:
         new: dict[int, str] = {}
         name = f"e{exp.id}"
         first = all(len(p) == 0 for p in self.pools.values())  # every layer expands: train once
@@ -175,48 +201,61 @@ class SEMA(Strategy):
 
     @torch.no_grad()
     def after_experience(self, exp: Experience) -> None:
+        if self.task_head is not None:  # first: the statistics head below sees this experience's routes
+            for state, y in self.iterate_states(exp.train, self.ctx.eval_batch_size, desc=f"exp {exp.id} routes"):
+                self.task_head.update(self.frozen_features(state), y.to(self.ctx.device))
         if self.head is not self.train_head:
             self.update_statistics(self.head, exp.train, desc=f"exp {exp.id} head")
 
-    def mixture(self, state: State) -> torch.Tensor:
-        """Embedding through the routed adapter mixtures."""
-        if self.route_by == "task":
-            with routing(self.pools, self.task_routes(state)):
-                return self.backbone.forward_from(state, self.frozen_depth)
-        return self.backbone.forward_from(state, self.frozen_depth)
+    def mixture(self, state: State, frozen: torch.Tensor | None = None) -> torch.Tensor:
+        """Embedding through the routed adapter mixtures (``frozen``: the frozen embedding, if already known)."""
+        if self.route_by == "layer":
+            return self.backbone.forward_from(state, self.frozen_depth)
+        with routing(self.pools, self.task_routes(state, frozen)):
+            return self.backbone.forward_from(state, self.frozen_depth)
+
+    def frozen_features(self, state: State) -> torch.Tensor:
+        """The frozen backbone's embedding (every adapter off)."""
+        with adapters_off(self.pools):
+            return self.backbone.forward_from(state, self.frozen_depth)
 
     @torch.no_grad()
-    def task_routes(self, state: State) -> dict[int, torch.Tensor]:
-        """One-hot routes ``{layer: [B, K]}`` for ``route_by="task"``: the first layer's best descriptor names an
-        experience; every layer uses the adapter that experience used there (its own, or the latest older one).
-        Layers already forced (training, ``adapters_off``) keep their override."""
-        first = self.pools[self.frozen_depth]
-        free = {i: p for i, p in self.pools.items() if p.route_override is None and len(p) > 1}
-        if not free or len(first) == 0:
-            return {}
+    def route_experiences(self, state: State, frozen: torch.Tensor | None = None) -> torch.Tensor:
+        """The experience ``[B]`` whose adapters each input takes (``route_by`` "task" or "head")."""
         x, mask = (state[0], state[1]) if isinstance(state, tuple) else (state, None)
-        forced = first.route_override
-        if forced is None:  # [B] index into first.names
-            chosen = first.descriptors.zscores(first.pool_input(x, mask)).argmin(-1)
-        elif forced.any():  # training the first layer's new adapter: its experience everywhere
-            chosen = forced.expand(x.shape[0], -1).argmax(-1)
-        else:  # adapters off
+        if self._training_exp is not None:
+            return torch.full((x.shape[0],), self._training_exp, dtype=torch.long, device=x.device)
+        if self.task_head is not None:
+            frozen = self.frozen_features(state) if frozen is None else frozen
+            return self.class_experience[self.task_head(frozen).argmax(-1)]
+        first = self.pools[self.frozen_depth]
+        chosen = first.descriptors.zscores(first.pool_input(x, mask)).argmin(-1)  # index into first.names
+        return torch.tensor([exp_index(n) for n in first.names], device=x.device)[chosen]
+
+    @torch.no_grad()
+    def task_routes(self, state: State, frozen: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """One-hot routes ``{layer: [B, K]}`` that send each input to one experience's adapters: in every layer
+        the adapter that experience used there (its own, or the latest older one it reused). The experience is
+        the current one while training, else picked by ``route_experiences``. Forced layers keep their override.
+        """
+        free = {i: p for i, p in self.pools.items() if p.route_override is None and len(p) > 1}
+        if not free:
             return {}
-        created = [exp_index(n) for n in first.names]
+        exps = self.route_experiences(state, frozen)
         routes = {}
         for i, pool in free.items():
             own = [exp_index(n) for n in pool.names]
-            table = torch.tensor([max(k for k, e in enumerate(own) if e <= c) if min(own) <= c else 0 for c in created])
-            routes[i] = F.one_hot(table.to(chosen.device)[chosen], len(pool)).to(x.dtype)
+            lut = [max((k for k, o in enumerate(own) if o <= e), default=0) for e in range(int(exps.max()) + 1)]
+            routes[i] = F.one_hot(torch.tensor(lut, device=exps.device)[exps], len(pool)).float()
         return routes
 
     def features(self, state: State) -> torch.Tensor:
         """What the head sees: the mixture embedding, or ``[frozen, mixture]`` with ``head_features="concat"``."""
-        if not self.concat:
+        if not self.concat and self.task_head is None:
             return self.mixture(state)
-        with adapters_off(self.pools):
-            frozen = self.mixture(state)
-        return torch.cat([frozen, self.mixture(state)], 1)
+        frozen = self.frozen_features(state)
+        mixed = self.mixture(state, frozen)
+        return torch.cat([frozen, mixed], 1) if self.concat else mixed
 
     def scores(self, state: State) -> torch.Tensor:
         return self.head(self.features(state))
@@ -243,6 +282,12 @@ class SEMA(Strategy):
                 break
         self.train(was)
         return {layer: torch.cat(c)[:limit] for layer, c in chunks.items()}
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        key = prefix + "class_experience"
+        if key in state_dict:  # grows with the stream
+            self.class_experience = torch.empty_like(state_dict[key], device=self.class_experience.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_metrics(self) -> dict[str, Any]:
         counts = [p.parameter_counts() for p in self.pools.values()]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cl.agent import Agent
 from cl.callbacks.base import Callback
+from cl.errors import ConfigError
 from cl.run import run
 from scenarios import create_scenario
 from tests.helpers import tiny_config
@@ -60,10 +62,11 @@ def test_old_inputs_keep_their_features_after_an_expansion():
     assert (change < 0.01).float().mean() > 0.7
 
 
-def test_resume_rebuilds_the_expanded_pools(tmp_path):
-    cfg = tiny_config(tmp_path, "sema", **FAST)
+@pytest.mark.parametrize("route_by", ["layer", "head"])
+def test_resume_rebuilds_the_expanded_pools(tmp_path, route_by):
+    cfg = tiny_config(tmp_path, "adapter_per_task", route_by=route_by, **FAST)
     full = run(cfg)
-    cfg2 = tiny_config(tmp_path / "b", "sema", **FAST)
+    cfg2 = tiny_config(tmp_path / "b", "adapter_per_task", route_by=route_by, **FAST)
 
     class Stop(Callback):
         def before_experience(self, agent, exp):
@@ -76,6 +79,7 @@ def test_resume_rebuilds_the_expanded_pools(tmp_path):
         pass
     resumed = run(cfg2, resume=True)
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
+    assert full["adapters_per_layer"] == {"1": 3, "2": 3, "3": 3}
     assert resumed["adapters_per_layer"] == full["adapters_per_layer"]
 
 
@@ -133,18 +137,38 @@ def test_task_routes_follow_the_first_layer_everywhere():
         assert torch.equal(routes[layer].argmax(-1), chosen)  # the same experience in every layer
     assert torch.equal(routes[later[-1]].argmax(-1), torch.tensor([0, 0, 1])[chosen])  # e1 -> reused e0
     assert all(torch.equal(r.sum(-1), torch.ones(len(x))) for r in routes.values())  # one-hot
-    from cl.adapters import routing
+    s._training_exp = 1  # while training experience 1, every layer takes experience 1's adapters
+    with torch.no_grad():
+        training = s.task_routes(state)
+    s._training_exp = None
+    assert bool((training[later[0]].argmax(-1) == 1).all()) and bool((training[later[-1]].argmax(-1) == 0).all())
 
-    with torch.no_grad(), routing(s.pools, {first_layer: torch.tensor([0.0, 1.0, 0.0])}):
-        forced = s.task_routes(state)  # training the first layer's e1 adapter drags the others along
-    assert bool((forced[later[0]].argmax(-1) == 1).all()) and bool((forced[later[-1]].argmax(-1) == 0).all())
+
+def test_head_routes_by_the_experience_of_the_predicted_class():
+    stream = create_scenario("synthetic", n_classes=6, n_experiences=3, train_per_class=16, test_per_class=8)
+    agent = Agent("vit_tiny_test", "adapter_per_task", strategy_params={**FAST, "route_by": "head"},
+                  device="cpu", progress=False)
+    for exp in stream:
+        agent.learn(exp)
+    s = agent.strategy
+    owner = s.class_experience
+    assert sorted(owner.tolist()) == [0, 0, 1, 1, 2, 2] and all(owner[c] == e.id for e in stream for c in e.classes)
+    x = torch.cat([e.test.inputs for e in stream])
+    with torch.no_grad():
+        state = s.backbone.forward_until(s.backbone.prepare(x, "cpu"), s.frozen_depth)
+        expected = owner[s.task_head(s.frozen_features(state)).argmax(-1)]
+        routes = s.task_routes(state)
+    assert len(expected.unique()) == 3
+    assert all(torch.equal(r.argmax(-1), expected) for r in routes.values())
+    domain = create_scenario("rotated_digits", angles=[0, 90], train_per_class=4, test_per_class=2)
+    agent = Agent("vit_tiny_test", "sema", strategy_params={**FAST, "route_by": "head"}, device="cpu",
+                  progress=False)
+    agent.learn(domain[0])
+    with pytest.raises(ConfigError, match="domain-incremental"):
+        agent.learn(domain[1])
 
 
 def test_route_by_needs_the_descriptor_router():
-    import pytest
-
-    from cl.errors import ConfigError
-
     with pytest.raises(ConfigError, match="route_by"):
         Agent("vit_tiny_test", "sema", strategy_params={"route_by": "task", "router": "softmax"}, device="cpu")
     with pytest.raises(ConfigError, match="route_by"):
