@@ -156,8 +156,8 @@ def run(quick: bool = False) -> dict[str, Any]:
             ("clustered 10k", 10_000, "clustered", "auto", None),
             ("clustered 100k", 100_000, "clustered", "auto", [16, 32, 64, 128]),
             ("clustered 100k, index=ivf", 100_000, "clustered", "ivf", None),
-            ("gaussian 100k", 100_000, "gaussian", "auto", [64, 256]),
-            ("clustered 1M", 1_000_000, "clustered", "auto", [16, 32, 64, 128]),
+            ("gaussian 100k", 100_000, "gaussian", "auto", [128, 512]),
+            ("clustered 1M", 1_000_000, "clustered", "auto", [32, 64, 128, 192, 256]),
         ]
     rows = [measure(*case) for case in cases]
     return {

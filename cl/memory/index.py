@@ -12,11 +12,14 @@ HNSW graphs cannot delete nodes: a removed id becomes a tombstone, excluded from
 ``compact_fraction`` of it (amortised, and never on add).
 
 A filtered search (a subset of this kind's ids) is exact when the subset is at most ``exact_threshold``
-ids: their vectors are gathered and searched by brute force, which beats scanning or walking the whole
-index. A larger subset goes through the index with an ``IDSelectorBatch`` (exact for ``flat``, with the
-usual HNSW/IVF recall otherwise). With a GPU (``faiss.get_num_gpus() > 0``), unfiltered searches of flat
-and IVF indexes run on a GPU copy kept in sync on add and rebuilt after a remove; HNSW stays on the CPU
-(FAISS has no GPU HNSW) and anything the GPU cannot do falls back to the CPU.
+ids: their vectors are gathered (once, until the memory changes) and searched by brute force, which
+beats scanning or walking the whole index and keeps HNSW away from very selective filters, where graph
+search degrades. A larger subset goes through the index with an ``IDSelectorBitmap`` (exact for
+``flat``, with the usual HNSW/IVF recall otherwise).
+
+With a GPU (``faiss.get_num_gpus() > 0``), unfiltered searches of flat and IVF indexes run on a GPU copy
+kept in sync on add and rebuilt after a remove; HNSW stays on the CPU (FAISS has no GPU HNSW) and
+anything the GPU cannot do falls back to the CPU.
 """
 
 from __future__ import annotations
@@ -41,10 +44,10 @@ class IndexConfig:
     """How each kind's index is built and searched (``ef_search``/``nprobe`` apply from the next search)."""
 
     index: str = "auto"
-    exact_threshold: int = 20_000  # flat (exact) up to this many vectors of one kind
+    exact_threshold: int = 10_000  # flat (exact) up to this many vectors of one kind
     hnsw_m: int = 32  # HNSW graph degree
     ef_construction: int = 40  # HNSW build beam width
-    ef_search: int = 64  # HNSW search beam width (raised to k when k is larger)
+    ef_search: int = 128  # HNSW search beam width (raised to k when k is larger)
     nlist: int | None = None  # IVF lists; None: 4 sqrt(n) at training time, a power of two
     nprobe: int = 32  # IVF lists visited per query
     compact_fraction: float = 0.25  # rebuild an HNSW graph when this share of it is tombstones
@@ -87,15 +90,22 @@ def _bitmap_selector(ids: np.ndarray) -> tuple[Any, np.ndarray]:
 
 @dataclass
 class Subset:
-    """The ids a filtered search is restricted to, with the FAISS selector built on first use."""
+    """The ids a filtered search is restricted to, with what searching them needs, built on first use:
+    their vectors (small subsets, searched by brute force) or a FAISS selector (large ones)."""
 
     ids: np.ndarray
+    vectors: np.ndarray | None = None
     _selector: tuple[Any, np.ndarray] | None = None
 
     def selector(self) -> Any:
         if self._selector is None:
             self._selector = _bitmap_selector(self.ids)
         return self._selector[0]
+
+    @property
+    def nbytes(self) -> int:
+        extra = self.vectors.nbytes if self.vectors is not None else 0
+        return self.ids.nbytes + extra + (self._selector[1].nbytes if self._selector is not None else 0)
 
 
 class KindIndex:
@@ -242,7 +252,9 @@ class KindIndex:
         if self.index is None or len(self) == 0 or (subset is not None and len(subset.ids) == 0):
             return _empty(nq, k, self.metric)
         if subset is not None and len(subset.ids) <= self.config.exact_threshold:
-            return self._exact_subset(queries, k, subset.ids)
+            if subset.vectors is None:
+                subset.vectors = self.reconstruct(subset.ids)
+            return self._exact_subset(queries, k, subset.ids, subset.vectors)
         if subset is not None:
             sel = subset.selector()
         elif len(self.removed):
@@ -260,9 +272,10 @@ class KindIndex:
         scores, ids = self.index.search(queries, k, params=params)
         return _clean(scores, ids, self.metric)
 
-    def _exact_subset(self, queries: np.ndarray, k: int, subset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _exact_subset(self, queries: np.ndarray, k: int, subset: np.ndarray,
+                      vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         kk = min(k, len(subset))
-        scores, pos = faiss.knn(queries, self.reconstruct(subset), kk, metric=METRICS[self.metric])
+        scores, pos = faiss.knn(queries, vectors, kk, metric=METRICS[self.metric])
         ids = np.where(pos >= 0, subset[np.maximum(pos, 0)], -1)
         if kk < k:
             pad_scores, pad_ids = _empty(len(queries), k - kk, self.metric)

@@ -28,7 +28,8 @@ from cl.memory.persist import FORMAT, FORMAT_VERSION, check_writable, is_memory_
 from cl.memory.store import KINDS, MetadataStore, check_kind, encode_rows, normalize_filters
 
 METADATA_FILE = "metadata.sqlite"
-_SUBSET_CACHE_SIZE = 32
+_SUBSET_CACHE_SIZE = 32  # filtered subsets kept until the next change ...
+_SUBSET_CACHE_BYTES = 256 * 2**20  # ... and at most this much memory (ids, gathered vectors, bitmaps)
 
 
 class Hit(NamedTuple):
@@ -145,10 +146,10 @@ class ExperienceMemory:
         metric: str = "ip",
         index: str = "auto",
         *,
-        exact_threshold: int = 20_000,
+        exact_threshold: int = 10_000,
         hnsw_m: int = 32,
         ef_construction: int = 40,
-        ef_search: int = 64,
+        ef_search: int = 128,
         nlist: int | None = None,
         nprobe: int = 32,
         compact_fraction: float = 0.25,
@@ -263,6 +264,8 @@ class ExperienceMemory:
         kinds = [kd for kd in _kinds_arg(kind) if len(self._indexes[kd])]
         filters = normalize_filters(filters)
         parts = [self._indexes[kd].search(q, k, self._subset(kd, filters) if filters else None) for kd in kinds]
+        if filters:
+            self._trim_subsets()
         if not parts:
             scores, ids = np.full((len(q), k), -np.inf if self.metric == "ip" else np.inf, np.float32), \
                 np.full((len(q), k), -1, np.int64)
@@ -286,6 +289,11 @@ class ExperienceMemory:
                 self._subsets.pop(next(iter(self._subsets)))
             self._subsets[key] = Subset(self._store.ids([kind], filters))
         return self._subsets[key]
+
+    def _trim_subsets(self) -> None:
+        total = sum(s.nbytes for s in self._subsets.values())
+        while total > _SUBSET_CACHE_BYTES and self._subsets:
+            total -= self._subsets.pop(next(iter(self._subsets))).nbytes
 
     def get(self, ids: Any) -> Entries:
         """Vectors and metadata of ``ids``, in the order given; unknown ids raise DataError."""

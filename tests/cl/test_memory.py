@@ -126,6 +126,19 @@ def test_remove_keeps_ids_stable_and_hides_removed(mem_and_data):
         mem.get([3])
 
 
+def test_filtered_results_follow_changes(mem_and_data):
+    mem, x, _, _ = mem_and_data
+    q = x[:2]
+    assert mem.search(q, 3, kind="exemplar", experience=0).ids[0, 0] == 0  # caches the subset and its vectors
+    mem.remove([0])
+    assert 0 not in mem.search(q, 3, kind="exemplar", experience=0).ids
+    new = mem.add(x[:1], {"kind": "exemplar", "experience": 0})
+    assert mem.search(q, 1, kind="exemplar", experience=0).ids[0, 0] == new[0]
+    mem.update(new, experience=1)
+    assert new[0] not in mem.search(q, 3, kind="exemplar", experience=0).ids
+    assert mem.search(q, 1, kind="exemplar", experience=1).ids[0, 0] == new[0]
+
+
 def test_helpers_entries_vectors_update(mem_and_data):
     mem, x, m, ids = mem_and_data
     e = mem.entries("prototype", experience=2)
