@@ -126,11 +126,14 @@ def build_config(
 
 
 def resolve(cfg: RunConfig) -> RunConfig:
-    """Validate each component's params against its registry entry and fill in defaults."""
+    """Validate each component's params against its registry entry and fill in defaults; a scenario's
+    ``seed`` (its class order) defaults to the run seed, so a list of seeds is a list of class orders."""
     out = cfg.model_copy(deep=True)
     for key, reg in _COMPONENTS.items():
         comp: Component = getattr(cfg, key)
         params = reg.validate(comp.name, comp.params)
+        if key == "scenario" and "seed" in params and "seed" not in comp.params:
+            params["seed"] = cfg.seed  # unless set, the class order follows the run seed (seeds = orders)
         setattr(out, key, Component(name=comp.name, **params))
     return out
 

@@ -331,6 +331,8 @@ def group_runs(runs: list[RunData]) -> list[RunGroup]:
     flats: dict[str, dict[str, Any]] = {}
     for r in runs:
         f = {k: v for k, v in flat(r.config).items() if k not in IGNORED_FOR_GROUPING}
+        if f.get("scenario.seed") == r.seed:  # the class order follows the run seed (cl.config.resolve)
+            f.pop("scenario.seed")
         key = json.dumps(f, sort_keys=True, default=str)
         keyed.setdefault(key, []).append(r)
         flats[key] = f

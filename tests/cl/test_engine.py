@@ -68,6 +68,14 @@ def test_run_directory_contract(tmp_path):
     build_config(cfg)
 
 
+def test_scenario_seed_follows_the_run_seed_unless_set():
+    from cl.config import resolve
+
+    assert resolve(build_config({"scenario": {"name": "split_digits"}}, seed=3)).scenario.params["seed"] == 3
+    explicit = build_config({"scenario": {"name": "split_digits", "seed": 1}}, seed=3)
+    assert resolve(explicit).scenario.params["seed"] == 1
+
+
 def test_rerun_from_config_yaml_is_identical(tmp_path):
     first = run(tiny_config(tmp_path, "finetune"))
     cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
