@@ -1,0 +1,237 @@
+"""LAE: learning, accumulation, ensemble (Gao et al., ICCV 2023) over any adapter kind of ``cl.adapters``.
+
+Each adapted block holds one pool with two adapters: ``online`` learns every experience (after the first
+one at ``adapter_lr_scale`` times the learning rate, optionally frozen for ``freeze_epochs`` while the new
+classifier rows settle: the paper's calibrated adaptation speed); ``offline`` is a copy of ``online``
+after the first experience, then follows it by an EMA after every optimiser step (momentum per step).
+Inference runs the two routes and ensembles their class scores: the element-wise max of their softmax
+(``ensemble="softmax"``, the official code) or, per input, the member with the lower free energy
+``-logsumexp(logits)`` (``"energy"``).
+
+Paper and official code: EMA momentum 0.9999 per step, a linear head shared by both members and trained
+with cross-entropy over the current task's classes only, the adapters frozen for the first 3 epochs of
+every later task. Our default momentum is lower (``DEFAULT_MOMENTUM``) because our streams are short;
+``head="lda"`` (or ``ncm``, ``ranpac``) replaces the classifier by one statistics head per member.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cl.adapters import AdapterConfig, AdapterPool, adapters_off, inject, routing
+from cl.adapters.ema import ema_update
+from cl.backbones.base import Backbone, State
+from cl.errors import ConfigError
+from cl.heads import Head, LinearHead, create_head, masked_cross_entropy
+from cl.registry import register_strategy
+from cl.strategy import Strategy
+from scenarios.stream import Experience
+
+MEMBERS = ("online", "offline")
+ENSEMBLES = ("softmax", "energy", "online", "offline")
+#: 282 steps per experience on Split-FashionMNIST (12k images, batch 128, 3 epochs): the offline adapters
+#: take ~25% of each experience's change (0.9999, the paper's value, would leave them at ~3%)
+DEFAULT_MOMENTUM = 0.999
+
+
+def ensemble_scores(scores: Sequence[torch.Tensor], rule: str = "softmax") -> torch.Tensor:
+    """Combine the members' class scores ``[B, C]`` into log-probabilities ``[B, C]``.
+
+    ``softmax``: log of the element-wise max of the members' softmax (LAE); ``energy``: per input, the
+    log-softmax of the member with the lowest free energy ``-logsumexp(scores)``, i.e. the most confident one.
+    """
+    logp = torch.stack([s.log_softmax(-1) for s in scores])  # [M, B, C]
+    if rule == "softmax":
+        return logp.amax(0)
+    if rule == "energy":
+        pick = torch.stack([s.logsumexp(-1) for s in scores]).argmax(0)  # lowest energy = largest logsumexp
+        return logp.gather(0, pick.view(1, -1, 1).expand(1, *logp.shape[1:]))[0]
+    raise ConfigError(f"unknown ensemble rule {rule!r} (available: softmax, energy)")
+
+
+@register_strategy("lae")
+class LAE(Strategy):
+    """Online adapters learn, offline EMA adapters accumulate, a max-softmax/energy ensemble predicts."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        layers: Sequence[int] = (-3, -2, -1),
+        adapter: str = "bottleneck",
+        adapter_dim: int | None = None,
+        momentum: float = DEFAULT_MOMENTUM,
+        adapter_lr_scale: float = 0.1,
+        freeze_epochs: int = 0,
+        ensemble: str = "softmax",
+        head: str = "linear",
+        head_kw: dict[str, Any] | None = None,
+        head_features: str = "adapted",
+        epochs: int = 3,
+        lr: float = 1e-3,
+        batch_size: int = 128,
+        optimizer: str = "adam",
+        weight_decay: float = 0.0,
+        cache_prefix: bool = True,
+    ) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ConfigError(f"momentum must be in [0, 1) (per optimiser step; the paper used 0.9999), got {momentum}")
+        if adapter_lr_scale < 0 or freeze_epochs < 0:
+            raise ConfigError(f"adapter_lr_scale, freeze_epochs must be >= 0, got {adapter_lr_scale}, {freeze_epochs}")
+        if ensemble not in ENSEMBLES:
+            raise ConfigError(f"unknown ensemble {ensemble!r} (available: {', '.join(ENSEMBLES)})")
+        if head_features not in ("adapted", "concat"):
+            raise ConfigError(f"head_features must be 'adapted' or 'concat' (frozen + adapted), got {head_features!r}")
+        if head == "linear" and head_features == "concat":
+            raise ConfigError("head='linear' classifies the adapted features alone; use head_features='adapted'")
+        config = AdapterConfig(kind=adapter, dim=adapter_dim, layers=list(layers), router=None)
+        self.pools: dict[int, AdapterPool] = dict(sorted(inject(backbone, config).items()))
+        super().__init__(
+            backbone, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
+            weight_decay=weight_decay, cache_prefix=cache_prefix,
+        )
+        self.momentum, self.adapter_lr_scale, self.freeze_epochs = momentum, adapter_lr_scale, freeze_epochs
+        self.rule, self.concat = ensemble, head_features == "concat"
+        self.train_head = LinearHead(backbone.embed_dim)  # masked-CE classifier; the paper's head
+        self.heads: nn.ModuleDict | None = None  # statistics heads, one per member
+        if head != "linear":
+            dim = backbone.embed_dim * (2 if self.concat else 1)
+            self.heads = nn.ModuleDict({m: create_head(head, dim, **(head_kw or {})) for m in MEMBERS})
+        self.register_buffer("experiences_done", torch.zeros((), dtype=torch.long))
+        self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
+        for pool in self.pools.values():  # a bare backbone forward takes the online adapters
+            pool.route_override = torch.tensor([1.0, 0.0])
+
+    @property
+    def frozen_depth(self) -> int:
+        return min(self.pools)
+
+    @property
+    def accumulating(self) -> bool:
+        """Whether the offline adapters exist as a copy and follow the online ones (after the first experience)."""
+        return bool(self.experiences_done > 0)
+
+    # ---- hooks ------------------------------------------------------------------------------
+    def before_experience(self, exp: Experience) -> None:
+        super().before_experience(exp)
+        for pool in self.pools.values():  # created here so that experience 0 counts their parameters
+            if not len(pool):
+                pool.add("online")
+                pool.add("offline")
+                pool.freeze("offline")  # never trained: it only follows ``online``
+        self.train_head.add_classes(exp.classes)
+        if self.heads is not None:
+            for h in self.heads.values():
+                h.add_classes(exp.classes)
+
+    def configure_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """Head at ``lr``; online adapters at ``lr * adapter_lr_scale`` after the first experience (0 for the
+        first ``freeze_epochs``); after every step the offline adapters take their EMA step."""
+        online = {id(p) for p in self.member_modules("online").parameters()}
+        adapters = [p for p in params if id(p) in online]
+        groups = [{"params": [p for p in params if id(p) not in online]}, {"params": adapters}]
+        if self.accumulating:
+            groups[1]["lr"] = self.lr * self.adapter_lr_scale
+        opt = super().configure_optimizer([g for g in groups if g["params"]])
+        if not self.accumulating:
+            return opt
+        sched = None
+        if self.freeze_epochs and adapters:  # calibrated speed: the new head rows first, the adapters after
+            frozen = self.freeze_epochs * math.ceil(len(self.experience.train) / self.batch_size)
+            rules = [lambda s: 1.0] * (len(opt.param_groups) - 1) + [lambda s: float(s >= frozen)]
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, rules)
+
+        def after_step(*_: Any) -> None:
+            self.accumulate()
+            if sched is not None:
+                sched.step()
+
+        opt.register_step_post_hook(after_step)
+        return opt
+
+    def accumulate(self) -> None:
+        """One EMA step of the offline adapters towards the online ones."""
+        ema_update(self.member_modules("offline"), self.member_modules("online"), self.momentum)
+        self.ema_steps += 1
+
+    def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
+        return masked_cross_entropy(self.train_head(self.embed(state, "online")), y, self.experience.classes)
+
+    @torch.no_grad()
+    def after_experience(self, exp: Experience) -> None:
+        if not self.accumulating:  # the offline adapters start as what the first experience taught
+            ema_update(self.member_modules("offline"), self.member_modules("online"), 0.0)
+        self.experiences_done += 1
+        self.emit("accumulate", experience=exp.id, ema_steps=int(self.ema_steps), momentum=self.momentum,
+                  lag=self.offline_lag())
+        if self.heads is None:
+            return
+        for state, y in self.iterate_states(exp.train, self.ctx.eval_batch_size, desc=f"exp {exp.id} head"):
+            frozen = self.embed(state, None) if self.concat else None
+            for m in MEMBERS:
+                self.heads[m].update(self.member_features(state, m, frozen), y.to(self.ctx.device))
+
+    # ---- inference --------------------------------------------------------------------------
+    def embed(self, state: State, member: str | None) -> torch.Tensor:
+        """Backbone embedding through the ``member``'s adapters (``None``: the frozen backbone)."""
+        with self.route(member):
+            return self.backbone.forward_from(state, self.frozen_depth)
+
+    def member_features(self, state: State, member: str, frozen: torch.Tensor | None = None) -> torch.Tensor:
+        """What the member's head sees: its embedding, or ``[frozen, embedding]`` with ``head_features="concat"``."""
+        z = self.embed(state, member)
+        if not self.concat:
+            return z
+        return torch.cat([self.embed(state, None) if frozen is None else frozen, z], 1)
+
+    def member_scores(self, state: State, members: Sequence[str] = MEMBERS) -> dict[str, torch.Tensor]:
+        """Class scores ``[B, C]`` of each member (its head over its features)."""
+        frozen = self.embed(state, None) if self.concat else None
+        return {m: self.head_of(m)(self.member_features(state, m, frozen)) for m in members}
+
+    def features(self, state: State) -> torch.Tensor:
+        """The offline member's head features (the stable one)."""
+        return self.member_features(state, "offline")
+
+    def scores(self, state: State) -> torch.Tensor:
+        if self.rule in MEMBERS:
+            return self.member_scores(state, [self.rule])[self.rule]
+        return ensemble_scores(list(self.member_scores(state).values()), self.rule)
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def head_of(self, member: str) -> Head:
+        return self.train_head if self.heads is None else self.heads[member]
+
+    def route(self, member: str | None) -> AbstractContextManager[None]:
+        """Context in which every adapted block runs only the ``member``'s adapter (``None``: none)."""
+        if member is None:
+            return adapters_off(self.pools)
+        k = MEMBERS.index(member)
+        return routing(self.pools, {
+            i: F.one_hot(torch.tensor(k, device=p._anchor.device), len(MEMBERS)).float()
+            for i, p in self.pools.items() if len(p)
+        })
+
+    def member_modules(self, member: str) -> nn.ModuleList:
+        """The ``member``'s adapters of every adapted block, in block order (a view, not registered)."""
+        return nn.ModuleList([p.adapters[member] for p in self.pools.values() if member in p.adapters])
+
+    @torch.no_grad()
+    def offline_lag(self) -> float:
+        """``||online - offline|| / ||online||`` over all adapter weights: how far the offline copy trails."""
+        on = [p.flatten() for p in self.member_modules("online").parameters()]
+        if not on:
+            return 0.0
+        on, off = torch.cat(on), torch.cat([p.flatten() for p in self.member_modules("offline").parameters()])
+        return float((on - off).norm() / on.norm().clamp_min(1e-12))
+
+    def extra_metrics(self) -> dict[str, Any]:
+        counts = [p.parameter_counts()["adapters"] for p in self.pools.values()]
+        return {"ema_steps": int(self.ema_steps), "offline_lag": self.offline_lag(), "params_adapters": sum(counts)}
