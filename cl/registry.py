@@ -89,6 +89,8 @@ class Registry:
                 ann = Any if p.annotation is inspect.Parameter.empty else p.annotation
                 default = ... if p.default is inspect.Parameter.empty else p.default
                 fields[p.name] = (ann, default)
+            if inspect.isclass(fn) and any(p.kind == p.VAR_KEYWORD for p in params):
+                fields.update({k: v for k, v in inherited_params(fn).items() if k not in fields})
             self._models[name] = pydantic.create_model(
                 f"{self.kind}_{name}_params",
                 __config__=pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True),
@@ -107,6 +109,24 @@ class Registry:
     def create(self, name: str, *args: Any, **params: Any) -> Any:
         """Validate ``params`` and call the entry for ``name``."""
         return self.get(name)(*args, **self.validate(name, params))
+
+
+def inherited_params(cls: type) -> dict[str, tuple[Any, Any]]:
+    """Keyword parameters a class forwards with ``**kwargs`` to its bases' ``__init__`` (nearest base first),
+    as ``{name: (annotation, default)}``; a class's ``param_defaults`` dict overrides the bases' defaults."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for base in cls.__mro__[1:]:
+        if "__init__" not in vars(base) or base is object:
+            continue
+        sig = inspect.signature(base.__init__, eval_str=True)
+        for p in sig.parameters.values():
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is not p.empty and p.name not in out:
+                ann = Any if p.annotation is p.empty else p.annotation
+                out[p.name] = (ann, p.default)
+        if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+            break
+    defaults = getattr(cls, "param_defaults", {})
+    return {k: (ann, defaults.get(k, d)) for k, (ann, d) in out.items()}
 
 
 def format_validation_error(

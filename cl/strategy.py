@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
+from cl.adapters import adapters_off, pools
 from cl.backbones.base import Backbone, State
 from cl.cache import CachedStates, PrefixCache
 from cl.data import iterate_batches
@@ -28,13 +31,14 @@ from scenarios.stream import Experience
 
 @dataclass
 class Context:
-    """What the engine lends a strategy: device, callbacks, progress, seeding, cache, rank."""
+    """What the engine lends a strategy: device, callbacks, progress, seeding, cache, memory, rank."""
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     callbacks: Any = None  # cl.callbacks.CallbackList
     agent: Any = None
     progress: Any = None  # cl.progress.Progress
     cache: PrefixCache | None = field(default_factory=PrefixCache)
+    memory: Any = None  # cl.memory.ExperienceMemory of the agent (None for a strategy used without one)
     seed: int = 0
     rank: int = 0
     world_size: int = 1
@@ -57,6 +61,10 @@ class Strategy(nn.Module):
         weight_decay: optimiser weight decay.
         cache_prefix: reuse outputs of frozen blocks across epochs and experiences.
     """
+
+    #: a subclass's own defaults for the training parameters below (the registry shows them; subclasses that
+    #: take ``**kw`` pass ``{**self.param_defaults, **kw}`` on to this ``__init__``)
+    param_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(
         self,
@@ -81,6 +89,9 @@ class Strategy(nn.Module):
         # Backbone entries that construction restores (pretrained weights): left out of checkpoints
         # until something trains them.
         self._pristine = {f"backbone.{k}" for k in backbone.state_dict() if not k.endswith("_extra_state")}
+        # Pretrained values of the backbone entries that training or a checkpoint changed: ``embed`` runs on them.
+        self._pretrained: dict[str, torch.Tensor] = {}
+        self._embedded: tuple[Dataset, torch.Tensor, torch.Tensor] | None = None  # the last ``embeddings``
 
     # ---- structure --------------------------------------------------------------------------
     @property
@@ -108,6 +119,7 @@ class Strategy(nn.Module):
     def before_experience(self, exp: Experience) -> None:
         """Called before training on ``exp`` (expand, add classes, reset optimiser state)."""
         self.experience = exp
+        self._embedded = None
         new = torch.tensor([c for c in exp.classes if c not in set(self.seen_classes.tolist())])
         self.seen_classes = torch.cat([self.seen_classes, new.to(self.seen_classes)])
 
@@ -117,7 +129,7 @@ class Strategy(nn.Module):
         if not params or self.epochs == 0:
             return
         opt = self.configure_optimizer(params)
-        self._pristine -= {n for n, p in self.named_parameters() if p.requires_grad}
+        self.keep_pretrained({n for n, p in self.named_parameters() if p.requires_grad})
         cb = self.ctx.callbacks
         for epoch in range(self.epochs):
             if cb is not None:
@@ -160,6 +172,63 @@ class Strategy(nn.Module):
     def features(self, state: State) -> torch.Tensor:
         """Embedding of prefix states (runs the unfrozen suffix of the backbone)."""
         return self.backbone.forward_from(state, self.frozen_depth)
+
+    # ---- the memory's embedding --------------------------------------------------------------
+    def keep_pretrained(self, names: set[str]) -> None:
+        """Record that the entries ``names`` of the state dict are about to change (training, a merge into the
+        weights, a checkpoint): checkpoints keep them, and ``embed`` keeps running on their pretrained values."""
+        if names & self._pristine:
+            entries = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+            for n in names & self._pristine:
+                if n in entries:
+                    self._pretrained[n] = entries[n].detach().clone()
+            self._pristine -= names
+
+    @contextmanager
+    def pretrained(self) -> Iterator[None]:
+        """Run the backbone as constructed: adapters off, trained entries swapped back to their pretrained values."""
+        entries = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        swapped: dict[str, torch.Tensor] = {}
+        try:
+            for name, value in self._pretrained.items():
+                t = entries[name]
+                swapped[name] = t.data
+                t.data = value.to(t.device, t.dtype)
+            with adapters_off(pools(self.backbone)):
+                yield
+        finally:
+            for name, data in swapped.items():
+                entries[name].data = data
+
+    @torch.no_grad()
+    def embed(self, state: State) -> torch.Tensor:
+        """The memory's embedding ``[B, embed_dim]`` of prefix states: the pretrained backbone's, L2-normalised.
+
+        Frozen by construction, so vectors written to the experience memory at different experiences (task
+        summaries, prototypes, exemplars) stay comparable whatever the strategy trained since.
+        """
+        with self.pretrained():
+            return F.normalize(self.backbone.forward_from(state, self.frozen_depth).float(), dim=1)
+
+    @torch.no_grad()
+    def embeddings(self, dataset: Dataset, desc: str = "embeddings") -> tuple[torch.Tensor, torch.Tensor]:
+        """``embed`` of every item of ``dataset`` ``[N, D]`` (CPU, in order) and its targets ``[N]``.
+
+        The last dataset's are kept until the next experience, so the replay buffer and the journal share one pass.
+        """
+        if self._embedded is not None and self._embedded[0] is dataset:
+            return self._embedded[1], self._embedded[2]
+        was = self.training
+        self.eval()
+        z, y = [], []
+        for state, target in self.iterate_states(dataset, self.ctx.eval_batch_size, desc=desc):
+            z.append(self.embed(state).cpu())
+            y.append(target.cpu())
+        self.train(was)
+        dim = self.backbone.embed_dim
+        out = (torch.cat(z) if z else torch.zeros(0, dim), torch.cat(y) if y else torch.zeros(0, dtype=torch.long))
+        self._embedded = (dataset, *out)
+        return out
 
     def configure_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         name = self.optimizer_name.lower()
@@ -231,13 +300,13 @@ class Strategy(nn.Module):
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load a ``checkpoint_state``; growing modules resize themselves from it."""
+        self.keep_pretrained(set(state))
         missing, unexpected = self.load_state_dict(state, strict=False)
         bad = [k for k in missing if k not in self._pristine]
         if bad or unexpected:
             raise CheckpointError(
                 f"checkpoint does not fit this strategy: missing {bad[:5]}, unexpected {list(unexpected)[:5]}"
             )
-        self._pristine = {k for k in self._pristine if k not in state}
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         key = prefix + "seen_classes"

@@ -5,7 +5,7 @@ concatenation of frozen and adapted features, so later experiences need no train
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -21,6 +21,8 @@ from scenarios.stream import Experience
 class APER(Strategy):
     """First-experience adapters + prototypes (``head``: ncm, lda, ranpac) over [frozen, adapted] features."""
 
+    param_defaults: ClassVar[dict[str, Any]] = {"epochs": 3, "batch_size": 128}
+
     def __init__(
         self,
         backbone: Backbone,
@@ -30,19 +32,12 @@ class APER(Strategy):
         adapter_dim: int | None = None,
         head: str = "ncm",
         head_kw: dict[str, Any] | None = None,
-        epochs: int = 3,
-        lr: float = 1e-3,
-        batch_size: int = 128,
-        optimizer: str = "adam",
-        weight_decay: float = 0.0,
-        cache_prefix: bool = True,
+        **kw: Any,
     ) -> None:
+        """``kw``: the training parameters of ``Strategy`` (defaults: ``param_defaults``)."""
         config = AdapterConfig(kind=adapter, dim=adapter_dim, layers=list(layers), router=None)
         self.pools: dict[int, AdapterPool] = dict(sorted(inject(backbone, config).items()))
-        super().__init__(
-            backbone, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
-            weight_decay=weight_decay, cache_prefix=cache_prefix,
-        )
+        super().__init__(backbone, **{**self.param_defaults, **kw})
         self.train_head = LinearHead(backbone.embed_dim)
         self.head = create_head(head, 2 * backbone.embed_dim, **(head_kw or {}))
 

@@ -5,6 +5,8 @@ The lower bound of a stream: nothing protects old classes, so it shows forgettin
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -25,17 +27,10 @@ class Finetune(Strategy):
         backbone: Backbone,
         *,
         train_blocks: int = 2,
-        epochs: int = 1,
-        lr: float = 1e-3,
-        batch_size: int = 64,
-        optimizer: str = "adam",
-        weight_decay: float = 0.0,
-        cache_prefix: bool = True,
+        **kw: Any,
     ) -> None:
-        super().__init__(
-            backbone, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
-            weight_decay=weight_decay, cache_prefix=cache_prefix,
-        )
+        """``kw``: the training parameters of ``Strategy`` (epochs, lr, batch_size, optimizer, ...)."""
+        super().__init__(backbone, **kw)
         if not 0 <= train_blocks <= backbone.num_blocks:
             raise ConfigError(f"train_blocks must be in 0..{backbone.num_blocks}, got {train_blocks}")
         self.train_blocks = train_blocks

@@ -15,7 +15,7 @@ paper's masked-CE linear classifier.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ class SEMA(Strategy):
     """Self-expanding adapters: descriptors detect shifts, a pool per layer grows only when needed."""
 
     always_expand = False  # True: a new adapter in every layer for every experience (no shift test)
+    param_defaults: ClassVar[dict[str, Any]] = {"epochs": 3, "batch_size": 128}
 
     def __init__(
         self,
@@ -57,13 +58,9 @@ class SEMA(Strategy):
         descriptor_lr: float = 1e-2,
         scan_samples: int = 1024,
         rescan: bool = True,
-        epochs: int = 3,
-        lr: float = 1e-3,
-        batch_size: int = 128,
-        optimizer: str = "adam",
-        weight_decay: float = 0.0,
-        cache_prefix: bool = True,
+        **kw: Any,
     ) -> None:
+        """``kw``: the training parameters of ``Strategy`` for the adapters (defaults: ``param_defaults``)."""
         if router_kw is None:  # hard descriptor routes keep old inputs on exactly their old adapters
             router_kw = {"hard": True} if router == "descriptor" else {}
         config = AdapterConfig(
@@ -71,10 +68,7 @@ class SEMA(Strategy):
             descriptor_hidden=descriptor_hidden,
         )
         self.pools: dict[int, AdapterPool] = dict(sorted(inject(backbone, config).items()))
-        super().__init__(
-            backbone, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
-            weight_decay=weight_decay, cache_prefix=cache_prefix,
-        )
+        super().__init__(backbone, **{**self.param_defaults, **kw})
         self.router_name, self.head_name = router, head
         self.detector = ShiftDetector(tau)
         self.buffer_size, self.descriptor_epochs, self.descriptor_lr = buffer_size, descriptor_epochs, descriptor_lr
