@@ -111,11 +111,10 @@ class Subset:
 class KindIndex:
     """Vectors of one kind with the memory's ids; see the module docstring for the policy."""
 
-    def __init__(self, dim: int, metric: str, config: IndexConfig, gpu: bool = False,
-                 index: faiss.Index | None = None, removed: np.ndarray | None = None) -> None:
+    def __init__(self, dim: int, metric: str, config: IndexConfig, gpu: bool = False) -> None:
         self.dim, self.metric, self.config, self.gpu = dim, metric, config, gpu
-        self.index = index
-        self.removed = removed if removed is not None else np.empty(0, np.int64)  # HNSW tombstones, sorted
+        self.index: Any = None  # None while the kind is empty
+        self.removed = np.empty(0, np.int64)  # HNSW tombstones, sorted
         self._not_removed: Any = None  # cached IDSelectorNot over the tombstones
         self._mirror: Any = None  # GPU copy: (gpu index, position -> id map or None for IVF)
         self._structure: tuple[Any, str] = (None, "flat")  # (index it describes, its structure)
@@ -144,8 +143,16 @@ class KindIndex:
             return np.empty(0, np.int64)
         return faiss.vector_to_array(self.index.id_map).astype(np.int64, copy=False)
 
-    def _hnsw(self) -> Any:
-        return faiss.downcast_index(self.index.index)
+    def attach(self, index: Any, live_ids: np.ndarray) -> bool:
+        """Use a loaded ``index`` whose live entries are ``live_ids`` (sorted); HNSW ids missing from it
+        become tombstones again. False when the index and the ids disagree."""
+        self.index, self._not_removed, self._mirror = index, None, None
+        if self.structure == "ivf":
+            self.removed = np.empty(0, np.int64)
+            return self.ntotal == len(live_ids)
+        stored = self.stored_ids()
+        self.removed = np.setdiff1d(stored, live_ids)
+        return bool(np.isin(live_ids, stored).all()) and (self.structure == "hnsw" or not len(self.removed))
 
     # -- building ---------------------------------------------------------------------------------
 

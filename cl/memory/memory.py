@@ -341,9 +341,8 @@ class ExperienceMemory:
 
         A crash at any moment leaves the previous save loadable; see ``cl.memory.persist``.
         """
-        if path is not None:
-            self.path = Path(path)
-        if self.path is None:
+        target = Path(path) if path is not None else self.path
+        if target is None:
             raise ConfigError("this memory has no path: pass path= to ExperienceMemory(...) or to save(path)")
         kinds = {}
         for kind, ix in self._indexes.items():
@@ -371,8 +370,9 @@ class ExperienceMemory:
             "entries": len(self),
             "kinds": kinds,
         }
-        write_generation(self.path, write_files, manifest)
-        return self.path
+        write_generation(target, write_files, manifest)
+        self.path = target
+        return target
 
     @classmethod
     def load(cls, path: str | Path, *, gpu: bool | None = None, verify: bool = True) -> ExperienceMemory:
@@ -383,8 +383,7 @@ class ExperienceMemory:
         root = Path(path)
         gen, manifest = read_generation(root, verify=verify)
         try:
-            mem = cls(manifest["dim"], None, manifest["metric"], gpu=gpu, **{
-                k: v for k, v in manifest["config"].items()})
+            mem = cls(manifest["dim"], None, manifest["metric"], gpu=gpu, **manifest["config"])
             next_id = int(manifest["next_id"])
             kinds = manifest["kinds"]
         except (KeyError, TypeError, ValueError) as e:
@@ -403,14 +402,8 @@ class ExperienceMemory:
                 raise CheckpointError(f"experience memory {root}: {info['file']} has dimension {index.d}, "
                                       f"the manifest says {mem.dim}; it is corrupted")
             ix = mem._indexes[kind]
-            ix.index = index
             stored_ids = mem._store.ids([kind])
-            if ix.structure == "ivf":
-                consistent = ix.ntotal == len(stored_ids)
-            else:
-                in_index = ix.stored_ids()
-                ix.removed = np.setdiff1d(in_index, stored_ids)
-                consistent = np.isin(stored_ids, in_index).all() and (not len(ix.removed) or ix.structure == "hnsw")
+            consistent = ix.attach(index, stored_ids)
             if not consistent or len(ix) != info.get("count") or (len(stored_ids) and stored_ids[-1] >= next_id):
                 raise CheckpointError(f"experience memory {root} is inconsistent: the {kind} index holds "
                                       f"{len(ix)} entries, its metadata {len(stored_ids)}; it is corrupted")
