@@ -27,8 +27,9 @@ def _run(args: argparse.Namespace) -> int:
     data = read_yaml(args.config) if args.config else {}
     components = {"strategy": args.strategy, "scenario": args.scenario, "backbone": args.backbone}
     loggers = args.logger.split(",") if args.logger else None
+    imports = [*data.get("imports", []), *args.imports] if args.imports else None
     cfg = build_config(data, args.set, components, seed=args.seed, out=args.out, loggers=loggers,
-                       device=args.device)
+                       device=args.device, imports=imports)
     run(cfg, overwrite=args.overwrite, report=args.report)
     return 0
 
@@ -80,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     r.add_argument("--out", help="run directory (default runs/<scenario>-<strategy>-<backbone>-seed<N>)")
     r.add_argument("--logger", help="comma-separated loggers (default: console)")
+    r.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
+                   help="import code that registers a strategy/scenario/backbone first, e.g. "
+                        "examples/custom_strategy.py (repeatable; recorded in config.yaml)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set strategy.lr=0.01 (repeatable)")
     r.add_argument("--resume", metavar="RUN", help="continue the run in directory RUN")

@@ -15,6 +15,7 @@ import pydantic
 import yaml
 
 from cl.errors import ConfigError
+from cl.plugins import import_plugins
 from cl.registry import BACKBONES, SCENARIOS, STRATEGIES, Registry, format_validation_error
 
 
@@ -49,6 +50,7 @@ class RunConfig(pydantic.BaseModel):
     progress: bool = True
     cache_max_gb: float = 8.0
     loggers: list[str] = ["console"]
+    imports: list[str] = []  # modules or .py files that register entries (cl.plugins), imported first
     scenario: Component = Component(name="split_fmnist")
     backbone: Component = Component(name="efficientnet_lite0")
     strategy: Component = Component(name="simplecil")
@@ -128,6 +130,7 @@ def build_config(
 def resolve(cfg: RunConfig) -> RunConfig:
     """Validate each component's params against its registry entry and fill in defaults; a scenario's
     ``seed`` (its class order) defaults to the run seed, so a list of seeds is a list of class orders."""
+    import_plugins(cfg.imports)
     out = cfg.model_copy(deep=True)
     for key, reg in _COMPONENTS.items():
         comp: Component = getattr(cfg, key)

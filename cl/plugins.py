@@ -1,0 +1,48 @@
+"""User code that registers strategies, scenarios or backbones: imported by module name or file path.
+
+``cl run --import my_pkg.methods`` or ``--import path/to/my_strategy.py`` (also ``imports:`` in a config,
+so ``RUN/config.yaml`` repeats the run) imports the code before names are looked up in the registries.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from types import ModuleType
+
+from cl.errors import ConfigError
+
+_FILES: dict[Path, ModuleType] = {}
+
+
+def import_plugin(spec: str) -> ModuleType:
+    """Import a module by dotted name, or a ``.py`` file by path (once per resolved path)."""
+    if spec.endswith(".py") or "/" in spec:
+        path = Path(spec).expanduser().resolve()
+        if path in _FILES:
+            return _FILES[path]
+        if not path.is_file():
+            raise ConfigError(f"--import {spec}: no such file (give a .py file or an importable module name)")
+        name = f"clagent_plugin_{path.stem}_{len(_FILES)}"
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:
+            del sys.modules[name]
+            raise ConfigError(f"--import {spec} failed: {type(e).__name__}: {e}") from e
+        _FILES[path] = module
+        return module
+    try:
+        return importlib.import_module(spec)
+    except ImportError as e:
+        raise ConfigError(f"--import {spec}: {e} (give an importable module name or a .py file)") from e
+
+
+def import_plugins(specs: Iterable[str]) -> list[ModuleType]:
+    """Import every plugin in order."""
+    return [import_plugin(s) for s in specs]
