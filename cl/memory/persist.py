@@ -11,7 +11,8 @@ it to ``gen-N``, then swaps ``CURRENT`` (write ``CURRENT.tmp``, fsync, ``os.repl
 Windows) and only then deletes older generations. A crash at any point leaves ``CURRENT`` naming a
 complete generation, so the previous memory stays loadable with every entry it had; leftovers of an
 interrupted save are removed by the next one. Directories are swapped through a pointer file because
-no portable rename replaces a non-empty directory.
+no portable rename replaces a non-empty directory. One process writes a memory at a time (in a
+distributed run, rank 0); a reader racing a writer may find its generation deleted and should retry.
 """
 
 from __future__ import annotations
