@@ -1,0 +1,245 @@
+"""MOS: model surgery — adapter merging and self-refined retrieval (Sun et al., AAAI 2025), on ``cl`` parts.
+
+Per task: a new adapter set on the last blocks is trained alone (masked cross-entropy), then **merged once**
+with the earlier ones, ``new <- (1 - m) new + m mean(earlier)`` (``cl.adapters.merge``), and kept as that
+task's adapter; nothing is re-merged in a forward. Class statistics come from each class's own task
+adapter (the adapted model's head) and from the frozen features (the original model's head).
+
+Inference, per batch of prefix states (the prefix is computed once and shared by every pass):
+1. frozen suffix -> original head -> the task of its best class: the likely task;
+2. that task's adapter (hard routes: each adapter runs only on its own inputs) -> adapted head;
+3. self-refinement: where the adapted prediction belongs to another task, run that task's adapter on just
+   those inputs (``refine_steps`` times at most, never a task already tried for the input);
+4. two-stage ensemble: ``softmax(adapted) + ensemble_weight * softmax(original)``.
+The public code runs all T task adapters plus the original model, T + 1 full passes per image; here it is
+one prefix and 2 + (refined share) suffix passes, reported as ``backbone_passes_per_image``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cl.adapters import AdapterConfig, AdapterPool, adapters_off, inject, routing
+from cl.adapters.merge import merge_pools
+from cl.backbones.base import Backbone, State
+from cl.errors import ConfigError
+from cl.heads import Head, LinearHead, create_head, masked_cross_entropy
+from cl.registry import register_strategy
+from cl.routing.keys import RouteLog, experience_of
+from cl.strategy import Strategy
+from scenarios.stream import Experience
+
+
+@register_strategy("mos")
+class MOS(Strategy):
+    """An adapter set per task merged once at its end; self-refined task retrieval; ensemble with the frozen model."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        layers: Sequence[int] = (-3, -2, -1),
+        adapter: str = "bottleneck",
+        adapter_dim: int | None = None,
+        merge_momentum: float = 0.1,
+        refine_steps: int = 1,
+        ensemble_weight: float = 1.0,
+        head: str = "lda",
+        head_kw: dict[str, Any] | None = None,
+        epochs: int = 3,
+        lr: float = 1e-3,
+        batch_size: int = 128,
+        optimizer: str = "adam",
+        weight_decay: float = 0.0,
+        cache_prefix: bool = True,
+    ) -> None:
+        if not 0.0 <= merge_momentum <= 1.0:
+            raise ConfigError(f"mos: merge_momentum must be in [0, 1] (0: no merging), got {merge_momentum}")
+        if refine_steps < 0 or ensemble_weight < 0:
+            raise ConfigError(f"mos: refine_steps and ensemble_weight must be >= 0, got {refine_steps}, "
+                              f"{ensemble_weight}")
+        config = AdapterConfig(kind=adapter, dim=adapter_dim, layers=list(layers), router=None)
+        self.pools: dict[int, AdapterPool] = dict(sorted(inject(backbone, config).items()))
+        super().__init__(
+            backbone, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
+            weight_decay=weight_decay, cache_prefix=cache_prefix,
+        )
+        self.merge_momentum, self.refine_steps, self.ensemble_weight = merge_momentum, refine_steps, ensemble_weight
+        d = backbone.embed_dim
+        self.train_head = LinearHead(d)
+        self.frozen_head: Head = create_head(head, d, **(head_kw or {}))  # the original model's prototypes
+        self.head: Head = create_head(head, d, **(head_kw or {}))  # each class through its own task's adapter
+        self.register_buffer("class_experience", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("merges", torch.zeros((), dtype=torch.long))
+        self.passes: list[list[int]] = []  # per experience: [images scored, suffix passes run for them]
+        self.log = RouteLog()
+
+    @property
+    def frozen_depth(self) -> int:
+        return min(self.pools)
+
+    @property
+    def names(self) -> list[str]:
+        return next(iter(self.pools.values())).names
+
+    # ---- hooks ------------------------------------------------------------------------------
+    def before_experience(self, exp: Experience) -> None:
+        super().before_experience(exp)
+        for h in (self.train_head, self.frozen_head, self.head):
+            h.add_classes(exp.classes)
+        need = max(exp.classes) + 1
+        if need > len(self.class_experience):
+            grown = self.class_experience.new_full((need,), -1)
+            grown[: len(self.class_experience)] = self.class_experience
+            self.class_experience = grown
+        taken = [c for c in exp.classes if int(self.class_experience[c]) not in (-1, exp.id)]
+        if taken:
+            raise ConfigError(f"mos retrieves the task of a predicted class, but classes {taken} of experience "
+                              f"{exp.id} were in an earlier one (a domain-incremental stream? use key_retrieval)")
+        self.class_experience[list(exp.classes)] = exp.id
+        for pool in self.pools.values():
+            pool.add(f"e{exp.id}")
+        self.passes.append([0, 0])
+
+    def fit(self, exp: Experience) -> None:
+        """Train this task's adapters alone (every input routed to them), then freeze them."""
+        name = f"e{exp.id}"
+        with routing(self.pools, self._routes(torch.full((1,), exp.id, device=self.ctx.device))):
+            super().fit(exp)
+        for pool in self.pools.values():
+            pool.freeze(name)
+
+    def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
+        z = self.backbone.forward_from(state, self.frozen_depth)
+        return masked_cross_entropy(self.train_head(z), y, self.experience.classes)
+
+    @torch.no_grad()
+    def after_experience(self, exp: Experience) -> None:
+        """Merge the new adapters once, then class statistics of the frozen and the (merged) adapted features."""
+        name = f"e{exp.id}"
+        earlier = [n for n in self.names if n != name]
+        layers = merge_pools(self.pools, name, earlier, self.merge_momentum)
+        if layers:
+            self.merges += 1
+            self.emit("merge", experience=exp.id, adapter=name, earlier=earlier, momentum=self.merge_momentum,
+                      layers=layers)
+        for state, y in self.iterate_states(exp.train, self.ctx.eval_batch_size, desc=f"exp {exp.id} prototypes"):
+            y = y.to(self.ctx.device)
+            self.frozen_head.update(self.frozen_features(state), y)
+            self.head.update(self.adapted_features(state, torch.full_like(y, exp.id)), y)
+
+    # ---- inference ----------------------------------------------------------------------------
+    def frozen_features(self, state: State) -> torch.Tensor:
+        with adapters_off(self.pools):
+            return self.backbone.forward_from(state, self.frozen_depth)
+
+    def _index(self, tasks: torch.Tensor) -> torch.Tensor:
+        """The adapter index (position in the pools) of each experience id in ``tasks``."""
+        owner = [int(n[1:]) for n in self.names]
+        lut = torch.full((max(max(owner), int(tasks.max())) + 1,), -1, dtype=torch.long)
+        lut[owner] = torch.arange(len(owner))
+        idx = lut.to(tasks.device)[tasks]
+        if bool((idx < 0).any()):
+            raise ConfigError(f"mos: no adapter for experiences {sorted(set(tasks[idx < 0].tolist()))}")
+        return idx
+
+    def _routes(self, tasks: torch.Tensor) -> dict[int, torch.Tensor]:
+        """One-hot routes ``{layer: [B, K]}`` to each input's task adapter (``tasks``: experience ids)."""
+        return dict.fromkeys(self.pools, F.one_hot(self._index(tasks), len(self.names)).float())
+
+    def adapted_features(self, state: State, tasks: torch.Tensor) -> torch.Tensor:
+        """Embedding of each input through its task's (merged) adapters."""
+        with routing(self.pools, self._routes(tasks)):
+            return self.backbone.forward_from(state, self.frozen_depth)
+
+    def features(self, state: State) -> torch.Tensor:
+        """The adapted embedding after self-refined retrieval (what the adapted head scores)."""
+        return self._retrieve(state)[1]
+
+    @torch.no_grad()
+    def _retrieve(self, state: State) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, int]]:
+        """(original scores, adapted features, adapted scores, final task, counts) of a batch of prefix states."""
+        frozen = self.frozen_features(state)
+        original = self.frozen_head(frozen)
+        tasks = self.class_experience[original.argmax(-1)]  # 1. the likely task
+        first = tasks.clone()
+        feats = self.adapted_features(state, tasks)  # 2. its adapter
+        adapted = self.head(feats)
+        b = len(tasks)
+        tried = F.one_hot(tasks, int(self.class_experience.max()) + 1).bool()
+        suffix = 2 * b
+        for _ in range(self.refine_steps):  # 3. self-refinement, only where the adapter points elsewhere
+            proposed = self.class_experience[adapted.argmax(-1)]
+            redo = ((proposed != tasks) & ~tried.gather(1, proposed[:, None]).squeeze(1)).nonzero().squeeze(1)
+            if not len(redo):
+                break
+            sub = _select(state, redo)
+            feats[redo] = self.adapted_features(sub, proposed[redo])
+            adapted[redo] = self.head(feats[redo])
+            tasks[redo] = proposed[redo]
+            tried[redo, proposed[redo]] = True
+            suffix += len(redo)
+        counts = {"suffix_passes": suffix, "first_pass_changed": int((tasks != first).sum())}
+        if self.log.targets is not None:
+            truth = experience_of(self.log.targets, self.class_experience)
+            known = truth >= 0
+            counts["first_pass_hits"] = int((first[known] == truth[known].to(first.device)).sum())
+        return original, feats, adapted, tasks, counts
+
+    def scores(self, state: State) -> torch.Tensor:
+        original, _, adapted, tasks, counts = self._retrieve(state)
+        if self.passes:
+            self.passes[-1][0] += len(tasks)
+            self.passes[-1][1] += counts["suffix_passes"]
+        if self.log.targets is not None:
+            owner = torch.tensor([int(n[1:]) for n in self.names])
+            truth = experience_of(self.log.targets, self.class_experience)
+            self.log.record(self._index(tasks), self.names, truth, owner, **counts)
+        if self.ensemble_weight == 0:  # 4. two-stage ensemble with the original model
+            return adapted
+        probs = adapted.softmax(-1) + self.ensemble_weight * original.softmax(-1)
+        return probs.clamp_min(1e-30).log().masked_fill(~self.head.known.to(probs.device), float("-inf"))
+
+    def iterate_states(self, dataset, batch_size: int, shuffle: bool = False, generator=None, desc: str = "batches"):
+        batches = super().iterate_states(dataset, batch_size, shuffle, generator, desc)
+        if self.training:
+            return batches
+        return self.log.watch(batches, self.emit, self.experience.id if self.experience is not None else None)
+
+    # ---- state and metrics --------------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"passes": [list(p) for p in self.passes]}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.passes = [list(p) for p in state.get("passes", [])]
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        key = prefix + "class_experience"
+        if key in state_dict:  # grows with the stream
+            self.class_experience = torch.empty_like(state_dict[key], device=self.class_experience.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_metrics(self) -> dict[str, Any]:
+        n, d = self.backbone.num_blocks, self.frozen_depth
+        per_exp = [s / i if i else None for i, s in self.passes]
+        full = [None if s is None else (d + s * (n - d)) / n for s in per_exp]
+        return {
+            "adapters_per_layer": {str(layer): len(p) for layer, p in self.pools.items()},
+            "params_functional": sum(p.parameter_counts()["adapters"] for p in self.pools.values()),
+            "merges": int(self.merges),
+            # block executions per scored image / blocks (a full forward = 1); the prefix runs once per image
+            "suffix_passes_per_image": per_exp[-1] if per_exp else None,
+            "backbone_passes_per_image": full[-1] if full else None,
+            "backbone_passes_per_image_per_experience": full,
+            "public_code_passes_per_image": len(self.passes) + 1 if self.passes else None,
+        }
+
+
+def _select(state: State, idx: torch.Tensor) -> State:
+    if isinstance(state, tuple):
+        return tuple(s.index_select(0, idx) for s in state)
+    return state.index_select(0, idx)
