@@ -64,8 +64,8 @@ def setups(quick: bool) -> list[Setup]:
         ]
     return [
         Setup("effnet-lite0 64px", "efficientnet_lite0", {"weights": "imagenet", "img_size": 64}, 256,
-              [1, 2, 5, 10, 20], 1, 5, 20),
-        Setup("vit-b/16 224px (random init)", "vit_base_patch16_224", {}, 8, [1, 2, 5, 10, 20], 1, 3, 5),
+              [1, 2, 5, 10, 20], 1, 3, 20),
+        Setup("vit-b/16 224px (random init)", "vit_base_patch16_224", {}, 4, [1, 2, 5, 10, 20], 1, 2, 5),
     ]
 
 
@@ -172,7 +172,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             ]
             if t <= s.public_max_t:
                 cases.append(("mos (public-code passes)", mos.backbone, public_fn(mos, x), min(s.warmup, 1),
-                              s.repeats if t <= 5 else max(1, s.repeats // 3)))
+                              s.repeats if t <= 5 else 1))
             kr = build_key_retrieval(plain, t, gen)
             cases.append(("key_retrieval", kr.backbone, strategy_fn(kr, x), s.warmup, s.repeats))
             mix = mixture_backbone(plain, t, gen)
