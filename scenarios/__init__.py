@@ -7,7 +7,7 @@ its parameters validated; ``list_scenarios()`` lists the names.
 from typing import Any
 
 from cl.registry import SCENARIOS
-from scenarios import zoo
+from scenarios import paper, zoo  # noqa: F401  (paper: imported for its registrations)
 from scenarios.builders import class_incremental, domain_incremental, head_per_class, subset, task_incremental
 from scenarios.sources import (
     ImageFolderDataset,
