@@ -53,7 +53,7 @@ BENCHMARKS = {
 
 def _missing(b: Benchmark, root: Path, layout: str) -> DataError:
     return DataError(
-        f"{b.name}: no {b.title} at {root}: expected {layout}. Get it from {b.source}, unpack it, and point "
+        f"{b.name}: no {b.title} at {root.absolute()}: expected {layout}. Get it from {b.source}, unpack it, and point "
         f"scenario.root at it (--set scenario.root=PATH); docs/reproduce.md lists every benchmark's data."
     )
 
