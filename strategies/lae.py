@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,8 @@ def ensemble_scores(scores: Sequence[torch.Tensor], rule: str = "softmax") -> to
 class LAE(Strategy):
     """Online adapters learn, offline EMA adapters accumulate, a max-softmax/energy ensemble predicts."""
 
+    param_defaults: ClassVar[dict[str, Any]] = {"epochs": 3, "lr": 1e-3, "batch_size": 128, "optimizer": "adam"}
+
     def __init__(
         self,
         backbone: Backbone,
@@ -74,13 +76,9 @@ class LAE(Strategy):
         head: str = "linear",
         head_kw: dict[str, Any] | None = None,
         head_features: str = "adapted",
-        epochs: int = 3,
-        lr: float = 1e-3,
-        batch_size: int = 128,
-        optimizer: str = "adam",
-        weight_decay: float = 0.0,
-        cache_prefix: bool = True,
+        **kw: Any,
     ) -> None:
+        """``kw``: the training parameters of ``Strategy`` (defaults: ``param_defaults``)."""
         if not 0.0 <= momentum < 1.0:
             raise ConfigError(f"momentum must be in [0, 1) (per optimiser step; the paper used 0.9999), got {momentum}")
         if adapter_lr_scale < 0 or freeze_epochs < 0:
@@ -93,10 +91,7 @@ class LAE(Strategy):
             raise ConfigError("head='linear' classifies the adapted features alone; use head_features='adapted'")
         config = AdapterConfig(kind=adapter, dim=adapter_dim, layers=list(layers), router=None)
         self.pools: dict[int, AdapterPool] = dict(sorted(inject(backbone, config).items()))
-        super().__init__(
-            backbone, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
-            weight_decay=weight_decay, cache_prefix=cache_prefix,
-        )
+        super().__init__(backbone, **{**self.param_defaults, **kw})
         self.momentum, self.adapter_lr_scale, self.freeze_epochs = momentum, adapter_lr_scale, freeze_epochs
         self.rule, self.concat = ensemble, head_features == "concat"
         self.train_head = LinearHead(backbone.embed_dim)  # masked-CE classifier; the paper's head
@@ -162,7 +157,7 @@ class LAE(Strategy):
         self.ema_steps += 1
 
     def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
-        return masked_cross_entropy(self.train_head(self.embed(state, "online")), y, self.experience.classes)
+        return masked_cross_entropy(self.train_head(self.member_embedding(state, "online")), y, self.experience.classes)
 
     @torch.no_grad()
     def after_experience(self, exp: Experience) -> None:
@@ -174,26 +169,26 @@ class LAE(Strategy):
         if self.heads is None:
             return
         for state, y in self.iterate_states(exp.train, self.ctx.eval_batch_size, desc=f"exp {exp.id} head"):
-            frozen = self.embed(state, None) if self.concat else None
+            frozen = self.member_embedding(state, None) if self.concat else None
             for m in MEMBERS:
                 self.heads[m].update(self.member_features(state, m, frozen), y.to(self.ctx.device))
 
     # ---- inference --------------------------------------------------------------------------
-    def embed(self, state: State, member: str | None) -> torch.Tensor:
+    def member_embedding(self, state: State, member: str | None) -> torch.Tensor:
         """Backbone embedding through the ``member``'s adapters (``None``: the frozen backbone)."""
         with self.route(member):
             return self.backbone.forward_from(state, self.frozen_depth)
 
     def member_features(self, state: State, member: str, frozen: torch.Tensor | None = None) -> torch.Tensor:
         """What the member's head sees: its embedding, or ``[frozen, embedding]`` with ``head_features="concat"``."""
-        z = self.embed(state, member)
+        z = self.member_embedding(state, member)
         if not self.concat:
             return z
-        return torch.cat([self.embed(state, None) if frozen is None else frozen, z], 1)
+        return torch.cat([self.member_embedding(state, None) if frozen is None else frozen, z], 1)
 
     def member_scores(self, state: State, members: Sequence[str] = MEMBERS) -> dict[str, torch.Tensor]:
         """Class scores ``[B, C]`` of each member (its head over its features)."""
-        frozen = self.embed(state, None) if self.concat else None
+        frozen = self.member_embedding(state, None) if self.concat else None
         return {m: self.head_of(m)(self.member_features(state, m, frozen)) for m in members}
 
     def features(self, state: State) -> torch.Tensor:

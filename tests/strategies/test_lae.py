@@ -129,13 +129,13 @@ def test_every_adapter_kind_routes_each_member_through_its_own_adapters(kind):
     x = exps[0].test.inputs
     with torch.no_grad():
         state = s.backbone.forward_until(s.backbone.prepare(x, "cpu"), s.frozen_depth)
-        on, off, frozen = s.embed(state, "online"), s.embed(state, "offline"), s.embed(state, None)
+        on, off, frozen = (s.member_embedding(state, m) for m in ("online", "offline", None))
         assert not torch.allclose(on, off) and not torch.allclose(off, frozen)
         scores = s.scores(state)
         # the offline route equals the online route with the offline weights loaded into it
         for p in s.pools.values():
             p.adapters["online"].load_state_dict(p.adapters["offline"].state_dict())
-        assert torch.allclose(s.embed(state, "online"), off, atol=1e-6)
+        assert torch.allclose(s.member_embedding(state, "online"), off, atol=1e-6)
         online = s.train_head(on)
         assert torch.allclose(scores, ensemble_scores([online, s.train_head(off)]))
     assert torch.isfinite(scores[:, s.seen_classes]).all()
