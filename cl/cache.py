@@ -10,10 +10,11 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from cl.backbones.base import Backbone, State
 from cl.data import iterate_batches, num_batches, targets_of
+from cl.errors import DataError
 
 
 class CachedStates(Dataset):
@@ -91,6 +92,16 @@ def compute_states(
     return CachedStates(parts, targets_of(dataset), is_tuple)
 
 
+def is_augmented(dataset: Dataset) -> bool:
+    """Whether items of ``dataset`` change on every access (a dataset, or a part of a Concat/Subset, says
+    ``augmented = True``): their prefix states must be computed fresh, never cached."""
+    if isinstance(dataset, ConcatDataset):
+        return any(is_augmented(d) for d in dataset.datasets)
+    if isinstance(dataset, Subset):
+        return is_augmented(dataset.dataset)
+    return bool(getattr(dataset, "augmented", False))
+
+
 class PrefixCache:
     """States per (backbone, dataset, depth), kept while they fit in ``max_bytes``.
 
@@ -104,6 +115,8 @@ class PrefixCache:
     def get(
         self, backbone: Backbone, dataset: Dataset, depth: int, device: torch.device, **kw
     ) -> CachedStates:
+        if is_augmented(dataset):
+            raise DataError("prefix cache: an augmented dataset changes on every access; compute its states fresh")
         key = (id(backbone), id(dataset), depth)
         if key in self._store:
             return self._store[key][2]

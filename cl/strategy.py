@@ -22,7 +22,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from cl.adapters import adapters_off, pools
 from cl.backbones.base import Backbone, State
-from cl.cache import CachedStates, PrefixCache
+from cl.cache import CachedStates, PrefixCache, is_augmented
 from cl.data import iterate_batches
 from cl.errors import CheckpointError, TrainingError
 from cl.seed import derive_seed
@@ -241,7 +241,7 @@ class Strategy(nn.Module):
 
     def states(self, dataset: Dataset, depth: int | None = None) -> CachedStates | None:
         """Cached prefix states of ``dataset`` (None when caching is off)."""
-        if not self.cache_prefix or self.ctx.cache is None:
+        if not self.cache_prefix or self.ctx.cache is None or is_augmented(dataset):  # augmented: fresh passes
             return None
         depth = self.frozen_depth if depth is None else depth
         if isinstance(dataset, ConcatDataset):  # cache the parts, so each is computed once

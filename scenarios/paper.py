@@ -9,8 +9,8 @@ papers; None keeps the class ids' order) or an explicit ``class_order``, ``size`
 Images go through ``ImageView``: test items, and train items unless ``augment``, are resized (shorter side
 ``size * 256 / 224``) and centre-cropped, as PILOT evaluates. ``augment=True`` gives the train sets PILOT's
 random-resized crop + flip, fresh on every access, flagged ``augmented`` on each ``exp.train`` (and in
-``exp.info``); it is refused while the engine's prefix cache would reuse one random view per image
-(``engine_skips_augmented``).
+``exp.info``), so the engine computes their prefix states fresh every epoch (``cl.cache.is_augmented``) instead
+of caching one random view per image.
 """
 
 # No ``from __future__ import annotations``: the registry reads these signatures' annotations as objects.
@@ -18,8 +18,6 @@ from collections.abc import Callable
 
 from torch.utils.data import Dataset
 
-import cl.cache
-from cl.errors import ConfigError
 from cl.registry import register_scenario
 from scenarios.builders import class_incremental, head_per_class
 from scenarios.sources.paper import (
@@ -36,21 +34,6 @@ from scenarios.zoo import image_folder
 
 #: the class-order seed of PILOT, SEMA and MOS
 PILOT_SEED = 1993
-
-
-def engine_skips_augmented() -> bool:
-    """True once the engine's prefix cache recognises augmented datasets (``cl.cache.is_augmented``) and so never
-    reuses the states of one random view across epochs; until then ``augment=True`` is refused."""
-    return callable(getattr(cl.cache, "is_augmented", None))
-
-
-def _check_augment(name: str, augment: bool) -> None:
-    if augment and not engine_skips_augmented():
-        raise ConfigError(
-            f"{name}: augment=true needs an engine whose prefix cache skips augmented training data "
-            "(cl.cache.is_augmented, see docs/reproduce.md#augmentation); this one would compute one random view "
-            "per image and reuse it every epoch. Use augment=false (train on the evaluation view)."
-        )
 
 
 def _views(stream: Stream, name: str, size: int, augment: bool, layout: str) -> Stream:
@@ -100,7 +83,6 @@ def cifar100(
     test_per_class: int | None = None,
 ) -> Stream:
     """CIFAR-100 (100 classes, 32 px upscaled) from torchvision's ``cifar-100-python`` folder, no download."""
-    _check_augment("cifar100", augment)
     data = load_cifar100(root)
     stream = _split("cifar100", data, (train_per_class, test_per_class), n_experiences, classes_per_experience,
                     class_order, seed)
@@ -120,7 +102,6 @@ def cub200(
     test_per_class: int | None = None,
 ) -> Stream:
     """CUB-200-2011 birds (200 classes) from PILOT's train/test folders or the original CUB_200_2011 release."""
-    _check_augment("cub200", augment)
     data = load_cub200(root)
     stream = _split("cub200", data, (train_per_class, test_per_class), n_experiences, classes_per_experience,
                     class_order, seed)
@@ -143,7 +124,6 @@ def _pilot_scenario(name: str, n_experiences: int) -> Callable[..., Stream]:
         train_per_class: int | None = None,
         test_per_class: int | None = None,
     ) -> Stream:
-        _check_augment(name, augment)
         train, test = pilot_folders(name, root)
         stream = image_folder(  # size=None: original images, ImageView crops them
             str(train), str(test), n_experiences, size=None, classes_per_experience=classes_per_experience,

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import ConcatDataset
 
-import cl.cache
 from cl.config import build_config, read_yaml, resolve
-from cl.errors import ConfigError, DataError
+from cl.errors import DataError
 from cl.registry import SCENARIOS, STRATEGIES
 from cl.run import run
 from scenarios.sources.paper import BENCHMARKS, load_cifar100, load_cub200, pilot_class_order
@@ -212,13 +212,13 @@ def test_image_views():
         resize_center_crop(x.float(), 16)
 
 
-def test_augment_is_refused_until_the_engine_skips_augmented_data(data_root, monkeypatch):
-    root = str(data_root / "vtab")
-    monkeypatch.delattr(cl.cache, "is_augmented", raising=False)
-    with pytest.raises(ConfigError, match=r"augment=true needs an engine.*reuse it every epoch"):
-        SCENARIOS.create("vtab", root=root, augment=True)
-    monkeypatch.setattr(cl.cache, "is_augmented", lambda dataset: getattr(dataset, "augmented", False), raising=False)
-    stream = SCENARIOS.create("vtab", root=root, augment=True, size=16)
+def test_augmented_training_data_is_never_cached(data_root):
+    from cl.cache import PrefixCache, is_augmented
+
+    stream = SCENARIOS.create("vtab", root=str(data_root / "vtab"), augment=True, size=16)
     exp = stream[0]
     assert exp.train.augmented and exp.info["augmented"] and not exp.test.augmented and stream.info["augmented"]
     assert exp.train[0][0].shape == (3, 16, 16)
+    assert is_augmented(exp.train) and is_augmented(ConcatDataset([exp.test, exp.train])) and not is_augmented(exp.test)
+    with pytest.raises(DataError, match="augmented dataset"):
+        PrefixCache().get(None, exp.train, 1, torch.device("cpu"))
