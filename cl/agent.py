@@ -6,6 +6,11 @@
     for exp in stream:
         agent.learn(exp)
     agent.predict(images)
+    agent.journal.nearest_experience(new_exp)   # which past experience is closest to this one?
+
+The agent owns one ``ExperienceMemory`` (``agent.memory``, lent to the strategy as ``ctx.memory``): the
+journal writes a task summary and class prototypes into it after each experience, strategies may add
+their own entries (e.g. replay exemplars), and ``cl run`` saves it to ``RUN/memory`` with each checkpoint.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ import torch
 from cl.backbones import Backbone, create_backbone
 from cl.cache import PrefixCache
 from cl.callbacks.base import Callback, CallbackList
-from cl.checkpoint import load_checkpoint, save_checkpoint
+from cl.checkpoint import load_checkpoint, load_memory, save_checkpoint, save_memory
 from cl.data import ArrayDataset, iterate_batches
 from cl.errors import CheckpointError, ConfigError
+from cl.journal import Journal
+from cl.memory import ExperienceMemory
 from cl.progress import Progress
 from cl.registry import STRATEGIES
 from cl.seed import resolve_device, seed_everything
@@ -42,6 +49,7 @@ class Agent:
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         seed: run seed; each experience reseeds from (seed, experience id).
         task_aware: evaluate with the task label known (task-incremental streams).
+        journal: write a summary of each experience into ``memory`` (``agent.journal``).
     """
 
     def __init__(
@@ -61,6 +69,7 @@ class Agent:
         cache_max_gb: float = 8.0,
         rank: int = 0,
         world_size: int = 1,
+        journal: bool = True,
     ) -> None:
         self.spec = {
             "backbone": backbone if isinstance(backbone, str) else None,
@@ -76,14 +85,17 @@ class Agent:
             bb = create_backbone(backbone, **(backbone_params or {})) if isinstance(backbone, str) else backbone
             self.strategy = STRATEGIES.create(strategy, bb, **(strategy_params or {}))
         self.backbone: Backbone = self.strategy.backbone
-        self.callbacks = CallbackList(list(callbacks or []))
+        self.memory = ExperienceMemory(dim=self.backbone.embed_dim)
+        self.journal: Journal | None = Journal(self) if journal else None
+        # the journal goes last: earlier callbacks keep their positions (and checkpointed state keys)
+        self.callbacks = CallbackList([*(callbacks or []), *([self.journal] if self.journal else [])])
         self.device = resolve_device(device)
         self.progress = Progress(enabled=progress)
         self.seen: list[Experience] = []
         self.ctx = Context(
             device=self.device, callbacks=self.callbacks, agent=self, progress=self.progress,
             cache=PrefixCache(int(cache_max_gb * 2**30)), seed=seed, rank=rank, world_size=world_size,
-            eval_batch_size=eval_batch_size,
+            eval_batch_size=eval_batch_size, memory=self.memory,
         )
         self.strategy.bind(self.ctx)
 
@@ -155,30 +167,50 @@ class Agent:
             "spec": self.spec,
         }
 
-    def restore(self, payload: dict[str, Any], stream: Sequence[Experience]) -> list[int]:
-        """Load a checkpoint payload; ``seen`` is rebuilt from ``stream``. Returns the ids done."""
+    def restore(
+        self, payload: dict[str, Any], stream: Sequence[Experience], memory_dir: str | Path | None = None
+    ) -> list[int]:
+        """Load a checkpoint payload and the memory saved with it from ``memory_dir``; ``seen`` is rebuilt
+        from ``stream``. Returns the ids done."""
         done = list(payload["experiences_done"])
         by_id = {e.id: e for e in stream}
         missing = [i for i in done if i not in by_id]
         if missing:
             raise CheckpointError(f"checkpoint has experiences {missing} that the stream does not")
+        if payload.get("memory") is not None:
+            if memory_dir is None:
+                raise CheckpointError("this checkpoint was saved with an experience memory: pass memory_dir "
+                                      "(the run's memory/ folder) to restore it")
+            self.use_memory(load_memory(memory_dir, payload["memory"]))
         self.strategy.load_checkpoint_state(payload["strategy"])
         self.callbacks.load_state_dict(payload["callbacks"])
         self.seen = [by_id[i] for i in done]
         return done
 
+    def use_memory(self, memory: ExperienceMemory) -> None:
+        """Replace the agent's experience memory (e.g. by a loaded one); the strategy sees it as ``ctx.memory``."""
+        if memory.dim != self.backbone.embed_dim:
+            raise CheckpointError(f"the experience memory holds {memory.dim}-d vectors, this agent's backbone "
+                                  f"embeds to {self.backbone.embed_dim}: it belongs to another backbone")
+        self.memory = self.ctx.memory = memory
+
+    def save_memory(self, directory: str | Path) -> dict[str, Any]:
+        """Save ``memory`` atomically to ``directory``; returns what a checkpoint records to find it again."""
+        return save_memory(self.memory, directory)
+
     def save(self, path: str | Path) -> Path:
-        """Save the agent (strategy state and how to rebuild it) to a directory."""
+        """Save the agent (strategy state, experience memory and how to rebuild them) to a directory."""
         if self.spec["strategy"] is None or self.spec["backbone"] is None:
             raise ConfigError("Agent.save needs an agent built from registry names (backbone=..., strategy=...)")
         path = Path(path)
-        save_checkpoint(path, {**self.checkpoint_payload(), "callbacks": {}}, name="agent")
+        memory = self.save_memory(path / "memory")
+        save_checkpoint(path, {**self.checkpoint_payload(), "callbacks": {}, "memory": memory}, name="agent")
         (path / "agent_spec.json").write_text(json.dumps({**self.spec, "seed": self.seed}, indent=2))
         return path
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", **kwargs: Any) -> Agent:
-        """Rebuild an agent saved with ``save`` (its seen experiences are not restored)."""
+        """Rebuild an agent saved with ``save``, with its memory (its seen experiences are not restored)."""
         path = Path(path)
         spec_file = path / "agent_spec.json"
         if not spec_file.exists():
@@ -189,5 +221,7 @@ class Agent:
             spec["backbone"], spec["strategy"], backbone_params=spec["backbone_params"],
             strategy_params=spec["strategy_params"], device=device, seed=spec["seed"], **kwargs,
         )
+        if payload.get("memory") is not None:
+            agent.use_memory(load_memory(path / "memory", payload["memory"]))
         agent.strategy.load_checkpoint_state(payload["strategy"])
         return agent

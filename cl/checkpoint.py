@@ -3,6 +3,11 @@
 A checkpoint is ``checkpoints/last.pt`` plus ``last.json`` (format version, sha256, experiences
 done). Writes go to a temporary file, are fsynced and renamed, so a crash mid-save leaves the
 previous checkpoint intact; a file whose checksum does not match is rejected.
+
+The agent's experience memory is saved (atomically, by ``ExperienceMemory.save``) just before the
+checkpoint, which records the memory generation it goes with; resuming loads exactly that generation.
+A crash between the two saves leaves a memory one experience ahead of the checkpoint, which resuming
+reports instead of continuing with the wrong memory.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import torch
 
 from cl.callbacks.base import Callback
 from cl.errors import CheckpointError
+from cl.memory import ExperienceMemory
+from cl.memory.persist import read_generation
 
 FORMAT_VERSION = 1
 
@@ -73,11 +80,43 @@ def load_checkpoint(directory: str | Path, name: str = "last", map_location: str
     return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
 
 
-class Checkpointer(Callback):
-    """Saves strategy and callback state after each experience (the last callback in the list)."""
+def save_memory(memory: ExperienceMemory, directory: str | Path) -> dict[str, Any]:
+    """Save ``memory`` to ``directory`` (a new atomic generation) and return what identifies that save."""
+    directory = Path(directory)
+    before = memory.path
+    memory.save(directory)
+    memory.path = before  # saving a copy elsewhere does not move the memory
+    gen, manifest = read_generation(directory, verify=False)
+    return {"generation": gen.name, "entries": int(manifest["entries"])}
 
-    def __init__(self, directory: str | Path) -> None:
+
+def load_memory(directory: str | Path, expected: dict[str, Any]) -> ExperienceMemory:
+    """Load the memory generation a checkpoint recorded (``save_memory``'s return) from ``directory``."""
+    directory = Path(directory)
+    gen, _ = read_generation(directory, verify=False)
+    if gen.name != expected.get("generation"):
+        raise CheckpointError(
+            f"the experience memory in {directory} is {gen.name}, but the checkpoint was saved with "
+            f"{expected.get('generation')}: the run stopped between saving the memory and the checkpoint, so "
+            "they disagree; start the run again with --overwrite"
+        )
+    memory = ExperienceMemory.load(directory)
+    if len(memory) != expected.get("entries"):
+        raise CheckpointError(f"the experience memory in {directory} holds {len(memory)} entries, the checkpoint "
+                              f"expects {expected.get('entries')}; start the run again with --overwrite")
+    return memory
+
+
+class Checkpointer(Callback):
+    """Saves strategy and callback state after each experience (the last callback in the list), and the
+    agent's experience memory to ``memory_dir`` just before."""
+
+    def __init__(self, directory: str | Path, memory_dir: str | Path | None = None) -> None:
         self.directory = Path(directory)
+        self.memory_dir = Path(memory_dir) if memory_dir is not None else None
 
     def after_experience(self, agent: Any, exp: Any) -> None:
-        save_checkpoint(self.directory, agent.checkpoint_payload())
+        payload = agent.checkpoint_payload()
+        if self.memory_dir is not None:
+            payload["memory"] = agent.save_memory(self.memory_dir)
+        save_checkpoint(self.directory, payload)

@@ -1,8 +1,8 @@
 """``run``: one continual-learning run from a config, with its run directory and resume.
 
 Run directory contract (DESIGN.md): ``config.yaml`` (fully resolved), ``metrics.json``,
-``events.jsonl``, ``checkpoints/``. ``run(cfg, resume=True)`` continues from the last finished
-experience and ends with the same metrics as an uninterrupted run.
+``events.jsonl``, ``memory/`` (the agent's experience memory), ``checkpoints/``. ``run(cfg, resume=True)``
+continues from the last finished experience and ends with the same metrics as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -117,8 +117,10 @@ def run(
         callbacks: list[Callback] = [
             metrics_cb, EventLog(out / "events.jsonl"),
             *make_loggers([*cfg.loggers, *(["report"] if report else [])], out, to_dict(cfg)),
-            *(extra_callbacks or []), Checkpointer(out / "checkpoints"),
+            *(extra_callbacks or []), Checkpointer(out / "checkpoints", memory_dir=out / "memory"),
         ]
+        if not resuming:  # a memory saved before the first checkpoint of an interrupted run is stale
+            shutil.rmtree(out / "memory", ignore_errors=True)
         agent = Agent(
             cfg.backbone.name, cfg.strategy.name, backbone_params=cfg.backbone.params,
             strategy_params=cfg.strategy.params, callbacks=callbacks, device=cfg.device, seed=cfg.seed,
@@ -127,7 +129,7 @@ def run(
         )
         done: list[int] = []
         if resuming:
-            done = agent.restore(load_checkpoint(out / "checkpoints"), stream)
+            done = agent.restore(load_checkpoint(out / "checkpoints"), stream, memory_dir=out / "memory")
             console.print(f"resuming {out}: experiences {done} already done")
         agent.callbacks.before_run(agent, stream)
         for i, exp in enumerate(stream):

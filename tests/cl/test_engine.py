@@ -43,8 +43,8 @@ def test_hooks_fire_in_order(tmp_path):
     calls = [c for c in rec.calls if c not in ("before_iteration", "after_iteration")]
     assert calls == [
         "before_experience", "before_epoch", "after_epoch", "before_epoch", "after_epoch",
-        "after_training", "before_eval", "after_eval", "after_experience",
-    ]
+        "after_training", "before_eval", "after_eval", "on_event", "after_experience",
+    ]  # on_event: the journal's entry, written once the evaluation is known
     its = rec.calls[rec.calls.index("before_epoch") + 1 : rec.calls.index("after_epoch")]
     assert its[:2] == ["before_iteration", "after_iteration"] and len(its) == 2 * 2  # 72 items / 64
 
