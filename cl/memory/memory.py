@@ -337,7 +337,7 @@ class ExperienceMemory:
     # -- persistence ------------------------------------------------------------------------------
 
     def save(self, path: str | Path | None = None) -> Path:
-        """Write the memory atomically to ``path`` (default: the constructor's) and return the directory.
+        """Write the memory atomically to ``path`` (default: its own; a new one becomes its own) and return it.
 
         A crash at any moment leaves the previous save loadable; see ``cl.memory.persist``.
         """
