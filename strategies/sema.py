@@ -50,7 +50,7 @@ class SEMA(Strategy):
         head: str = "lda",
         head_kw: dict[str, Any] | None = None,
         head_features: str = "concat",
-        route_by: str = "layer",
+        route_by: str = "head",
         tau: float = 2.0,
         descriptor_hidden: int = 128,
         buffer_size: int = 500,
@@ -89,7 +89,8 @@ class SEMA(Strategy):
         self.route_by = route_by
         # route_by="head": which experience a frozen embedding belongs to, via its predicted class
         self.task_head: Head | None = create_head("lda", backbone.embed_dim) if route_by == "head" else None
-        self.register_buffer("class_experience", torch.zeros(0, dtype=torch.long))
+        # its labels are (experience, class) pairs, so a class met in several experiences (domain shifts) stays apart
+        self.register_buffer("pairs", torch.zeros(0, 2, dtype=torch.long))  # row = task-head label: (exp, class)
         self._training_exp: int | None = None  # inside fit: the current experience routes every layer
         if self.concat and head == "linear":
             raise ConfigError("head='linear' is the training head over the mixture; use head_features='mixture'")
@@ -105,18 +106,8 @@ class SEMA(Strategy):
         super().before_experience(exp)
         self.train_head.add_classes(exp.classes)
         self.head.add_classes(exp.classes)
-        need = max(exp.classes) + 1
-        if need > len(self.class_experience):
-            grown = self.class_experience.new_full((need,), -1)
-            grown[: len(self.class_experience)] = self.class_experience
-            self.class_experience = grown
-        taken = [c for c in exp.classes if self.class_experience[c] not in (-1, exp.id)]
-        if taken and self.task_head is not None:
-            raise ConfigError(
-                f"route_by='head' routes by class, but classes {taken} of experience {exp.id} were already in "
-                "an earlier experience (a domain-incremental stream?): use route_by='task' or 'layer'"
-            )
-        self.class_experience[list(exp.classes)] = exp.id
+        new = torch.tensor([[exp.id, c] for c in exp.classes], dtype=torch.long, device=self.pairs.device)
+        self.pairs = torch.cat([self.pairs, new])
         for pool in self.pools.values():  # descriptors train only in their own phase
             if pool.descriptors is not None:
                 pool.descriptors.requires_grad_(False)
@@ -197,7 +188,7 @@ class SEMA(Strategy):
     def after_experience(self, exp: Experience) -> None:
         if self.task_head is not None:  # first: the statistics head below sees this experience's routes
             for state, y in self.iterate_states(exp.train, self.ctx.eval_batch_size, desc=f"exp {exp.id} routes"):
-                self.task_head.update(self.frozen_features(state), y.to(self.ctx.device))
+                self.task_head.update(self.frozen_features(state), self.pair_labels(exp.id, y.to(self.ctx.device)))
         if self.head is not self.train_head:
             self.update_statistics(self.head, exp.train, desc=f"exp {exp.id} head")
 
@@ -221,10 +212,17 @@ class SEMA(Strategy):
             return torch.full((x.shape[0],), self._training_exp, dtype=torch.long, device=x.device)
         if self.task_head is not None:
             frozen = self.frozen_features(state) if frozen is None else frozen
-            return self.class_experience[self.task_head(frozen).argmax(-1)]
+            return self.pairs[self.task_head(frozen).argmax(-1), 0]
         first = self.pools[self.frozen_depth]
         chosen = first.descriptors.zscores(first.pool_input(x, mask)).argmin(-1)  # index into first.names
         return torch.tensor([exp_index(n) for n in first.names], device=x.device)[chosen]
+
+    def pair_labels(self, exp_id: int, y: torch.Tensor) -> torch.Tensor:
+        """Task-head labels of classes ``y`` seen in experience ``exp_id`` (rows of ``pairs``)."""
+        table = torch.full((int(self.pairs[:, 1].max()) + 1,), -1, dtype=torch.long, device=self.pairs.device)
+        mine = self.pairs[:, 0] == exp_id
+        table[self.pairs[mine, 1]] = torch.nonzero(mine).squeeze(1)
+        return table.to(y.device)[y]
 
     @torch.no_grad()
     def task_routes(self, state: State, frozen: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
@@ -278,9 +276,9 @@ class SEMA(Strategy):
         return {layer: torch.cat(c)[:limit] for layer, c in chunks.items()}
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        key = prefix + "class_experience"
+        key = prefix + "pairs"
         if key in state_dict:  # grows with the stream
-            self.class_experience = torch.empty_like(state_dict[key], device=self.class_experience.device)
+            self.pairs = torch.empty_like(state_dict[key], device=self.pairs.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_metrics(self) -> dict[str, Any]:
