@@ -120,8 +120,9 @@ def test_ensemble_follows_the_confident_member():
 
 @pytest.mark.parametrize("kind", ["bottleneck", "lora", "ssf", "rank1"])
 def test_every_adapter_kind_routes_each_member_through_its_own_adapters(kind):
+    """The paper's setting: a shared linear head, max-softmax over both members."""
     exps = stream()
-    a = agent(adapter=kind, momentum=0.5)
+    a = agent(adapter=kind, momentum=0.5, head="linear", head_features="adapted", ensemble="softmax")
     for exp in exps:
         a.learn(exp)
     s: LAE = a.strategy
@@ -141,15 +142,21 @@ def test_every_adapter_kind_routes_each_member_through_its_own_adapters(kind):
     assert torch.isfinite(scores[:, s.seen_classes]).all()
 
 
-def test_statistics_heads_one_per_member_over_frozen_and_adapted_features():
+def test_statistics_heads_one_per_predicting_member_over_frozen_and_adapted_features():
     exps = stream()
-    a = agent(head="lda", head_features="concat")
+    a, both = agent(), agent(ensemble="softmax")  # default: LDA over [frozen, offline], the offline member alone
     for exp in exps:
         a.learn(exp)
+        both.learn(exp)
     s: LAE = a.strategy
     d = s.backbone.embed_dim
-    assert set(s.heads) == {"online", "offline"}
-    assert all(h.dim == 2 * d and int(h.counts.sum()) == 64 for h in s.heads.values())
+    assert set(s.heads) == {"offline"} and set(both.strategy.heads) == {"online", "offline"}
+    assert all(h.dim == 2 * d and int(h.counts.sum()) == 64 for h in [*s.heads.values(), *both.strategy.heads.values()])
+    x = exps[0].test.inputs
+    with torch.no_grad():
+        state = s.backbone.forward_until(s.backbone.prepare(x, "cpu"), s.frozen_depth)
+        feats = torch.cat([s.member_embedding(state, None), s.member_embedding(state, "offline")], 1)
+        assert torch.equal(s.scores(state), s.heads["offline"](feats))
     assert a.evaluate(exps)["accuracy_seen"] > 0.5
     with pytest.raises(ConfigError, match="head_features"):
         agent(head="linear", head_features="concat")
@@ -158,7 +165,7 @@ def test_statistics_heads_one_per_member_over_frozen_and_adapted_features():
 
 
 def test_run_and_resume_end_with_the_same_metrics(tmp_path):
-    params = {**FAST, "adapter": "lora", "momentum": 0.9, "freeze_epochs": 1}
+    params = {**FAST, "adapter": "lora", "momentum": 0.9, "freeze_epochs": 1, "ensemble": "softmax"}
     full = run(tiny_config(tmp_path / "a", "lae", **params))
 
     class Stop(Callback):
