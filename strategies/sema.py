@@ -58,6 +58,7 @@ class SEMA(Strategy):
         descriptor_lr: float = 1e-2,
         scan_samples: int = 1024,
         rescan: bool = True,
+        warm_start: bool = False,
         **kw: Any,
     ) -> None:
         """``kw``: the training parameters of ``Strategy`` for the adapters (defaults: ``param_defaults``)."""
@@ -72,7 +73,7 @@ class SEMA(Strategy):
         self.router_name, self.head_name = router, head
         self.detector = ShiftDetector(tau)
         self.buffer_size, self.descriptor_epochs, self.descriptor_lr = buffer_size, descriptor_epochs, descriptor_lr
-        self.scan_samples, self.rescan = scan_samples, rescan
+        self.scan_samples, self.rescan, self.warm_start = scan_samples, rescan, warm_start
         self.train_head = LinearHead(backbone.embed_dim)  # masked-CE classifier that drives adapter training
         if head_features not in ("mixture", "concat"):
             raise ConfigError(f"head_features must be 'mixture' or 'concat' (frozen + mixture), got {head_features!r}")
@@ -92,6 +93,7 @@ class SEMA(Strategy):
         # its labels are (experience, class) pairs, so a class met in several experiences (domain shifts) stays apart
         self.register_buffer("pairs", torch.zeros(0, 2, dtype=torch.long))  # row = task-head label: (exp, class)
         self._training_exp: int | None = None  # inside fit: the current experience routes every layer
+        self._nearest: tuple[int, int, float] | None = None  # (experience, nearest past one, similarity)
         if self.concat and head == "linear":
             raise ConfigError("head='linear' is the training head over the mixture; use head_features='mixture'")
         dim = backbone.embed_dim * (2 if self.concat else 1)
@@ -138,12 +140,30 @@ class SEMA(Strategy):
                 continue
             pool.add(name)
             pool.descriptors[name].requires_grad_(False)
+            if self.warm_start and len(pool) > 1:
+                self._warm_start(exp, layer, pool, name)
             new[layer] = name
             if self.rescan and not first:
                 self._train_expansion(exp, new)
                 new = {}
         if new:
             self._train_expansion(exp, new)
+
+    def _warm_start(self, exp: Experience, layer: int, pool: AdapterPool, name: str) -> None:
+        """Start adapter ``name`` as a copy of the adapter the nearest past experience (the agent's journal) used
+        in this layer, instead of from zero."""
+        journal = getattr(self.ctx.agent, "journal", None)
+        if journal is None or not len(journal.agent.memory.ids(kind="task")):
+            return
+        if self._nearest is None or self._nearest[0] != exp.id:  # one journal query per experience
+            match = journal.nearest_experience(exp, k=1)[0]
+            self._nearest = (exp.id, match.experience, match.score)
+        _, past, score = self._nearest
+        own = [exp_index(n) for n in pool.names[:-1]]
+        source = pool.names[max((k for k, e in enumerate(own) if e <= past), default=0)]
+        pool.adapters[name].load_state_dict(pool.adapters[source].state_dict())
+        self.emit("warm_start", layer=layer, adapter=name, source=source, nearest_experience=past,
+                  similarity=round(float(score), 4))
 
     def _train_expansion(self, exp: Experience, new: dict[int, str]) -> None:
         """Train the new adapters (routed to them alone), then their descriptors; freeze both."""

@@ -174,3 +174,33 @@ def test_route_by_needs_the_descriptor_router():
         Agent("vit_tiny_test", "sema", strategy_params={"route_by": "task", "router": "softmax"}, device="cpu")
     with pytest.raises(ConfigError, match="route_by"):
         Agent("vit_tiny_test", "sema", strategy_params={"route_by": "experience"}, device="cpu")
+
+
+class WarmStarts(Callback):
+    """Records each ``warm_start`` event and whether the new adapter then equals its source."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+
+    def on_event(self, agent, kind, data) -> None:
+        if kind == "warm_start":
+            pool = agent.strategy.pools[data["layer"]]
+            new, src = pool.adapters[data["adapter"]].state_dict(), pool.adapters[data["source"]].state_dict()
+            self.events.append({**data, "copied": all(torch.equal(new[k], src[k]) for k in new)})
+
+
+def test_warm_start_copies_the_adapter_of_the_nearest_past_experience():
+    """A recurring task (experience 2 = experience 0's distribution): with ``warm_start`` its new adapters start
+    as copies of experience 0's, found by the agent's journal."""
+    stream = create_scenario("rotated_digits", angles=[0, 90, 0], train_per_class=10, test_per_class=2)
+    log = WarmStarts()
+    agent = Agent("vit_tiny_test", "adapter_per_task", strategy_params={**FAST, "warm_start": True},
+                  callbacks=[log], device="cpu", progress=False)
+    for exp in stream:
+        agent.learn(exp)
+    layers = set(agent.strategy.pools)
+    assert {e["layer"] for e in log.events if e["adapter"] == "e1"} == layers  # e1's nearest can only be e0
+    recurring = [e for e in log.events if e["adapter"] == "e2"]
+    assert {e["layer"] for e in recurring} == layers
+    assert all(e["nearest_experience"] == 0 and e["source"] == "e0" for e in recurring)
+    assert all(e["copied"] for e in log.events)
