@@ -83,6 +83,7 @@ class KeyRouter(Router):
         self._whiten: torch.Tensor | None = None  # L^-1 with S = L L^T, derived from ``stats``
         self._memory: ExperienceMemory | None = None
         self._shared = False  # the memory belongs to the engine (other entries may live in it)
+        self._refused: ExperienceMemory | None = None  # an engine memory that does not fit (warned once)
         self._stale = True  # the memory does not hold exactly our keys yet
         self._order = self._sorted_ids = np.zeros(0, np.int64)  # memory id -> key row lookup
 
@@ -102,8 +103,8 @@ class KeyRouter(Router):
     def memory(self) -> ExperienceMemory:
         """The memory searched (the engine's when attached and compatible, else the router's own)."""
         if self._memory is None:
-            self._memory, self._shared, self._stale = ExperienceMemory(self.dim, metric=METRIC_SPACE[self.metric]), \
-                False, True
+            self._memory = ExperienceMemory(self.dim, metric=METRIC_SPACE[self.metric])
+            self._shared, self._stale = False, True
         if self._stale:
             self._sync()
         return self._memory
@@ -114,10 +115,11 @@ class KeyRouter(Router):
         A memory that does not fit (or None) leaves the router with a memory of its own, with a warning
         for an incompatible one.
         """
-        if memory is None or memory is self._memory:
+        if memory is None or memory is self._memory or memory is self._refused:
             return
         want = METRIC_SPACE[self.metric]
         if memory.dim != self.dim or memory.metric != want:
+            self._refused = memory
             warnings.warn(
                 f"the engine's memory holds dim {memory.dim} / metric {memory.metric!r}; {self.metric} keys need "
                 f"dim {self.dim} / {want!r}: the key router keeps its own memory", RuntimeWarning, stacklevel=2,
