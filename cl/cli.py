@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cl.errors import CLError
@@ -57,14 +58,19 @@ def _list(args: argparse.Namespace) -> int:
     from cl.registry import BACKBONES, HEADS, LOGGERS, ROUTERS, SCENARIOS, STRATEGIES
 
     console = Console()
-    for reg in (STRATEGIES, SCENARIOS, BACKBONES, HEADS, ROUTERS, LOGGERS):
-        if args.kind and not reg.kind.startswith(args.kind.rstrip("s")):
+    registries = (STRATEGIES, SCENARIOS, BACKBONES, HEADS, ROUTERS, LOGGERS)
+    kinds = [k for r in registries for k in (r.kind, r.kind[:-1] + "ies" if r.kind.endswith("y") else r.kind + "s")]
+    if args.kind and args.kind not in kinds:
+        raise CLError(f"cl list: unknown kind {args.kind!r} (choose from {', '.join(kinds[1::2])})")
+    for reg in registries:
+        plural = reg.kind[:-1] + "ies" if reg.kind.endswith("y") else reg.kind + "s"
+        if args.kind and args.kind not in (reg.kind, plural):
             continue
-        table = Table(title=f"{reg.kind}s")
+        table = Table(title=reg.kind[:-1] + "ies" if reg.kind.endswith("y") else reg.kind + "s")
         table.add_column("name", style="bold")
         table.add_column("description")
         for name in reg.names(args.pattern):
-            table.add_row(name, reg.describe(name))
+            table.add_row(name, escape(reg.describe(name)))
         console.print(table)
     return 0
 

@@ -1,12 +1,15 @@
 """Continual-learning methods, one module each, registered by name (``cl list strategies``)."""
 
-from strategies import aper, finetune, joint, replay, sema, simplecil  # noqa: F401  (registration)
+from strategies import aper, finetune, joint, key_retrieval, lae, mos, replay, sema, simplecil  # noqa: F401
 from strategies.aper import APER
 from strategies.finetune import Finetune
 from strategies.joint import Joint
+from strategies.key_retrieval import KeyRetrieval
+from strategies.lae import LAE
+from strategies.mos import MOS
 from strategies.replay import Replay, ReplayMixin, SEMAReplay, with_replay
 from strategies.sema import SEMA, AdapterPerTask
 from strategies.simplecil import SimpleCIL
 
-__all__ = ["APER", "SEMA", "AdapterPerTask", "Finetune", "Joint", "Replay", "ReplayMixin", "SEMAReplay", "SimpleCIL",
-           "with_replay"]
+__all__ = ["APER", "LAE", "MOS", "SEMA", "AdapterPerTask", "Finetune", "Joint", "KeyRetrieval", "Replay", "ReplayMixin",
+           "SEMAReplay", "SimpleCIL", "with_replay"]

@@ -27,6 +27,16 @@ def test_list_shows_all_registries(capsys):
         assert name in out, name
 
 
+def test_list_one_kind_by_its_plural(capsys):
+    assert main(["list", "strategies"]) == 0
+    out = capsys.readouterr().out
+    for name in ("sema", "mos", "lae", "key_retrieval", "replay", "aper"):
+        assert name in out, name
+    assert "split_fmnist" not in out and "[frozen, adapted]" in out  # descriptions are not read as markup
+    assert main(["list", "strategy"]) == 0 and "sema" in capsys.readouterr().out
+    assert main(["list", "strategis"]) == 2 and "unknown kind" in capsys.readouterr().err
+
+
 def test_run_end_to_end_prints_matrix(tmp_path, capsys):
     path = write_config(tmp_path)
     assert main(["run", str(path), "--strategy", "finetune", "--set", "strategy.epochs=2"]) == 0
