@@ -15,7 +15,7 @@ streams too (the same class in several experiences gets a key per experience).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,8 @@ from scenarios.stream import Experience
 class KeyRetrieval(Strategy):
     """An adapter set per experience, routed per input by its nearest frozen-feature keys (FAISS memory)."""
 
+    param_defaults: ClassVar[dict[str, Any]] = {"epochs": 3, "batch_size": 128}
+
     def __init__(
         self,
         backbone: Backbone,
@@ -49,19 +51,12 @@ class KeyRetrieval(Strategy):
         head: str = "lda",
         head_kw: dict[str, Any] | None = None,
         head_features: Literal["concat", "adapted"] = "concat",
-        epochs: int = 3,
-        lr: float = 1e-3,
-        batch_size: int = 128,
-        optimizer: str = "adam",
-        weight_decay: float = 0.0,
-        cache_prefix: bool = True,
+        **kw: Any,
     ) -> None:
+        """``kw``: the training parameters of ``Strategy`` for the adapters (defaults: ``param_defaults``)."""
         config = AdapterConfig(kind=adapter, dim=adapter_dim, layers=list(layers), router=None)
         self.pools: dict[int, AdapterPool] = dict(sorted(inject(backbone, config).items()))
-        super().__init__(
-            backbone, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
-            weight_decay=weight_decay, cache_prefix=cache_prefix,
-        )
+        super().__init__(backbone, **{**self.param_defaults, **kw})
         d = backbone.embed_dim
         self.router = KeyRouter(d, metric=metric, mode=mode, top_k=top_k, temperature=temperature,
                                 keys_per_class=keys_per_class, shrinkage=shrinkage)

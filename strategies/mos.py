@@ -23,7 +23,7 @@ the task (0.880 right), and that bounds the accuracy.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,8 @@ from scenarios.stream import Experience
 class MOS(Strategy):
     """An adapter set per task merged once at its end; self-refined task retrieval; ensemble with the frozen model."""
 
+    param_defaults: ClassVar[dict[str, Any]] = {"epochs": 3, "batch_size": 128}
+
     def __init__(
         self,
         backbone: Backbone,
@@ -55,13 +57,9 @@ class MOS(Strategy):
         ensemble_weight: float = 1.0,
         head: str = "lda",
         head_kw: dict[str, Any] | None = None,
-        epochs: int = 3,
-        lr: float = 1e-3,
-        batch_size: int = 128,
-        optimizer: str = "adam",
-        weight_decay: float = 0.0,
-        cache_prefix: bool = True,
+        **kw: Any,
     ) -> None:
+        """``kw``: the training parameters of ``Strategy`` for the adapters (defaults: ``param_defaults``)."""
         if not 0.0 <= merge_momentum <= 1.0:
             raise ConfigError(f"mos: merge_momentum must be in [0, 1] (0: no merging), got {merge_momentum}")
         if refine_steps < 0 or ensemble_weight < 0:
@@ -69,10 +67,7 @@ class MOS(Strategy):
                               f"{ensemble_weight}")
         config = AdapterConfig(kind=adapter, dim=adapter_dim, layers=list(layers), router=None)
         self.pools: dict[int, AdapterPool] = dict(sorted(inject(backbone, config).items()))
-        super().__init__(
-            backbone, epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
-            weight_decay=weight_decay, cache_prefix=cache_prefix,
-        )
+        super().__init__(backbone, **{**self.param_defaults, **kw})
         self.merge_momentum, self.refine_steps, self.ensemble_weight = merge_momentum, refine_steps, ensemble_weight
         d = backbone.embed_dim
         self.train_head = LinearHead(d)
