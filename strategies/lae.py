@@ -57,7 +57,7 @@ def ensemble_scores(scores: Sequence[torch.Tensor], rule: str = "softmax") -> to
 
 @register_strategy("lae")
 class LAE(Strategy):
-    """Online adapters learn, offline EMA adapters accumulate, a max-softmax/energy ensemble predicts."""
+    """Online adapters learn, offline EMA adapters accumulate; LDA on [frozen, offline] or a max-softmax ensemble."""
 
     param_defaults: ClassVar[dict[str, Any]] = {"epochs": 3, "lr": 1e-3, "batch_size": 128, "optimizer": "adam"}
 
