@@ -6,8 +6,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
 import torch
 
+from cl.callbacks.base import Callback
 from cl.descriptors import DescriptorSet
 
 # Tiny random-init backbones of each kind (transformer, CLIP tower, CNN, text encoder).
@@ -61,3 +63,23 @@ def fit(descriptors: DescriptorSet, name: str, sample) -> None:
             opt.step()
     with torch.no_grad():
         d.record(d.losses(sample(500)))
+
+
+class StopBefore(Callback):
+    """Interrupts a run before experience ``exp_id`` starts, as Ctrl-C would (``KeyboardInterrupt``)."""
+
+    def __init__(self, exp_id: int = 2) -> None:
+        self.exp_id = exp_id
+
+    def before_experience(self, agent, exp) -> None:
+        if exp.id == self.exp_id:
+            raise KeyboardInterrupt
+
+
+def interrupted_and_resumed(cfg: dict[str, Any], at: int = 2) -> dict[str, Any]:
+    """Run ``cfg`` until experience ``at`` starts, interrupt it, resume it from its checkpoint; the final metrics."""
+    from cl.run import run
+
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, extra_callbacks=[StopBefore(at)])
+    return run(cfg, resume=True)

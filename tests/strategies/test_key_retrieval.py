@@ -10,13 +10,12 @@ import pytest
 import torch
 
 import strategies.key_retrieval  # noqa: F401  (registration)
-from cl.callbacks.base import Callback
 from cl.errors import ConfigError
 from cl.memory import ExperienceMemory
 from cl.routing import create_router
 from cl.routing.keys import KeyRouter
 from cl.run import run
-from tests.helpers import one_thread, tiny_config
+from tests.helpers import interrupted_and_resumed, one_thread, tiny_config
 
 DIM = 16
 FAST = {"epochs": 1, "batch_size": 64}
@@ -100,13 +99,6 @@ def test_runs_end_to_end_emits_route_events_and_resumes_identically(tmp_path):
 
     cfg = tiny_config(tmp_path / "b", "key_retrieval", **FAST)
 
-    class Stop(Callback):
-        def before_experience(self, agent, exp):
-            if exp.id == 2:
-                raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg, extra_callbacks=[Stop()])
-    resumed = run(cfg, resume=True)
+    resumed = interrupted_and_resumed(cfg)
     for key in ("accuracy_matrix", "adapters_per_layer", "adapter_keys", "backbone_passes_per_image"):
         assert resumed[key] == full[key]

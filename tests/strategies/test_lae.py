@@ -10,12 +10,11 @@ from torch import nn
 import strategies.lae  # noqa: F401  (registers "lae" until strategies/__init__.py imports it)
 from cl.adapters.ema import ema_update
 from cl.agent import Agent
-from cl.callbacks.base import Callback
 from cl.errors import ConfigError
 from cl.run import run
 from scenarios import create_scenario
 from strategies.lae import LAE, ensemble_scores
-from tests.helpers import one_thread, tiny_config
+from tests.helpers import interrupted_and_resumed, one_thread, tiny_config
 
 FAST = {"epochs": 2, "batch_size": 16, "lr": 3e-3}
 
@@ -168,15 +167,7 @@ def test_run_and_resume_end_with_the_same_metrics(tmp_path):
     params = {**FAST, "adapter": "lora", "momentum": 0.9, "freeze_epochs": 1, "ensemble": "softmax"}
     full = run(tiny_config(tmp_path / "a", "lae", **params))
 
-    class Stop(Callback):
-        def before_experience(self, agent, exp):
-            if exp.id == 2:
-                raise KeyboardInterrupt
-
-    cfg = tiny_config(tmp_path / "b", "lae", **params)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg, extra_callbacks=[Stop()])
-    resumed = run(cfg, resume=True)
+    resumed = interrupted_and_resumed(tiny_config(tmp_path / "b", "lae", **params))
     assert full["ema_steps"] > 0 and full["offline_lag"] > 0
     for key in ("accuracy_matrix", "ema_steps", "offline_lag", "params_added_per_experience"):
         assert resumed[key] == full[key], key

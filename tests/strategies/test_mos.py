@@ -11,7 +11,7 @@ from cl.callbacks.base import Callback
 from cl.errors import ConfigError
 from cl.run import run
 from scenarios import create_scenario
-from tests.helpers import one_thread, tiny_config
+from tests.helpers import interrupted_and_resumed, one_thread, tiny_config
 
 FAST = {"epochs": 1, "batch_size": 64}
 
@@ -109,14 +109,7 @@ def test_runs_end_to_end_and_resumes_identically(tmp_path):
     assert full["public_code_passes_per_image"] == 4 and full["backbone_passes_per_image"] < 2
     cfg = tiny_config(tmp_path / "b", "mos", **FAST)
 
-    class Stop(Callback):
-        def before_experience(self, agent, exp):
-            if exp.id == 2:
-                raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg, extra_callbacks=[Stop()])
-    resumed = run(cfg, resume=True)
+    resumed = interrupted_and_resumed(cfg)
     for key in ("accuracy_matrix", "merges", "adapters_per_layer", "backbone_passes_per_image_per_experience"):
         assert resumed[key] == full[key]
 

@@ -9,14 +9,13 @@ import pytest
 import torch
 
 from cl.agent import Agent
-from cl.callbacks.base import Callback
 from cl.config import build_config
 from cl.errors import CheckpointError, ConfigError
 from cl.memory import ExperienceMemory
 from cl.run import run
 from scenarios import create_scenario
 from strategies.replay import class_quotas, herding
-from tests.helpers import TINY_SCENARIO, one_thread, tiny_config
+from tests.helpers import TINY_SCENARIO, StopBefore, one_thread, tiny_config
 
 # enough steps per experience (32 items per class, batches of 16) for rehearsal to matter on the tiny ViT
 REPLAY = {"epochs": 4, "lr": 3e-3, "batch_size": 16}
@@ -85,12 +84,6 @@ def test_replay_forgets_much_less_than_finetune(tmp_path):
     assert rp["exemplars"] == 48 and rp["exemplars_per_class"] == {str(c): 8 for c in range(6)}
 
 
-class Crash(Callback):
-    def before_experience(self, agent, exp):
-        if exp.id == 2:
-            raise KeyboardInterrupt
-
-
 def _memory(path) -> tuple[list, np.ndarray, list]:
     e = ExperienceMemory.load(path).entries()
     return e.ids.tolist(), e.vectors, e.metadata
@@ -102,7 +95,7 @@ def test_memory_saved_with_checkpoints_and_resume_matches(tmp_path):
         ref = run(config(tmp_path / "ref", "replay", **params))
         cfg = config(tmp_path, "replay", **params)
         with pytest.raises(KeyboardInterrupt):
-            run(cfg, extra_callbacks=[Crash()])
+            run(cfg, extra_callbacks=[StopBefore(2)])
         ids, _, meta = _memory(tmp_path / "run" / "memory")  # saved after experience 1
         assert {m["experience"] for m in meta if m["kind"] == "task"} == {0, 1}
         resumed = run(build_config(cfg), resume=True)
@@ -118,7 +111,7 @@ def test_resume_refuses_a_memory_that_does_not_match_the_checkpoint(tmp_path):
     cfg = config(tmp_path, "replay", **{**REPLAY, "epochs": 1}, budget=12)
     with one_thread():
         with pytest.raises(KeyboardInterrupt):
-            run(cfg, extra_callbacks=[Crash()])
+            run(cfg, extra_callbacks=[StopBefore(2)])
         mem = ExperienceMemory.load(tmp_path / "run" / "memory")
         mem.add(np.ones((1, mem.dim), np.float32), {"kind": "task", "experience": 9})
         mem.save()  # as if the run had stopped after saving the memory of experience 2, before its checkpoint

@@ -10,7 +10,7 @@ from cl.callbacks.base import Callback
 from cl.errors import ConfigError
 from cl.run import run
 from scenarios import create_scenario
-from tests.helpers import tiny_config
+from tests.helpers import interrupted_and_resumed, tiny_config
 
 FAST = {"epochs": 2, "descriptor_epochs": 10, "batch_size": 64}
 
@@ -68,16 +68,7 @@ def test_resume_rebuilds_the_expanded_pools(tmp_path, route_by):
     full = run(cfg)
     cfg2 = tiny_config(tmp_path / "b", "adapter_per_task", route_by=route_by, **FAST)
 
-    class Stop(Callback):
-        def before_experience(self, agent, exp):
-            if exp.id == 2:
-                raise KeyboardInterrupt
-
-    try:
-        run(cfg2, extra_callbacks=[Stop()])
-    except KeyboardInterrupt:
-        pass
-    resumed = run(cfg2, resume=True)
+    resumed = interrupted_and_resumed(cfg2)
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
     assert full["adapters_per_layer"] == {"1": 3, "2": 3, "3": 3}
     assert resumed["adapters_per_layer"] == full["adapters_per_layer"]
