@@ -59,14 +59,12 @@ def _list(args: argparse.Namespace) -> int:
 
     console = Console()
     registries = (STRATEGIES, SCENARIOS, BACKBONES, HEADS, ROUTERS, LOGGERS)
-    kinds = [k for r in registries for k in (r.kind, r.kind[:-1] + "ies" if r.kind.endswith("y") else r.kind + "s")]
-    if args.kind and args.kind not in kinds:
-        raise CLError(f"cl list: unknown kind {args.kind!r} (choose from {', '.join(kinds[1::2])})")
+    if args.kind and args.kind not in {k for r in registries for k in (r.kind, r.plural)}:
+        raise CLError(f"cl list: unknown kind {args.kind!r} (choose from {', '.join(r.plural for r in registries)})")
     for reg in registries:
-        plural = reg.kind[:-1] + "ies" if reg.kind.endswith("y") else reg.kind + "s"
-        if args.kind and args.kind not in (reg.kind, plural):
+        if args.kind and args.kind not in (reg.kind, reg.plural):
             continue
-        table = Table(title=reg.kind[:-1] + "ies" if reg.kind.endswith("y") else reg.kind + "s")
+        table = Table(title=reg.plural)
         table.add_column("name", style="bold")
         table.add_column("description")
         for name in reg.names(args.pattern):

@@ -43,6 +43,11 @@ class Registry:
 
         return deco
 
+    @property
+    def plural(self) -> str:
+        """The kind's plural, as ``cl list`` names it (``strategies``, ``backbones``)."""
+        return self.kind[:-1] + "ies" if self.kind.endswith("y") else self.kind + "s"
+
     def _load(self) -> None:
         if not self._loaded:
             self._loaded = True
