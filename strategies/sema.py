@@ -159,8 +159,7 @@ class SEMA(Strategy):
             match = journal.nearest_experience(exp, k=1)[0]
             self._nearest = (exp.id, match.experience, match.score)
         _, past, score = self._nearest
-        own = [exp_index(n) for n in pool.names[:-1]]
-        source = pool.names[max((k for k, e in enumerate(own) if e <= past), default=0)]
+        source = pool.names[adapter_used(pool.names[:-1], past)]
         pool.adapters[name].load_state_dict(pool.adapters[source].state_dict())
         self.emit("warm_start", layer=layer, adapter=name, source=source, nearest_experience=past,
                   similarity=round(float(score), 4))
@@ -256,8 +255,7 @@ class SEMA(Strategy):
         exps = self.route_experiences(state, frozen)
         routes = {}
         for i, pool in free.items():
-            own = [exp_index(n) for n in pool.names]
-            lut = [max((k for k, o in enumerate(own) if o <= e), default=0) for e in range(int(exps.max()) + 1)]
+            lut = [adapter_used(pool.names, e) for e in range(int(exps.max()) + 1)]
             routes[i] = F.one_hot(torch.tensor(lut, device=exps.device)[exps], len(pool)).float()
         return routes
 
@@ -314,6 +312,12 @@ class SEMA(Strategy):
 def exp_index(name: str) -> int:
     """The experience an adapter was made for, from its name ``e<id>``."""
     return int(name[1:]) if name[:1] == "e" and name[1:].isdigit() else -1
+
+
+def adapter_used(names: list[str], exp_id: int) -> int:
+    """Index in a pool's adapter ``names`` of the adapter experience ``exp_id`` used there: its own, or the latest
+    older one it reused (the first adapter if none is older)."""
+    return max((k for k, n in enumerate(names) if exp_index(n) <= exp_id), default=0)
 
 
 @register_strategy("adapter_per_task")
