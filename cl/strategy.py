@@ -200,6 +200,11 @@ class Strategy(nn.Module):
             for name, data in swapped.items():
                 entries[name].data = data
 
+    def frozen_features(self, state: State) -> torch.Tensor:
+        """The embedding of prefix states with every adapter pool off (the current backbone weights otherwise)."""
+        with adapters_off(pools(self.backbone)):
+            return self.backbone.forward_from(state, self.frozen_depth)
+
     @torch.no_grad()
     def embed(self, state: State) -> torch.Tensor:
         """The memory's embedding ``[B, embed_dim]`` of prefix states: the pretrained backbone's, L2-normalised.

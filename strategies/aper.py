@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from cl.adapters import AdapterConfig, AdapterPool, adapters_off, inject
+from cl.adapters import AdapterConfig, AdapterPool, inject
 from cl.backbones.base import Backbone, State
 from cl.heads import LinearHead, create_head, masked_cross_entropy
 from cl.registry import register_strategy
@@ -72,9 +72,7 @@ class APER(Strategy):
     def features(self, state: State) -> torch.Tensor:
         """``[frozen, adapted]`` embeddings (frozen: adapters switched off)."""
         adapted = self.backbone.forward_from(state, self.frozen_depth)
-        with adapters_off(self.pools):
-            frozen = self.backbone.forward_from(state, self.frozen_depth)
-        return torch.cat([frozen, adapted], 1)
+        return torch.cat([self.frozen_features(state), adapted], 1)
 
     @torch.no_grad()
     def after_experience(self, exp: Experience) -> None:

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from cl.adapters import AdapterConfig, AdapterPool, adapters_off, inject, routing
+from cl.adapters import AdapterConfig, AdapterPool, inject, routing
 from cl.backbones.base import Backbone, State
 from cl.heads import Head, LinearHead, create_head, masked_cross_entropy
 from cl.registry import register_strategy
@@ -122,11 +122,6 @@ class KeyRetrieval(Strategy):
             self.head.update(self._embed(state, z)[0], y.to(self.ctx.device))
 
     # ---- inference ----------------------------------------------------------------------------
-    def frozen_features(self, state: State) -> torch.Tensor:
-        """The frozen backbone's embedding (every adapter off): the retrieval query."""
-        with adapters_off(self.pools):
-            return self.backbone.forward_from(state, self.frozen_depth)
-
     def _embed(self, state: State, frozen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(head features, routing weights ``[B, K]``): adapters chosen by key retrieval on the frozen feature."""
         frozen = self.frozen_features(state) if frozen is None else frozen

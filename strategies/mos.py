@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from cl.adapters import AdapterConfig, AdapterPool, adapters_off, inject, routing
+from cl.adapters import AdapterConfig, AdapterPool, inject, routing
 from cl.adapters.merge import merge_pools
 from cl.backbones.base import Backbone, State
 from cl.errors import ConfigError
@@ -133,10 +133,6 @@ class MOS(Strategy):
             self.head.update(self.adapted_features(state, torch.full_like(y, exp.id)), y)
 
     # ---- inference ----------------------------------------------------------------------------
-    def frozen_features(self, state: State) -> torch.Tensor:
-        with adapters_off(self.pools):
-            return self.backbone.forward_from(state, self.frozen_depth)
-
     def _index(self, tasks: torch.Tensor) -> torch.Tensor:
         """The adapter index (position in the pools) of each experience id in ``tasks``."""
         owner = [int(n[1:]) for n in self.names]

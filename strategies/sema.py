@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from cl.adapters import AdapterConfig, AdapterPool, adapters_off, capturing, inject, routing
+from cl.adapters import AdapterConfig, AdapterPool, capturing, inject, routing
 from cl.backbones.base import Backbone, State
 from cl.descriptors import ShiftDetector
 from cl.errors import ConfigError
@@ -216,11 +216,6 @@ class SEMA(Strategy):
         if self.route_by == "layer":
             return self.backbone.forward_from(state, self.frozen_depth)
         with routing(self.pools, self.task_routes(state, frozen)):
-            return self.backbone.forward_from(state, self.frozen_depth)
-
-    def frozen_features(self, state: State) -> torch.Tensor:
-        """The frozen backbone's embedding (every adapter off)."""
-        with adapters_off(self.pools):
             return self.backbone.forward_from(state, self.frozen_depth)
 
     @torch.no_grad()
