@@ -1,0 +1,101 @@
+"""Avalanche 0.6's own strategies on our stream, with our pretrained trunk and preprocessing.
+
+The model is our backbone object (the same weights, channels-last layout and ``prepare``: resize to the
+backbone's size, grey repeated to 3 channels, normalised) followed by Avalanche's ``IncrementalClassifier``,
+trained end to end by the strategy. Accuracy is measured by us after every experience on every seen test
+set, the same way our engine does, so the matrices are comparable.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from benchmarks.peers.grid import AVALANCHE_METHODS, AVALANCHE_TRAINING, RunSpec
+from cl.backbones.base import Backbone
+from cl.registry import BACKBONES, SCENARIOS
+from scenarios.sources.avalanche import to_avalanche
+from scenarios.stream import Stream
+
+
+class TrunkClassifier(nn.Module):
+    """Our backbone (its own ``prepare``) + an Avalanche ``IncrementalClassifier`` over its embedding."""
+
+    def __init__(self, backbone: Backbone) -> None:
+        super().__init__()
+        from avalanche.models import IncrementalClassifier
+
+        self.backbone = backbone.requires_grad_(True)
+        self.classifier = IncrementalClassifier(backbone.embed_dim, initial_out_features=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.backbone(self.backbone.prepare(x)))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, datasets: list[Dataset], batch_size: int = 256) -> tuple[list[float], float]:
+    """Accuracy on each dataset and over their union (``accuracy_seen``)."""
+    model.eval()
+    correct, counts = [], []
+    for ds in datasets:
+        ok = n = 0
+        for x, y in DataLoader(ds, batch_size=batch_size):
+            ok += int((model(x).argmax(1) == y).sum())
+            n += len(y)
+        correct.append(ok)
+        counts.append(n)
+    return [c / n for c, n in zip(correct, counts, strict=True)], sum(correct) / sum(counts)
+
+
+def make_strategy(method: str, model: nn.Module) -> Any:
+    """An Avalanche strategy from ``AVALANCHE_METHODS`` with our training settings and no loggers."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import avalanche.training as training
+        from avalanche.training.plugins import EvaluationPlugin
+
+    name, extra = AVALANCHE_METHODS[method]
+    t = AVALANCHE_TRAINING
+    opt = torch.optim.SGD(model.parameters(), lr=t["lr"], momentum=t["momentum"])
+    return getattr(training, name)(
+        model=model, optimizer=opt, criterion=nn.CrossEntropyLoss(), train_mb_size=t["train_mb_size"],
+        train_epochs=t["train_epochs"], eval_mb_size=256, device="cpu", evaluator=EvaluationPlugin(loggers=[]),
+        **extra,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run_avalanche(spec: RunSpec, stream: Stream | None = None) -> dict[str, Any]:
+    """Train ``spec.method`` on the stream of ``spec.scenario``; the accuracy matrix and headline metrics."""
+    from cl.metrics import summarize
+
+    stream = stream or SCENARIOS.create(spec.scenario["name"], **{k: v for k, v in spec.scenario.items()
+                                                                   if k != "name"})
+    seed_everything(spec.seed)
+    backbone = BACKBONES.create(spec.backbone["name"], **{k: v for k, v in spec.backbone.items() if k != "name"})
+    model = TrunkClassifier(backbone)
+    strategy = make_strategy(spec.method, model)
+    benchmark = to_avalanche(stream)
+    rows, seen, t0 = [], [], time.perf_counter()
+    for i, (avl_exp, exp) in enumerate(zip(benchmark.train_stream, stream, strict=True)):
+        assert list(avl_exp.classes_in_this_experience) == list(exp.classes)
+        strategy.train(avl_exp)
+        accs, acc_seen = evaluate(model, [e.test for e in stream.experiences[: i + 1]])
+        rows.append(accs)
+        seen.append(acc_seen)
+        print(f"{spec.key} exp {exp.id}: accuracy on all seen {100 * acc_seen:.1f}", flush=True)
+    return {"accuracy_matrix": rows, "accuracy_seen": seen, **summarize(rows, seen),
+            "run_wall_s": round(time.perf_counter() - t0, 1),
+            "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
