@@ -22,18 +22,20 @@ from typing import Any
 
 import torch
 
+from cl import distributed as dist
 from cl.backbones import Backbone, create_backbone
 from cl.cache import PrefixCache
 from cl.callbacks.base import Callback, CallbackList
 from cl.checkpoint import load_checkpoint, load_memory, save_checkpoint, save_memory
 from cl.data import ArrayDataset, iterate_batches
-from cl.errors import CheckpointError, ConfigError
+from cl.errors import CheckpointError, ConfigError, TrainingError
 from cl.journal import Journal
 from cl.memory import ExperienceMemory
 from cl.progress import Progress
 from cl.registry import STRATEGIES
 from cl.seed import resolve_device, seed_everything
 from cl.strategy import Context, Strategy
+from scenarios.builders import subset
 from scenarios.stream import Experience
 
 
@@ -49,6 +51,7 @@ class Agent:
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         seed: run seed; each experience reseeds from (seed, experience id).
         task_aware: evaluate with the task label known (task-incremental streams).
+        rank / world_size: this process's place in a distributed run (``cl.distributed``; ``cl run`` sets them).
         journal: write a summary of each experience into ``memory`` (``agent.journal``).
     """
 
@@ -92,6 +95,7 @@ class Agent:
         self.device = resolve_device(device)
         self.progress = Progress(enabled=progress)
         self.seen: list[Experience] = []
+        self._shards: dict[int, tuple[Any, Any]] = {}  # id(test set) -> (test set, this rank's shard of it)
         self.ctx = Context(
             device=self.device, callbacks=self.callbacks, agent=self, progress=self.progress,
             cache=PrefixCache(int(cache_max_gb * 2**30)), seed=seed, rank=rank, world_size=world_size,
@@ -106,10 +110,13 @@ class Agent:
             raise ConfigError(f"experience {exp.id} was already learned by this agent")
         seed_everything(self.seed, exp.id, deterministic=self.deterministic)
         cb, strat = self.callbacks, self.strategy
+        self.ctx.check_stop(f"before experience {exp.id}")
         cb.before_experience(self, exp)
         strat.before_experience(exp)
         strat.fit(exp)
         strat.after_experience(exp)
+        if dist.is_distributed():
+            self.sync()
         self.seen.append(exp)
         cb.after_training(self, exp)
         results = self.evaluate([*self.seen, *future], purpose="stream")
@@ -126,10 +133,12 @@ class Agent:
         self.callbacks.before_eval(self, list(exps))
         strat = self.strategy
         strat.eval()
-        accs, correct, counts = [], [], []
+        correct, counts = [], []
         for exp in exps:
+            self.ctx.check_stop(f"before evaluating experience {exp.id}")
             ok = n = 0
-            for state, y in strat.iterate_states(exp.test, self.ctx.eval_batch_size, desc=f"eval exp {exp.id}"):
+            test = self._shard(exp.test)
+            for state, y in strat.iterate_states(test, self.ctx.eval_batch_size, desc=f"eval exp {exp.id}"):
                 scores = strat.scores(state)
                 if self.task_aware:
                     keep = torch.full_like(scores, float("-inf"))
@@ -137,9 +146,12 @@ class Agent:
                     scores = scores + keep
                 ok += int((scores.argmax(1).cpu() == y).sum())
                 n += len(y)
-            accs.append(ok / max(n, 1))
             correct.append(ok)
             counts.append(n)
+        if dist.is_distributed():  # each rank evaluated its shard of every test set
+            total = dist.all_sum([*correct, *counts])
+            correct, counts = [int(v) for v in total[: len(exps)]], [int(v) for v in total[len(exps) :]]
+        accs = [ok / max(n, 1) for ok, n in zip(correct, counts, strict=True)]
         seen_ids = {e.id for e in self.seen}
         c = sum(k for k, e in zip(correct, exps, strict=True) if e.id in seen_ids)
         t = sum(k for k, e in zip(counts, exps, strict=True) if e.id in seen_ids)
@@ -149,6 +161,32 @@ class Agent:
         }
         self.callbacks.after_eval(self, list(exps), results)
         return results
+
+    def _shard(self, dataset: Any) -> Any:
+        """This rank's contiguous shard of a test set (the set itself in one process); one object per set, so
+        the prefix cache keeps the shard's states across evaluations."""
+        if not dist.is_distributed():
+            return dataset
+        if id(dataset) not in self._shards:
+            rows = dist.local_rows(len(dataset))
+            self._shards[id(dataset)] = (dataset, subset(dataset, range(rows.start, rows.stop)))
+        return self._shards[id(dataset)][1]
+
+    def sync(self) -> dict[str, Any]:
+        """Distributed runs: check every rank holds the same strategy state and memory after an experience (rank
+        0's state replaces any rank's that drifted) and record the check as a ``sync`` event."""
+        state = self.strategy.checkpoint_state()
+        checksums = dist.same_on_all_ranks(state)
+        identical = len(set(checksums)) == 1
+        if not identical:
+            self.strategy.load_checkpoint_state(dist.broadcast(state))
+        entries = dist.all_gather(len(self.memory))
+        info = {"checksums": checksums, "identical": identical, "memory_entries": entries}
+        self.strategy.emit("sync", **info, world_size=dist.world_size())
+        if len(set(entries)) > 1:
+            raise TrainingError(f"ranks hold different experience memories ({entries} entries): every memory write "
+                              "must happen on every rank (see docs/distributed.md)")
+        return info
 
     @torch.no_grad()
     def predict(self, inputs: torch.Tensor | list[str], batch_size: int | None = None) -> torch.Tensor:

@@ -15,9 +15,26 @@ from rich.table import Table
 from cl.errors import CLError
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def _run(args: argparse.Namespace) -> int:
     from cl.config import build_config, read_yaml
     from cl.run import load_run_config, run
+
+    if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from cl.distributed import launch
+
+        return launch(args.nproc, _without_nproc(args.argv))
 
     if args.resume:
         if args.config or args.strategy or args.scenario or args.backbone or args.seed is not None:
@@ -92,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set strategy.lr=0.01 (repeatable)")
     r.add_argument("--resume", metavar="RUN", help="continue the run in directory RUN")
     r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    r.add_argument("--nproc", type=int, metavar="N",
+                   help="data-parallel processes on this machine (torchrun --standalone; docs/distributed.md)")
     r.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="write the HTML dashboard RUN/report.html, refreshed during long runs (default: on)")
     r.set_defaults(fn=_run)
@@ -124,13 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "offline")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.fn(args)
     except CLError as e:
         Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        from cl.interrupt import RunInterrupted
+
+        if isinstance(e, RunInterrupted):  # cl.run printed where it stopped and how to resume
+            return 143 if e.signal_name == "SIGTERM" else 130
         Console(stderr=True).print("interrupted; the last finished experience is checkpointed (use --resume)")
         return 130
 

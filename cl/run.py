@@ -7,21 +7,26 @@ continues from the last finished experience and ends with the same metrics as an
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 
+from cl import distributed as dist
 from cl.agent import Agent
 from cl.callbacks.base import Callback
 from cl.callbacks.events import EventLog
 from cl.callbacks.logger import RunLogger
-from cl.checkpoint import Checkpointer, load_checkpoint
+from cl.checkpoint import Checkpointer, has_checkpoint, load_checkpoint
 from cl.config import RunConfig, build_config, dump_yaml, read_yaml, resolve, to_dict
-from cl.errors import ConfigError
+from cl.errors import CLError, ConfigError
+from cl.interrupt import GracefulStop, RunInterrupted
+from cl.memory.persist import write_atomic
 from cl.metrics import MetricsCallback
 from cl.registry import LOGGERS, SCENARIOS
 
@@ -85,8 +90,8 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[RunC
         resume = True  # same config: continue (or just report) the run
     out.mkdir(parents=True, exist_ok=True)
     if not cfg_file.exists():
-        cfg_file.write_text(dump_yaml(cfg))
-    return cfg, out, resume and (out / "checkpoints" / "last.pt").exists()
+        write_atomic(cfg_file, dump_yaml(cfg).encode())  # a killed run never leaves half a config
+    return cfg, out, resume and has_checkpoint(out / "checkpoints")
 
 
 def run(
@@ -100,7 +105,9 @@ def run(
     """Run a config end to end; returns the metrics written to ``metrics.json``.
 
     ``report=True`` also writes the HTML dashboard ``RUN/report.html`` at the end, refreshed during
-    long runs (the ``report`` logger).
+    long runs (the ``report`` logger). Under ``torchrun`` (``WORLD_SIZE`` > 1) this process is one rank of a
+    data-parallel run (``cl.distributed``); rank 0 writes the run directory. SIGINT/SIGTERM stop the run after
+    the current training step with its last checkpoint intact (``RunInterrupted``, resumable with ``--resume``).
     """
     cfg = resolve(cfg if isinstance(cfg, RunConfig) else build_config(cfg))
     for name in cfg.loggers:  # unknown logger names fail before the run directory is touched
@@ -109,28 +116,69 @@ def run(
         cfg.out = default_out(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    cfg, out, resuming = prepare_run_dir(cfg, resume, overwrite)
-    console = console or Console()
-    with RunLock(out):
-        stream = SCENARIOS.create(cfg.scenario.name, **cfg.scenario.params)
-        metrics_cb = MetricsCallback(out / "metrics.json", n_experiences=len(stream))
-        callbacks: list[Callback] = [
-            metrics_cb, EventLog(out / "events.jsonl"),
+    joined = not dist.is_distributed()
+    rank, _, device = dist.init_from_env(cfg.device)
+    joined = joined and dist.is_distributed()  # this call joined the group: it leaves it at the end
+    console = console or Console(quiet=rank > 0)
+    try:
+        cfg, out, resuming = _on_rank0(lambda: prepare_run_dir(cfg, resume, overwrite))
+        with RunLock(out) if rank == 0 else contextlib.nullcontext(), GracefulStop() as stop:
+            metrics = _run_stream(cfg, out, resuming, device, extra_callbacks, console, report, stop)
+    except RunInterrupted as e:
+        console.print(f"{e}; the last finished experience is checkpointed: continue with cl run --resume {cfg.out}")
+        raise
+    finally:
+        if joined:
+            dist.shutdown()
+    console.print(f"run directory: {out}")
+    if (out / "report.html").exists() and (report or "report" in cfg.loggers):
+        console.print(f"report: {out / 'report.html'}")
+    return metrics
+
+
+def _on_rank0(fn: Callable[[], Any]) -> Any:
+    """``fn()`` run on rank 0 only; its result (or its error, raised on every rank) is shared with all ranks."""
+    result, error = None, None
+    if dist.rank() == 0:
+        try:
+            result = fn()
+        except CLError as e:
+            error = e
+    result, error = dist.broadcast((result, error))
+    if error is not None:
+        raise error
+    return result
+
+
+def _run_stream(
+    cfg: RunConfig, out: Path, resuming: bool, device: str, extra_callbacks: list[Callback] | None,
+    console: Console, report: bool, stop: GracefulStop,
+) -> dict[str, Any]:
+    """The run itself, in a prepared (and, on rank 0, locked) run directory."""
+    rank = dist.rank()
+    stream = SCENARIOS.create(cfg.scenario.name, **cfg.scenario.params)
+    metrics_cb = MetricsCallback(out / "metrics.json" if rank == 0 else None, n_experiences=len(stream))
+    callbacks: list[Callback] = [metrics_cb]
+    if rank == 0:  # every file of the run directory is written by rank 0
+        callbacks += [
+            EventLog(out / "events.jsonl"),
             *make_loggers([*cfg.loggers, *(["report"] if report else [])], out, to_dict(cfg)),
             *(extra_callbacks or []), Checkpointer(out / "checkpoints", memory_dir=out / "memory"),
         ]
         if not resuming:  # a memory saved before the first checkpoint of an interrupted run is stale
             shutil.rmtree(out / "memory", ignore_errors=True)
-        agent = Agent(
-            cfg.backbone.name, cfg.strategy.name, backbone_params=cfg.backbone.params,
-            strategy_params=cfg.strategy.params, callbacks=callbacks, device=cfg.device, seed=cfg.seed,
-            deterministic=cfg.deterministic, task_aware=stream.task_aware, eval_batch_size=cfg.eval.batch_size,
-            progress=cfg.progress, cache_max_gb=cfg.cache_max_gb,
-        )
-        done: list[int] = []
-        if resuming:
-            done = agent.restore(load_checkpoint(out / "checkpoints"), stream, memory_dir=out / "memory")
-            console.print(f"resuming {out}: experiences {done} already done")
+    agent = Agent(
+        cfg.backbone.name, cfg.strategy.name, backbone_params=cfg.backbone.params,
+        strategy_params=cfg.strategy.params, callbacks=callbacks, device=device, seed=cfg.seed,
+        deterministic=cfg.deterministic, task_aware=stream.task_aware, eval_batch_size=cfg.eval.batch_size,
+        progress=cfg.progress and rank == 0, cache_max_gb=cfg.cache_max_gb, rank=rank, world_size=dist.world_size(),
+    )
+    agent.ctx.stop = stop
+    done: list[int] = []
+    if resuming:
+        done = agent.restore(load_checkpoint(out / "checkpoints"), stream, memory_dir=out / "memory")
+        console.print(f"resuming {out}: experiences {done} already done")
+    try:
         agent.callbacks.before_run(agent, stream)
         for i, exp in enumerate(stream):
             if exp.id in done:
@@ -138,11 +186,12 @@ def run(
             future = stream.experiences[i + 1 :] if cfg.eval.future else ()
             agent.learn(exp, future=future)
         agent.callbacks.after_run(agent)
-        metrics = metrics_cb.metrics(agent)
-    console.print(f"run directory: {out}")
-    if (out / "report.html").exists() and (report or "report" in cfg.loggers):
-        console.print(f"report: {out / 'report.html'}")
-    return metrics
+    except RunInterrupted:
+        for cb in agent.callbacks.callbacks:  # flush what the loggers hold; the checkpoint is already on disk
+            if hasattr(cb, "close"):
+                cb.close()
+        raise
+    return metrics_cb.metrics(agent)
 
 
 def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:

@@ -20,12 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
+from cl import distributed as dist
 from cl.adapters import adapters_off, pools
 from cl.backbones.base import Backbone, State
 from cl.cache import CachedStates, PrefixCache, is_augmented
 from cl.data import iterate_batches
 from cl.errors import CheckpointError, TrainingError
+from cl.interrupt import RunInterrupted
 from cl.seed import derive_seed
+from scenarios.builders import subset
 from scenarios.stream import Experience
 
 
@@ -43,6 +46,15 @@ class Context:
     rank: int = 0
     world_size: int = 1
     eval_batch_size: int = 256
+    stop: Any = None  # cl.interrupt.GracefulStop of the run (None: signals are not intercepted)
+
+    def check_stop(self, where: str) -> None:
+        """Raise ``RunInterrupted`` if a stop was requested (on any rank: every rank must call this at the same
+        points of the run, e.g. after each training step)."""
+        requested = self.stop is not None and self.stop.requested is not None
+        if dist.any_rank(requested):
+            name = self.stop.requested if requested else "a signal on another rank"
+            raise RunInterrupted(f"stopped by {name} {where}", signal_name=name)
 
     def generator(self, *salt: int) -> torch.Generator:
         """A CPU generator seeded from the run seed and ``salt`` (e.g. experience, epoch)."""
@@ -140,22 +152,41 @@ class Strategy(nn.Module):
             for it, (state, y) in enumerate(batches):
                 if cb is not None:
                     cb.before_iteration(self.ctx.agent, it)
-                loss = self.training_step(state, y.to(self.ctx.device))
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"loss is {loss.item()} at experience {exp.id}, epoch {epoch}, batch {it}: "
-                        "lower the learning rate (strategy.lr) or check the inputs for NaN"
-                    )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(y)
-                count += len(y)
+                loss, n = self._step(opt, params, state, y, exp.id, epoch, it)
+                total += loss * n
+                count += n
                 if cb is not None:
-                    cb.after_iteration(self.ctx.agent, it, loss.item())
+                    cb.after_iteration(self.ctx.agent, it, loss)
+                self.ctx.check_stop(f"after step {it} of epoch {epoch} of experience {exp.id}")
+            total, count = dist.all_sum([total, count])
             self.eval()
             if cb is not None:
                 cb.after_epoch(self.ctx.agent, exp, epoch, {"loss": total / max(count, 1)})
+
+    def _step(self, opt: torch.optim.Optimizer, params: list[nn.Parameter], state: State, y: torch.Tensor,
+              exp_id: int, epoch: int, it: int) -> tuple[float, int]:
+        """One optimiser step on a global batch; in a distributed run on this rank's rows of it, with gradients
+        averaged over ranks (the same update as one process on the whole batch). Returns this rank's loss and
+        row count."""
+        y_local = y
+        if dist.is_distributed():
+            rows = dist.local_rows(len(y))
+            state, y_local = _rows(state, rows), y[rows]
+        opt.zero_grad(set_to_none=True)
+        loss = self.training_step(state, y_local.to(self.ctx.device)) if len(y_local) else None
+        bad = loss is not None and not bool(torch.isfinite(loss))
+        if dist.any_rank(bad):
+            value = loss.item() if bad else "not finite on another rank"
+            raise TrainingError(
+                f"loss is {value} at experience {exp_id}, epoch {epoch}, batch {it}: lower the learning rate "
+                "(strategy.lr) or check the inputs for NaN; the run stopped before this step, and the last "
+                "checkpoint (the previous experience) is kept"
+            )
+        if loss is not None:
+            loss.backward()
+        dist.average_gradients(params, len(y_local) / max(len(y), 1))
+        opt.step()
+        return (loss.item() if loss is not None else 0.0), len(y_local)
 
     def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
         """Loss of one batch of prefix states (at ``frozen_depth``) and targets."""
@@ -220,18 +251,21 @@ class Strategy(nn.Module):
         """``embed`` of every item of ``dataset`` ``[N, D]`` (CPU, in order) and its targets ``[N]``.
 
         The last dataset's are kept until the next experience, so the replay buffer and the journal share one pass.
+        In a distributed run each rank embeds its shard and every rank gets all rows.
         """
         if self._embedded is not None and self._embedded[0] is dataset:
             return self._embedded[1], self._embedded[2]
         was = self.training
         self.eval()
         z, y = [], []
-        for state, target in self.iterate_states(dataset, self.ctx.eval_batch_size, desc=desc):
+        rows = dist.local_rows(len(dataset)) if dist.is_distributed() else None
+        for state, target in self.iterate_states(dataset, self.ctx.eval_batch_size, desc=desc, rows=rows):
             z.append(self.embed(state).cpu())
             y.append(target.cpu())
         self.train(was)
         dim = self.backbone.embed_dim
         out = (torch.cat(z) if z else torch.zeros(0, dim), torch.cat(y) if y else torch.zeros(0, dtype=torch.long))
+        out = (dist.gather_rows(out[0]), dist.gather_rows(out[1]))
         self._embedded = (dataset, *out)
         return out
 
@@ -258,19 +292,25 @@ class Strategy(nn.Module):
 
     def iterate_states(
         self, dataset, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
-        desc: str = "batches",
+        desc: str = "batches", rows: slice | None = None,
     ) -> Iterator[tuple[State, torch.Tensor]]:
-        """``(prefix state, targets)`` batches: from the cache, or computed batch by batch."""
+        """``(prefix state, targets)`` batches: from the cache, or computed batch by batch. ``rows``: only these
+        rows of ``dataset``, in order (a rank's shard; cached states are sliced, others computed for them alone)."""
         depth = self.frozen_depth
         cached = self.states(dataset, depth)
+        n = len(dataset) if rows is None else len(range(rows.start, rows.stop))
         if cached is not None:
-            it = cached.batches(batch_size, shuffle, generator)
+            if rows is None:
+                it = cached.batches(batch_size, shuffle, generator)
+            else:
+                it = (cached.take(i) for i in torch.arange(rows.start, rows.stop).split(batch_size))
             dev = self.ctx.device
             it = ((_to(s, dev), y) for s, y in it)
         else:
-            it = self._fresh_states(dataset, depth, batch_size, shuffle, generator)
+            part = dataset if rows is None else subset(dataset, range(rows.start, rows.stop))
+            it = self._fresh_states(part, depth, batch_size, shuffle, generator)
         if self.ctx.progress is not None:
-            it = self.ctx.progress(it, math.ceil(len(dataset) / batch_size), desc)
+            it = self.ctx.progress(it, math.ceil(n / batch_size), desc)
         return it
 
     def _fresh_states(self, dataset, depth, batch_size, shuffle, generator):
@@ -328,6 +368,10 @@ class Strategy(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return {"params_total": total, "params_trainable": trainable}
+
+
+def _rows(state: State, rows: slice) -> State:
+    return tuple(s[rows] for s in state) if isinstance(state, tuple) else state[rows]
 
 
 def _to(state: State, device: torch.device) -> State:

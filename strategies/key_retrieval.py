@@ -142,8 +142,9 @@ class KeyRetrieval(Strategy):
             self.log.record(weights.argmax(-1), self.router.names, truth, owner)
         return self.head(feats)
 
-    def iterate_states(self, dataset, batch_size: int, shuffle: bool = False, generator=None, desc: str = "batches"):
-        batches = super().iterate_states(dataset, batch_size, shuffle, generator, desc)
+    def iterate_states(self, dataset, batch_size: int, shuffle: bool = False, generator=None, desc: str = "batches",
+                       **kw: Any):
+        batches = super().iterate_states(dataset, batch_size, shuffle, generator, desc, **kw)
         if self.training:
             return batches
         return self.log.watch(batches, self.emit, self.experience.id if self.experience is not None else None)

@@ -200,8 +200,9 @@ class MOS(Strategy):
         probs = adapted.softmax(-1) + self.ensemble_weight * original.softmax(-1)
         return probs.clamp_min(1e-30).log().masked_fill(~self.head.known.to(probs.device), float("-inf"))
 
-    def iterate_states(self, dataset, batch_size: int, shuffle: bool = False, generator=None, desc: str = "batches"):
-        batches = super().iterate_states(dataset, batch_size, shuffle, generator, desc)
+    def iterate_states(self, dataset, batch_size: int, shuffle: bool = False, generator=None, desc: str = "batches",
+                       **kw: Any):
+        batches = super().iterate_states(dataset, batch_size, shuffle, generator, desc, **kw)
         if self.training:
             return batches
         return self.log.watch(batches, self.emit, self.experience.id if self.experience is not None else None)

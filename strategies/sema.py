@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from cl import distributed as dist
 from cl.adapters import AdapterConfig, AdapterPool, capturing, inject, routing
 from cl.backbones.base import Backbone, State
 from cl.descriptors import ShiftDetector
@@ -131,7 +132,7 @@ class SEMA(Strategy):
             if len(pool) and not self.always_expand:
                 pooled = self.pooled_inputs(exp.train, [layer], limit=self.scan_samples, generator=gen)
                 decision = self.detector(pool.descriptors, pooled[layer])
-                shift, z = decision.shift, decision.zscores
+                shift, z = dist.broadcast((decision.shift, decision.zscores))  # rank 0 decides for every rank
             else:
                 shift, z = True, {}
             self.emit("expansion" if shift else "reuse", layer=layer, adapter=name if shift else None,
@@ -156,7 +157,7 @@ class SEMA(Strategy):
         if journal is None or not len(journal.agent.memory.ids(kind="task")):
             return
         if self._nearest is None or self._nearest[0] != exp.id:  # one journal query per experience
-            match = journal.nearest_experience(exp, k=1)[0]
+            match = dist.broadcast(journal.nearest_experience(exp, k=1)[0])
             self._nearest = (exp.id, match.experience, match.score)
         _, past, score = self._nearest
         source = pool.names[adapter_used(pool.names[:-1], past)]
