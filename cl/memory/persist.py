@@ -5,14 +5,21 @@ Layout of a memory directory::
     CURRENT              -> the name of the live generation, e.g. "gen-000003"
     gen-000003/          manifest.json (format, version, sha256 and size of every file), metadata.sqlite,
                          index-<kind>.faiss for each non-empty kind
+    KEEP                 (optional) names of older generations that saves must not delete, one a line
 
 A save writes a new ``gen-N.tmp`` next to the live generation, fsyncs every file and the folder, renames
 it to ``gen-N``, then swaps ``CURRENT`` (write ``CURRENT.tmp``, fsync, ``os.replace``: atomic on POSIX and
-Windows) and only then deletes older generations. A crash at any point leaves ``CURRENT`` naming a
-complete generation, so the previous memory stays loadable with every entry it had; leftovers of an
-interrupted save are removed by the next one. Directories are swapped through a pointer file because
-no portable rename replaces a non-empty directory. One process writes a memory at a time (in a
-distributed run, rank 0); a reader racing a writer may find its generation deleted and should retry.
+Windows) and only then deletes older generations, except those ``KEEP`` names. A crash at any point leaves
+``CURRENT`` naming a complete generation, so the previous memory stays loadable with every entry it had; a
+save that fails (a full disk) removes what it wrote, and leftovers of a killed save are removed by the next
+one. Directories are swapped through a pointer file because no portable rename replaces a non-empty
+directory. One process writes a memory at a time (in a distributed run, rank 0); a reader racing a writer
+may find its generation deleted and should retry.
+
+``KEEP`` is how checkpoints (``cl.checkpoint``) pin the generations they name: ``retain`` writes it before
+a save, ``prune`` deletes what is neither live nor retained once the checkpoint is committed, and
+``set_current`` switches back to a retained generation when a run resumes from a checkpoint older than
+the live memory.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +38,7 @@ from cl.errors import CheckpointError, ConfigError
 FORMAT = "clagent.experience_memory"
 FORMAT_VERSION = 1
 CURRENT = "CURRENT"
+KEEP = "KEEP"
 MANIFEST = "manifest.json"
 _GEN = re.compile(r"^gen-(\d{6,})(\.tmp)?$")
 
@@ -40,7 +48,8 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable (a no-op on Windows)."""
     if os.name == "nt":  # Windows cannot open a directory for fsync; its renames are journaled
         return
     fd = os.open(path, os.O_RDONLY)
@@ -48,6 +57,22 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` all at once: a temporary file, fsynced, renamed over it; on failure (a full
+    disk) the temporary file is removed and ``path`` is untouched."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def sha256_file(path: Path) -> str:
@@ -74,38 +99,73 @@ def check_writable(root: Path) -> None:
 
 
 def write_generation(root: Path, write_files: Callable[[Path], list[str]], manifest: dict[str, Any]) -> Path:
-    """Write a new generation with ``write_files(folder) -> file names`` and make it the live one."""
+    """Write a new generation with ``write_files(folder) -> file names`` and make it the live one.
+
+    On failure nothing of the new generation is left behind and the previous one stays live."""
     check_writable(root)
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     if created:
-        _fsync_dir(root.parent)
+        fsync_dir(root.parent)
     numbers = [int(m.group(1)) for p in root.iterdir() if (m := _GEN.match(p.name))]
     name = f"gen-{max(numbers, default=0) + 1:06d}"
-    tmp = root / f"{name}.tmp"
-    tmp.mkdir()
-    files = {}
-    for fname in write_files(tmp):
-        path = tmp / fname
-        _fsync_file(path)
-        files[fname] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    (tmp / MANIFEST).write_text(json.dumps({**manifest, "files": files}, indent=2) + "\n")
-    _fsync_file(tmp / MANIFEST)
-    _fsync_dir(tmp)
-    final = root / name
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    pointer = root / f"{CURRENT}.tmp"
-    with open(pointer, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(pointer, root / CURRENT)
-    _fsync_dir(root)
-    for p in root.iterdir():  # older generations and leftovers of interrupted saves
-        if _GEN.match(p.name) and p.name != name:
-            shutil.rmtree(p, ignore_errors=True)
+    tmp, final = root / f"{name}.tmp", root / name
+    try:
+        tmp.mkdir()
+        files = {}
+        for fname in write_files(tmp):
+            path = tmp / fname
+            _fsync_file(path)
+            files[fname] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        (tmp / MANIFEST).write_text(json.dumps({**manifest, "files": files}, indent=2) + "\n")
+        _fsync_file(tmp / MANIFEST)
+        fsync_dir(tmp)
+        os.replace(tmp, final)
+        fsync_dir(root)
+        write_atomic(root / CURRENT, (name + "\n").encode())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if live_generation(root) != name:
+            shutil.rmtree(final, ignore_errors=True)
+        raise
+    prune(root)
     return final
+
+
+def live_generation(root: Path) -> str | None:
+    """The name ``CURRENT`` holds, or None when ``root`` holds no memory."""
+    return (root / CURRENT).read_text().strip() if is_memory_dir(root) else None
+
+
+def retained(root: Path) -> set[str]:
+    """The generations ``KEEP`` names."""
+    keep = root / KEEP
+    return set(keep.read_text().split()) if keep.is_file() else set()
+
+
+def retain(root: Path, names: Iterable[str]) -> None:
+    """Pin ``names`` (generations): saves and ``prune`` keep them until the next ``retain``."""
+    if is_memory_dir(root):
+        write_atomic(root / KEEP, "".join(f"{n}\n" for n in sorted(set(names))).encode())
+
+
+def prune(root: Path) -> None:
+    """Delete every generation but the live one and the retained ones, and leftovers of interrupted saves."""
+    keep = {live_generation(root), *retained(root)}
+    for p in root.iterdir():
+        if _GEN.match(p.name) and p.name not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def set_current(root: Path, name: str) -> None:
+    """Make the saved generation ``name`` the live one (atomically); CheckpointError if it is not there."""
+    if not _GEN.match(name) or name.endswith(".tmp") or not (root / name / MANIFEST).is_file():
+        kept = sorted(retained(root) | {live_generation(root) or "none"})
+        raise CheckpointError(
+            f"experience memory {root} has no generation {name!r} (it holds {', '.join(kept)}): it was deleted "
+            "or belongs to another run; start the run again with --overwrite"
+        )
+    write_atomic(root / CURRENT, (name + "\n").encode())
 
 
 def read_generation(root: Path, verify: bool = True) -> tuple[Path, dict[str, Any]]:

@@ -1,5 +1,6 @@
 """ExperienceMemory: exact search against numpy, filters, removal, persistence, crashes mid-save, bad input."""
 
+import errno
 import json
 import os
 import signal
@@ -335,9 +336,44 @@ def test_failed_save_leaves_previous_memory_and_is_cleaned_up(tmp_path, monkeypa
             mem.save()
         monkeypatch.undo()
         assert len(ExperienceMemory.load(path)) == 100
+        assert sorted(p.name for p in path.iterdir()) == ["CURRENT", "gen-000001"]  # the failed save cleaned up
+    (path / "gen-000007.tmp").mkdir()  # what a killed save leaves: removed by the next save
     mem.save()
     assert len(ExperienceMemory.load(path)) == 110
-    assert sorted(p.name for p in path.iterdir()) == ["CURRENT", "gen-000005"]
+    assert sorted(p.name for p in path.iterdir()) == ["CURRENT", "gen-000008"]
+
+
+def test_retained_generations_survive_saves_and_can_be_made_live_again(tmp_path):
+    path = tmp_path / "mem"
+    mem = ExperienceMemory(D, path)
+    mem.add(data(30), metas(30))
+    mem.save()
+    persist.retain(path, ["gen-000001"])  # what a checkpoint pins before the next save
+    mem.add(data(5, seed=1), metas(5))
+    mem.save()
+    mem.save()
+    assert sorted(p.name for p in path.iterdir()) == ["CURRENT", "KEEP", "gen-000001", "gen-000003"]
+    persist.set_current(path, "gen-000001")  # resuming from the checkpoint that names it
+    assert len(ExperienceMemory.load(path)) == 30
+    persist.retain(path, [])
+    persist.prune(path)
+    assert sorted(p.name for p in path.iterdir()) == ["CURRENT", "KEEP", "gen-000001"]
+    with pytest.raises(CheckpointError, match=r"has no generation 'gen-000003' \(it holds gen-000001\)"):
+        persist.set_current(path, "gen-000003")
+
+
+def test_disk_full_during_save_keeps_the_previous_generation(tmp_path, monkeypatch):
+    path = tmp_path / "mem"
+    mem = ExperienceMemory(D, path)
+    mem.add(data(40), metas(40))
+    mem.save()
+    mem.add(data(5, seed=1), metas(5))
+    monkeypatch.setattr(memory_module.faiss, "write_index",
+                        lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(OSError, match="No space left"):
+        mem.save()
+    assert sorted(p.name for p in path.iterdir()) == ["CURRENT", "gen-000001"]
+    assert len(ExperienceMemory.load(path)) == 40
 
 
 CHILD = """
