@@ -25,7 +25,8 @@ class EventLog(Callback):
     """Appends strategy events and run milestones to ``events.jsonl``.
 
     Its state is the file size at the last checkpoint: a resumed run truncates the events written
-    after that point, so the journal of a resumed run equals an uninterrupted one.
+    after that point (a run killed before its first checkpoint starts the file again), so the journal of a
+    resumed run equals an uninterrupted one: each experience starts and ends once.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -33,6 +34,7 @@ class EventLog(Callback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = None
         self.experience: int | None = None
+        self.restored = False  # load_state_dict was called: the file is cut back to the checkpoint
 
     def _write(self, kind: str, data: dict[str, Any]) -> None:
         if self._file is None:
@@ -40,6 +42,10 @@ class EventLog(Callback):
         rec = {"t": round(time.time(), 3), "experience": self.experience, "kind": kind, **_jsonable(data)}
         self._file.write(json.dumps(rec) + "\n")
         self._file.flush()
+
+    def before_run(self, agent: Any, stream: Any) -> None:
+        if not self.restored:  # a fresh run: drop the events of an earlier attempt that reached no checkpoint
+            self._truncate(0)
 
     def before_experience(self, agent: Any, exp: Any) -> None:
         self.experience = exp.id
@@ -73,7 +79,11 @@ class EventLog(Callback):
         return {"offset": self.path.stat().st_size if self.path.exists() else 0}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.restored = True
+        self._truncate(state.get("offset", 0))
+
+    def _truncate(self, offset: int) -> None:
         self.close()
         if self.path.exists():
             with open(self.path, "r+b") as f:
-                f.truncate(state.get("offset", 0))
+                f.truncate(offset)

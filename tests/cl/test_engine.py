@@ -1,13 +1,8 @@
-"""Engine: hook order, run-directory contract, resume after a kill, agent save/load."""
+"""Engine: hook order, run-directory contract, NaN stop, agent save/load (kills and resume: test_faults.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -15,11 +10,12 @@ import yaml
 
 from cl.agent import Agent
 from cl.callbacks.base import Callback
+from cl.checkpoint import Checkpointer, load_checkpoint, load_memory
 from cl.config import build_config
 from cl.errors import ConfigError
 from cl.run import run
 from scenarios import create_scenario
-from tests.helpers import TINY_SCENARIO, tiny_config
+from tests.helpers import TINY_SCENARIO, one_thread, tiny_config
 
 
 class Recorder(Callback):
@@ -90,39 +86,6 @@ def test_same_dir_different_config_is_refused(tmp_path):
         run(tiny_config(tmp_path, "finetune"))
 
 
-KILL_SCRIPT = textwrap.dedent(
-    """
-    import os, signal, sys, json
-    from cl.callbacks.base import Callback
-    from cl.run import run
-
-    class KillAt(Callback):
-        def before_experience(self, agent, exp):
-            if exp.id == int(sys.argv[2]):
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    run(json.loads(sys.argv[1]), extra_callbacks=[KillAt()])
-    """
-)
-
-
-@pytest.mark.parametrize("kill_at", [1, 2])
-def test_resume_after_sigkill_matches_uninterrupted(tmp_path, kill_at):
-    ref = run(tiny_config(tmp_path / "ref", "finetune", epochs=2))
-    cfg = tiny_config(tmp_path, "finetune", epochs=2)
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, json.dumps(cfg), str(kill_at)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
-    partial = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert partial["experiences_done"] == kill_at
-    resumed = run(build_config(cfg), resume=True)
-    assert resumed["accuracy_matrix"] == ref["accuracy_matrix"]
-    assert resumed["avg_forgetting"] == ref["avg_forgetting"]
-    kinds = [json.loads(x)["kind"] for x in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
-    assert kinds.count("experience_end") == 3 and kinds.count("experience_start") == 3
-
-
 def test_agent_save_load_predicts_the_same(tmp_path):
     scen = {k: v for k, v in TINY_SCENARIO.items() if k != "name"}
     stream = create_scenario("synthetic", **scen)
@@ -138,13 +101,47 @@ def test_agent_save_load_predicts_the_same(tmp_path):
 
 def test_checkpoint_leaves_out_untouched_pretrained_weights(tmp_path):
     run(tiny_config(tmp_path, "simplecil"))
-    payload = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=False)
+    payload = load_checkpoint(tmp_path / "run" / "checkpoints")
     assert not any(k.startswith("backbone.") for k in payload["strategy"])
     assert "head.sums" in payload["strategy"]
 
 
-def test_nan_loss_stops_with_a_hint(tmp_path):
+class Diverge(Callback):
+    """Fills the trainable weights with NaN before batch ``batch`` of epoch ``epoch`` of experience ``exp_id``."""
+
+    def __init__(self, exp_id: int, epoch: int, batch: int) -> None:
+        self.at, self.now = (exp_id, epoch), None
+        self.batch = batch
+        self.checkpoints: dict[str, bytes] = {}
+
+    def before_experience(self, agent, exp) -> None:
+        if exp.id == self.at[0]:  # what the last good checkpoint looks like
+            ckpts = agent.callbacks.find(Checkpointer).directory
+            self.checkpoints = {p.name: p.read_bytes() for p in ckpts.iterdir()}
+
+    def before_epoch(self, agent, exp, epoch) -> None:
+        self.now = (exp.id, epoch)
+
+    def before_iteration(self, agent, iteration) -> None:
+        if self.now == self.at and iteration == self.batch:
+            with torch.no_grad():
+                for p in agent.strategy.parameters():
+                    if p.requires_grad:
+                        p.fill_(float("nan"))
+
+
+def test_nan_loss_stops_with_a_hint_and_keeps_the_last_good_checkpoint(tmp_path):
     from cl.errors import TrainingError
 
-    with pytest.raises(TrainingError, match="learning rate"):
-        run(tiny_config(tmp_path, "finetune", lr=1e30, optimizer="sgd"))
+    cfg = tiny_config(tmp_path, "finetune", epochs=2, batch_size=16)
+    diverge = Diverge(1, epoch=1, batch=2)
+    with one_thread(), pytest.raises(TrainingError, match=r"at experience 1, epoch 1, batch 2: lower the lear") as err:
+        run(cfg, extra_callbacks=[diverge])
+    assert "last checkpoint (the previous experience) is kept" in str(err.value)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert diverge.checkpoints and {p.name: p.read_bytes() for p in ckpts.iterdir()} == diverge.checkpoints
+    payload = load_checkpoint(ckpts)
+    assert payload["experiences_done"] == [0]
+    assert len(load_memory(tmp_path / "run" / "memory", payload["memory"])) == payload["memory"]["entries"]
+    with one_thread():
+        assert run(build_config(cfg), resume=True)["experiences_done"] == 3  # resumes from it

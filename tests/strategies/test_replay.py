@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cl.agent import Agent
+from cl.checkpoint import load_memory
 from cl.config import build_config
 from cl.errors import CheckpointError, ConfigError
 from cl.memory import ExperienceMemory
@@ -107,16 +108,19 @@ def test_memory_saved_with_checkpoints_and_resume_matches(tmp_path):
     assert sum(m["kind"] == "exemplar" for m in meta) == 30
 
 
-def test_resume_refuses_a_memory_that_does_not_match_the_checkpoint(tmp_path):
+def test_resume_loads_the_memory_generation_its_checkpoint_names(tmp_path):
     cfg = config(tmp_path, "replay", **{**REPLAY, "epochs": 1}, budget=12)
+    memory = tmp_path / "run" / "memory"
     with one_thread():
         with pytest.raises(KeyboardInterrupt):
             run(cfg, extra_callbacks=[StopBefore(2)])
-        mem = ExperienceMemory.load(tmp_path / "run" / "memory")
+        mem = ExperienceMemory.load(memory)
         mem.add(np.ones((1, mem.dim), np.float32), {"kind": "task", "experience": 9})
         mem.save()  # as if the run had stopped after saving the memory of experience 2, before its checkpoint
-        with pytest.raises(CheckpointError, match="stopped between saving the memory and the checkpoint"):
-            run(build_config(cfg), resume=True)
+        run(build_config(cfg), resume=True)  # switches back to the generation the checkpoint names
+    assert ExperienceMemory.load(memory).count(experience=9) == 0
+    with pytest.raises(CheckpointError, match="has no generation 'gen-000099'"):
+        load_memory(memory, {"generation": "gen-000099", "entries": 1})
 
 
 def test_replay_composes_with_another_strategy_through_the_config(tmp_path):
