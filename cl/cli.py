@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         from cl.interrupt import RunInterrupted
 
         if isinstance(e, RunInterrupted):  # cl.run printed where it stopped and how to resume
-            return 143 if e.signal_name == "SIGTERM" else 130
+            return 130 if e.signal_name == "SIGINT" else 143
         Console(stderr=True).print("interrupted; the last finished experience is checkpointed (use --resume)")
         return 130
 

@@ -125,7 +125,9 @@ def run(
         with RunLock(out) if rank == 0 else contextlib.nullcontext(), GracefulStop() as stop:
             metrics = _run_stream(cfg, out, resuming, device, extra_callbacks, console, report, stop)
     except RunInterrupted as e:
-        console.print(f"{e}; the last finished experience is checkpointed: continue with cl run --resume {cfg.out}")
+        where = f"rank {rank}: " if dist.is_distributed() else ""
+        Console(stderr=True).print(f"{where}{e}; the last finished experience is checkpointed: continue with "
+                                   f"cl run --resume {cfg.out}", highlight=False, soft_wrap=True)
         raise
     finally:
         if joined:

@@ -1,0 +1,142 @@
+"""Distributed runs (2 gloo processes via ``cl run --nproc 2``) match one process; graceful SIGTERM stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cl.callbacks.base import Callback
+from cl.checkpoint import load_checkpoint
+from cl.config import build_config
+from cl.distributed import local_rows
+from cl.interrupt import RunInterrupted
+from cl.run import run
+from tests.helpers import tiny_config
+
+PLUGIN = Path(__file__).with_name("sigterm_plugin.py")
+
+
+def cl_run(*args: str, timeout: int = 300, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1", **env_vars}
+    return subprocess.run([sys.executable, "-m", "cl", "run", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def write_config(tmp_path: Path, name: str, strategy: str, imports: list[str] | None = None,
+                 **params) -> tuple[Path, dict]:
+    cfg = tiny_config(tmp_path / name, strategy, epochs=2, batch_size=25, **params)
+    cfg["threads"] = 1
+    if imports:
+        cfg["imports"] = imports
+    cfg["scenario"] = {**cfg["scenario"], "train_per_class": 30}  # batches 25, 25, 10: 13 + 12 rows per rank
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, cfg
+
+
+def events(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+def flat(matrix: list[list[float]]) -> list[float]:
+    """An accuracy matrix's entries; tolerance 0.05 = one of the 24 test items of an experience."""
+    return [a for row in matrix for a in row]
+
+
+def strategy_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    state = load_checkpoint(run_dir / "checkpoints")["strategy"]
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("strategy,params", [("sema", {}), ("replay", {"budget": 24})])
+def test_two_gloo_ranks_match_one_process(tmp_path, strategy, params):
+    path, cfg = write_config(tmp_path, "dist", strategy, **params)
+    proc = cl_run(str(path), "--nproc", "2", "--no-report")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single = run(build_config({**cfg, "out": str(tmp_path / "single")}))
+    dist_dir = Path(cfg["out"])
+    syncs = [e for e in events(dist_dir) if e["kind"] == "sync"]
+    assert len(syncs) == 3  # one check per experience
+    for e in syncs:  # both ranks held bit-identical strategy states and memories, without any copy from rank 0
+        assert e["world_size"] == 2 and e["identical"] and len(set(e["checksums"])) == 1
+        assert len(e["memory_entries"]) == 2 and len(set(e["memory_entries"])) == 1
+    distributed = json.loads((dist_dir / "metrics.json").read_text())
+    assert flat(distributed["accuracy_matrix"]) == pytest.approx(flat(single["accuracy_matrix"]), abs=0.05)
+    a, b = strategy_state(dist_dir), strategy_state(tmp_path / "single")
+    assert a.keys() == b.keys()
+    for k in a:  # the same training up to float summation order, which Adam amplifies where gradients are ~0
+        x, y = a[k].double(), b[k].double()
+        assert (x - y).norm() <= 1e-2 * y.norm() + 1e-6, k
+    if strategy == "sema":
+        kinds = [e["kind"] for e in events(dist_dir)]
+        assert kinds.count("expansion") == [e["kind"] for e in events(tmp_path / "single")].count("expansion")
+
+
+def test_sigterm_on_one_rank_stops_both_at_the_same_step_and_resumes(tmp_path):
+    path, cfg = write_config(tmp_path, "dist", "finetune_sigterm", imports=[str(PLUGIN)])
+    proc = cl_run(str(path), "--nproc", "2", "--no-report", CL_TEST_SIGTERM="1")
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "rank 1: stopped by SIGTERM after step 1 of epoch 0 of experience 1" in out, out[-3000:]
+    assert "stopped by a signal on another rank after step 1 of epoch 0 of experience 1" in out, out[-3000:]
+    run_dir = Path(cfg["out"])
+    assert load_checkpoint(run_dir / "checkpoints")["experiences_done"] == [0]
+    proc = cl_run("--resume", str(run_dir), "--nproc", "2", "--no-report")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ref_cfg = {**cfg, "strategy": {**cfg["strategy"], "name": "finetune"}, "out": str(tmp_path / "ref"), "imports": []}
+    ref = run(build_config(ref_cfg))
+    resumed = json.loads((run_dir / "metrics.json").read_text())
+    assert flat(resumed["accuracy_matrix"]) == pytest.approx(flat(ref["accuracy_matrix"]), abs=0.05)
+
+
+class SignalAt(Callback):
+    """Sends ``signum`` to this process at iteration ``it`` of experience ``exp_id`` (``times`` signals)."""
+
+    def __init__(self, exp_id: int, it: int, signum: int = signal.SIGTERM, times: int = 1) -> None:
+        self.exp_id, self.it, self.signum, self.times = exp_id, it, signum, times
+        self.current = -1
+
+    def before_experience(self, agent, exp) -> None:
+        self.current = exp.id
+
+    def after_iteration(self, agent, iteration, loss) -> None:
+        if self.current == self.exp_id and iteration == self.it:
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)
+
+
+def test_sigterm_finishes_the_step_keeps_the_checkpoint_and_resumes_identically(tmp_path):
+    ref = run(tiny_config(tmp_path / "ref", "finetune", epochs=2))
+    cfg = tiny_config(tmp_path, "finetune", epochs=2)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RunInterrupted, match="stopped by SIGTERM after step 0 of epoch 0 of experience 1"):
+        run(cfg, extra_callbacks=[SignalAt(1, 0)])
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
+    run_dir = tmp_path / "run"
+    assert load_checkpoint(run_dir / "checkpoints")["experiences_done"] == [0]
+    assert json.loads((run_dir / "metrics.json").read_text())["experiences_done"] == 1
+    resumed = run(build_config(cfg), resume=True)
+    assert resumed["accuracy_matrix"] == ref["accuracy_matrix"]
+
+
+def test_a_second_signal_stops_at_once(tmp_path):
+    with pytest.raises(KeyboardInterrupt) as info:
+        run(tiny_config(tmp_path, "finetune", epochs=2), extra_callbacks=[SignalAt(0, 0, signal.SIGINT, times=2)])
+    assert not isinstance(info.value, RunInterrupted)
+    assert "second SIGINT" in str(info.value)
+
+
+@pytest.mark.parametrize("n,world", [(0, 2), (1, 2), (5, 2), (64, 3), (7, 7), (3, 4)])
+def test_local_rows_partition_the_batch(n, world):
+    parts = [local_rows(n, r, world) for r in range(world)]
+    assert [i for p in parts for i in range(p.start, p.stop)] == list(range(n))
+    sizes = [p.stop - p.start for p in parts]
+    assert max(sizes) - min(sizes) <= 1
