@@ -97,9 +97,9 @@ def headings(sizes: dict[str, tuple[int | None, int | None]], weights: str) -> d
     w = " (random init)" if weights == "none" else ""
     return {
         "fmnist": f"**Split-FashionMNIST**, 5 experiences x 2 classes, {subset('fmnist')}; "
-                  f"EfficientNet-Lite0{w or ' ImageNet'} at 64 px; 1 torch thread per run",
+                  f"EfficientNet-Lite0{w or ' ImageNet'} at {32 if w else 64} px; 1 torch thread per run",
         "fortunes": f"**Split-fortunes** (text), 5 experiences x 5 categories, {subset('fortunes')}; "
-                    f"MiniLM-L6{w or ' (all-MiniLM-L6-v2)'}; 1 torch thread per run",
+                    f"{'a 3-layer MiniLM' + w if w else 'MiniLM-L6 (all-MiniLM-L6-v2)'}; 1 torch thread per run",
     }
 
 

@@ -31,8 +31,13 @@ STREAMS: dict[str, dict[str, Any]] = {
                                                          "img_size": 64}},
     "fortunes": {"scenario": "split_fortunes", "backbone": {"name": "minilm", "weights": "pretrained"}},
 }
-RANDOM_WEIGHTS = {"efficientnet_lite0": {"weights": "none"},
-                  "minilm": {"weights": "none", "max_length": 32}}
+# --weights none (smoke tests): random init, and smaller inputs / a 3-layer MiniLM to keep them fast
+RANDOM_WEIGHTS: dict[str, dict[str, Any]] = {
+    "efficientnet_lite0": {"weights": "none", "img_size": 32},
+    "minilm": {"weights": "none", "max_length": 32,
+               "config": {"num_hidden_layers": 3, "hidden_size": 64, "num_attention_heads": 2,
+                          "intermediate_size": 128}},
+}
 
 
 @dataclasses.dataclass(frozen=True)

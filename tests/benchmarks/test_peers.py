@@ -1,0 +1,62 @@
+"""``python -m benchmarks.peers --quick``: every method yields a row with its metrics; finished runs are skipped."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.peers.__main__ import main
+from benchmarks.peers.grid import AVALANCHE_METHODS, OUR_METHODS, TEXT_METHODS, RunSpec, build_grid
+from benchmarks.peers.report import markdown, summarize_runs
+
+pytestmark = [pytest.mark.slow, pytest.mark.realdata]  # Debian FashionMNIST and fortunes; random-init backbones
+
+
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_quick_grid_has_every_method_and_resumes(tmp_path, capsys, restore_threads):
+    out, work = tmp_path / "peers", tmp_path / "work"
+    argv = ["--quick", "--weights", "none", "--out", str(out), "--work", str(work)]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "peers.json").read_text())
+    assert summary["quick"] and summary["command"].startswith("python -m benchmarks.peers --quick")
+    assert summary["machine"]["cpus"] and not summary["missing"] and not summary["class_order_problems"]
+    got = {(r["stream"], r["framework"], r["method"]) for r in summary["rows"]}
+    want = {("fmnist", "ours", m) for m in OUR_METHODS} | {("fmnist", "avalanche", m) for m in AVALANCHE_METHODS}
+    assert got == want | {("fortunes", "ours", m) for m in TEXT_METHODS}
+    for r in summary["rows"]:
+        for m in ("final_accuracy", "avg_incremental_accuracy", "avg_forgetting"):
+            assert 0.0 <= r[m] <= 1.0, (r, m)
+        assert r["wall_s"] > 0 and r["cpu_s"] > 0 and r["peak_rss_mb"] > 0 and r["seeds"] == [0]
+    for run in summary["runs"]:
+        assert len(run["accuracy_matrix"]) == 5 and len(run["accuracy_matrix"][-1]) == 5
+    # Avalanche saw the very stream (class order) our runs saw
+    orders = {json.dumps(r["class_order"]) for r in summary["runs"] if r["spec"]["stream"] == "fmnist"}
+    assert len(orders) == 1
+    stamps = {f.name: f.stat().st_mtime_ns for f in out.glob("*.json")}
+    assert len(stamps) == len(summary["runs"])
+    capsys.readouterr()
+
+    assert main(argv) == 0  # a second invocation runs nothing
+    assert capsys.readouterr().out.count("done, skipped") == len(stamps)
+    assert {f.name: f.stat().st_mtime_ns for f in out.glob("*.json")} == stamps
+
+
+def test_subset_changes_are_new_runs_and_table_shows_mean_and_std():
+    specs = build_grid([0, 1], {"fmnist": (10, 5), "fortunes": (None, None)}, ["fmnist"], ["avalanche:naive"])
+    assert [s.key for s in specs] == ["fmnist-avalanche-naive-s0", "fmnist-avalanche-naive-s1"]
+    assert specs[0].scenario == {"name": "split_fmnist", "n_experiences": 5, "seed": 0, "train_per_class": 10,
+                                 "test_per_class": 5}
+    runs = [{"spec": s.to_dict(), "final_accuracy": a, "avg_incremental_accuracy": a, "avg_forgetting": 0.1,
+             "wall_s": 1.0, "cpu_s": 1.0, "peak_rss_mb": 100.0} for s, a in zip(specs, (0.5, 0.7), strict=True)]
+    rows = summarize_runs(runs)
+    assert rows[0]["seeds"] == [0, 1] and rows[0]["final_accuracy"] == pytest.approx(0.6)
+    assert "**0.6000 ± 0.1414**" in markdown(rows, {"fmnist": "heading"})
+    assert RunSpec(**specs[0].to_dict()) == specs[0]
