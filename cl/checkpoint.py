@@ -18,8 +18,8 @@ delete to resume from it (no silent fallback: a bad newest file means something 
 The agent's experience memory (``cl.memory.persist``) is saved just before the checkpoint, which records the
 generation it goes with. ``Checkpointer`` pins the generations its kept checkpoints name (the memory's
 ``KEEP`` file) before saving, and prunes the others once the new checkpoint is committed. A crash between
-the two saves leaves the memory a generation ahead of the checkpoint; ``load_memory`` switches it back to
-the generation the checkpoint names, so resuming always works.
+the two saves leaves the memory a generation ahead of the checkpoint; ``load_memory`` reads the generation
+the checkpoint names, so resuming always works (and loading never writes).
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from cl.memory.persist import (
     prune,
     read_generation,
     retain,
-    set_current,
     write_atomic,
 )
 
@@ -219,14 +218,9 @@ def save_memory(memory: ExperienceMemory, directory: str | Path) -> dict[str, An
 
 
 def load_memory(directory: str | Path, expected: dict[str, Any]) -> ExperienceMemory:
-    """Load the memory generation a checkpoint recorded (``save_memory``'s return) from ``directory``.
-
-    A memory saved after that checkpoint (a run killed between the two saves) is switched back to it."""
-    directory = Path(directory)
-    generation = str(expected.get("generation"))
-    if live_generation(directory) != generation:
-        set_current(directory, generation)
-    memory = ExperienceMemory.load(directory)
+    """Load the memory generation a checkpoint recorded (``save_memory``'s return) from ``directory``, also when
+    a later one is live (a run killed between saving the memory and the checkpoint)."""
+    memory = ExperienceMemory.load(directory, generation=str(expected.get("generation")))
     if len(memory) != expected.get("entries"):
         raise CheckpointError(f"the experience memory in {directory} holds {len(memory)} entries, the checkpoint "
                               f"expects {expected.get('entries')}; start the run again with --overwrite")

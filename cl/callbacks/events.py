@@ -76,10 +76,11 @@ class EventLog(Callback):
         if self._file is not None:
             self._file.flush()
             os.fsync(self._file.fileno())
-        return {"offset": self.path.stat().st_size if self.path.exists() else 0}
+        return {"offset": self.path.stat().st_size if self.path.exists() else 0, "experience": self.experience}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.restored = True
+        self.experience = state.get("experience")  # what later events (run_end) are stamped with
         self._truncate(state.get("offset", 0))
 
     def _truncate(self, offset: int) -> None:

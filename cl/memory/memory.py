@@ -375,13 +375,15 @@ class ExperienceMemory:
         return target
 
     @classmethod
-    def load(cls, path: str | Path, *, gpu: bool | None = None, verify: bool = True) -> ExperienceMemory:
+    def load(cls, path: str | Path, *, gpu: bool | None = None, verify: bool = True,
+             generation: str | None = None) -> ExperienceMemory:
         """Open a saved memory; a missing, foreign, corrupted or newer-format one raises CheckpointError.
 
         ``verify`` checks every file against its sha256 in the manifest (reads each file once more).
+        ``generation`` opens that saved generation instead of the live one (one a checkpoint retained).
         """
         root = Path(path)
-        gen, manifest = read_generation(root, verify=verify)
+        gen, manifest = read_generation(root, verify=verify, generation=generation)
         try:
             mem = cls(manifest["dim"], None, manifest["metric"], gpu=gpu, **manifest["config"])
             next_id = int(manifest["next_id"])

@@ -17,9 +17,9 @@ directory. One process writes a memory at a time (in a distributed run, rank 0);
 may find its generation deleted and should retry.
 
 ``KEEP`` is how checkpoints (``cl.checkpoint``) pin the generations they name: ``retain`` writes it before
-a save, ``prune`` deletes what is neither live nor retained once the checkpoint is committed, and
-``set_current`` switches back to a retained generation when a run resumes from a checkpoint older than
-the live memory.
+a save, ``prune`` deletes what is neither live nor retained once the checkpoint is committed, and a run
+resuming from a checkpoint older than the live memory reads the retained generation it names
+(``read_generation(root, generation=...)``), without writing anything.
 """
 
 from __future__ import annotations
@@ -157,19 +157,9 @@ def prune(root: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def set_current(root: Path, name: str) -> None:
-    """Make the saved generation ``name`` the live one (atomically); CheckpointError if it is not there."""
-    if not _GEN.match(name) or name.endswith(".tmp") or not (root / name / MANIFEST).is_file():
-        kept = sorted(retained(root) | {live_generation(root) or "none"})
-        raise CheckpointError(
-            f"experience memory {root} has no generation {name!r} (it holds {', '.join(kept)}): it was deleted "
-            "or belongs to another run; start the run again with --overwrite"
-        )
-    write_atomic(root / CURRENT, (name + "\n").encode())
-
-
-def read_generation(root: Path, verify: bool = True) -> tuple[Path, dict[str, Any]]:
-    """The live generation's folder and manifest; raises CheckpointError saying what is wrong."""
+def read_generation(root: Path, verify: bool = True, generation: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """The live generation's folder and manifest (``generation``'s: a retained one); raises CheckpointError
+    saying what is wrong."""
     if not root.exists():
         raise CheckpointError(f"no experience memory at {root} (the directory does not exist)")
     if not is_memory_dir(root):
@@ -177,8 +167,12 @@ def read_generation(root: Path, verify: bool = True) -> tuple[Path, dict[str, An
             f"{root} is not an experience memory (no {CURRENT} file); create one with "
             "ExperienceMemory(dim, path=...) and save() it"
         )
-    name = (root / CURRENT).read_text().strip()
+    name = generation or (root / CURRENT).read_text().strip()
     gen = root / name
+    if generation and not (_GEN.match(name) and not name.endswith(".tmp") and (gen / MANIFEST).is_file()):
+        held = sorted({live_generation(root), *retained(root)} - {None})
+        raise CheckpointError(f"experience memory {root} has no generation {name!r} (it holds {', '.join(held)}): "
+                              "it was deleted, or the checkpoint naming it belongs to another memory")
     if not _GEN.match(name) or name.endswith(".tmp") or not (gen / MANIFEST).is_file():
         raise CheckpointError(
             f"experience memory {root} is corrupted: {CURRENT} names {name!r}, which is not a saved generation "

@@ -2,8 +2,9 @@
 
 The killed runs are forked children of the test process (no second import of torch: a kill costs a fraction of a
 second) that SIGKILL themselves at the k-th durable step of the run: an ``os.fsync``, an ``os.replace`` or a
-training iteration. Steps are counted in an uninterrupted reference run first, and each seed draws k from its
-own sixth of them, so the kills spread over the whole run, most inside metrics, memory and checkpoint saves.
+training iteration. Steps are counted in an uninterrupted reference run first; each seed draws k from its own
+quarter of them, so the kills spread over the whole run, most inside metrics, memory and checkpoint saves, and
+two kills land on each side of the rename that commits a checkpoint.
 """
 
 from __future__ import annotations
@@ -158,11 +159,15 @@ def assert_readable(run_dir: Path) -> str:
 
 
 def assert_tidy(run_dir: Path) -> None:
-    """Only the kept checkpoints, the memory generations they name, no temporary files."""
-    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert ckpts == [f"ckpt-{n:06d}.{ext}" for n in (2, 3) for ext in ("json", "pt")], ckpts
-    names = sorted(p.name for p in (run_dir / "memory").iterdir())
-    assert names == ["CURRENT", "KEEP", *sorted(memory_generations(run_dir / "checkpoints"))], names
+    """No temporary or orphaned files; the newest checkpoint holds every experience; every memory generation on
+    disk is live or named by a checkpoint (a kill after the last commit may leave one older checkpoint)."""
+    ckpts = {p.name for p in (run_dir / "checkpoints").iterdir()}
+    stems = sorted({name.rsplit(".", 1)[0] for name in ckpts})
+    assert ckpts == {f"{stem}.{ext}" for stem in stems for ext in ("json", "pt")}, ckpts
+    assert stems[-1] == "ckpt-000003" and len(stems) <= 3, stems
+    names = {p.name for p in (run_dir / "memory").iterdir()} - {"CURRENT", "KEEP"}
+    in_use = memory_generations(run_dir / "checkpoints") | {(run_dir / "memory" / "CURRENT").read_text().strip()}
+    assert names <= in_use, names
     assert not list(run_dir.glob("*.tmp"))
 
 
@@ -184,16 +189,29 @@ def reference(request, tmp_path_factory) -> Reference:
     return Reference(lambda path: config(path, strategy), Outcome.of(Path(cfg["out"])), trip.steps)
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_sigkill_anywhere_then_resume_matches_uninterrupted(reference, tmp_path, seed):
-    n = len(reference.steps)
-    lo, hi = seed * n // 6, (seed + 1) * n // 6
-    kill_at = lo + 1 + int(np.random.default_rng(seed).integers(hi - lo))
+COMMIT = "replace ckpt-000002.json"  # the rename that commits the checkpoint of experience 1
+
+
+def kill_point(steps: list[str], point: int | str) -> int:
+    """The step to kill before: seed ``point`` draws one from its quarter of the run; ``before commit`` leaves the
+    memory of experience 1 saved but not its checkpoint, ``after commit`` both, the memory not yet pruned."""
+    if isinstance(point, str):
+        return steps.index(COMMIT) + (1 if point == "before commit" else 2)
+    lo, hi = point * len(steps) // 4, (point + 1) * len(steps) // 4
+    return lo + 1 + int(np.random.default_rng(point).integers(hi - lo))
+
+
+@pytest.mark.parametrize("point", [0, 1, 2, 3, "before commit", "after commit"])
+def test_sigkill_anywhere_then_resume_matches_uninterrupted(reference, tmp_path, point):
+    kill_at = kill_point(reference.steps, point)
     cfg = reference.cfg_of(tmp_path)
     run_dir = Path(cfg["out"])
     run_killed(cfg, kill_at)
     state = assert_readable(run_dir)
-    print(f"killed before step {kill_at}/{n} ({reference.steps[kill_at - 1]}); the directory holds {state}")
+    print(f"killed before step {kill_at}/{len(reference.steps)} ({reference.steps[kill_at - 1]}): {state}")
+    if point == "before commit":  # the memory is a generation ahead of the checkpoint
+        assert state == "experiences [0], memory gen-000001"
+        assert (run_dir / "memory" / "CURRENT").read_text().strip() == "gen-000002"
     run_quietly(cfg, resume=True)
     Outcome.of(run_dir).assert_equal(reference.outcome)
     assert_tidy(run_dir)

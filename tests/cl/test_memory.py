@@ -343,7 +343,7 @@ def test_failed_save_leaves_previous_memory_and_is_cleaned_up(tmp_path, monkeypa
     assert sorted(p.name for p in path.iterdir()) == ["CURRENT", "gen-000008"]
 
 
-def test_retained_generations_survive_saves_and_can_be_made_live_again(tmp_path):
+def test_retained_generations_survive_saves_and_still_load(tmp_path):
     path = tmp_path / "mem"
     mem = ExperienceMemory(D, path)
     mem.add(data(30), metas(30))
@@ -353,13 +353,13 @@ def test_retained_generations_survive_saves_and_can_be_made_live_again(tmp_path)
     mem.save()
     mem.save()
     assert sorted(p.name for p in path.iterdir()) == ["CURRENT", "KEEP", "gen-000001", "gen-000003"]
-    persist.set_current(path, "gen-000001")  # resuming from the checkpoint that names it
-    assert len(ExperienceMemory.load(path)) == 30
+    assert len(ExperienceMemory.load(path, generation="gen-000001")) == 30  # resuming from that checkpoint
+    assert len(ExperienceMemory.load(path)) == 35
     persist.retain(path, [])
     persist.prune(path)
-    assert sorted(p.name for p in path.iterdir()) == ["CURRENT", "KEEP", "gen-000001"]
-    with pytest.raises(CheckpointError, match=r"has no generation 'gen-000003' \(it holds gen-000001\)"):
-        persist.set_current(path, "gen-000003")
+    assert sorted(p.name for p in path.iterdir()) == ["CURRENT", "KEEP", "gen-000003"]
+    with pytest.raises(CheckpointError, match=r"has no generation 'gen-000001' \(it holds gen-000003\)"):
+        ExperienceMemory.load(path, generation="gen-000001")
 
 
 def test_disk_full_during_save_keeps_the_previous_generation(tmp_path, monkeypatch):
