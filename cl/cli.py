@@ -28,27 +28,26 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from cl.config import build_config, read_yaml
+    from cl.config import build_config, read_yaml, resolve
     from cl.run import load_run_config, run
-
-    if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        from cl.distributed import launch
-
-        return launch(args.nproc, _without_nproc(args.argv))
 
     if args.resume:
         if args.config or args.strategy or args.scenario or args.backbone or args.seed is not None:
             raise CLError("--resume takes the config from RUN/config.yaml; drop the other config options")
         cfg = load_run_config(args.resume, args.set)
-        run(cfg, resume=True, report=args.report)
-        return 0
-    data = read_yaml(args.config) if args.config else {}
-    components = {"strategy": args.strategy, "scenario": args.scenario, "backbone": args.backbone}
-    loggers = args.logger.split(",") if args.logger else None
-    imports = [*data.get("imports", []), *args.imports] if args.imports else None
-    cfg = build_config(data, args.set, components, seed=args.seed, out=args.out, loggers=loggers,
-                       device=args.device, imports=imports)
-    run(cfg, overwrite=args.overwrite, report=args.report)
+    else:
+        data = read_yaml(args.config) if args.config else {}
+        components = {"strategy": args.strategy, "scenario": args.scenario, "backbone": args.backbone}
+        loggers = args.logger.split(",") if args.logger else None
+        imports = [*data.get("imports", []), *args.imports] if args.imports else None
+        cfg = build_config(data, args.set, components, seed=args.seed, out=args.out, loggers=loggers,
+                           device=args.device, imports=imports)
+    if args.nproc is not None and args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from cl.distributed import launch
+
+        resolve(cfg)  # a bad config fails here, once, instead of in every rank
+        return launch(args.nproc, _without_nproc(args.argv))
+    run(cfg, resume=bool(args.resume), overwrite=args.overwrite, report=args.report)
     return 0
 
 
