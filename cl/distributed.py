@@ -123,11 +123,18 @@ def all_gather(obj: Any) -> list[Any]:
     return out
 
 
+def _comm_device() -> torch.device:
+    """Where small collective tensors live: the current GPU under NCCL (it reduces only CUDA tensors), else CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_sum(values: list[float] | list[int]) -> list[float]:
     """Element-wise sum of a list of numbers over ranks (float64)."""
     if not is_distributed():
         return [float(v) for v in values]
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t)
     return t.tolist()
 
@@ -136,7 +143,7 @@ def any_rank(flag: bool) -> bool:
     """True on every rank when ``flag`` is true on any (e.g. a stop request)."""
     if not is_distributed():
         return flag
-    t = torch.tensor([int(flag)])
+    t = torch.tensor([int(flag)], device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
@@ -152,7 +159,7 @@ def average_gradients(params: list[nn.Parameter], weight: float) -> None:
     offset = 0
     for p, g in zip(params, grads, strict=True):
         n = g.numel()
-        p.grad = flat[offset : offset + n].view_as(p).clone()
+        p.grad = flat[offset : offset + n].view_as(p)
         offset += n
 
 
