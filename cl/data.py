@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from cl.errors import DataError
 
@@ -29,7 +29,7 @@ class ArrayDataset(Dataset):
     def __init__(self, inputs: Inputs | np.ndarray, targets: Sequence[int] | np.ndarray | torch.Tensor) -> None:
         if isinstance(inputs, np.ndarray):
             inputs = torch.from_numpy(np.ascontiguousarray(inputs))
-        targets = torch.as_tensor(np.asarray(targets), dtype=torch.long)
+        targets = as_labels(targets)
         if targets.ndim != 1:
             raise DataError(f"targets must be 1-D, got shape {tuple(targets.shape)}")
         if len(inputs) != len(targets):
@@ -59,11 +59,39 @@ class ArrayDataset(Dataset):
         return [self.inputs[int(i)] for i in index], self.targets[index]
 
 
+def as_labels(targets: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Class ids as a long tensor; fractional, boolean or non-numeric labels raise DataError (no silent rounding)."""
+    if isinstance(targets, torch.Tensor):
+        if targets.dtype == torch.long:
+            return targets
+        targets = targets.detach().cpu().numpy()
+    try:
+        arr = np.asarray(targets)
+    except ValueError as e:  # ragged nesting
+        raise DataError(f"targets must be a flat list of class ids ({e})") from None
+    if arr.size and arr.dtype.kind not in "iuf":
+        raise DataError(f"targets must be integer class ids, got dtype {arr.dtype} (map names to ids first)")
+    if arr.dtype.kind == "f" and not np.array_equal(arr, np.round(arr)):
+        bad = arr[arr != np.round(arr)][:5].tolist()
+        raise DataError(f"targets must be integer class ids, got non-integer values such as {bad}")
+    return torch.as_tensor(arr.astype(np.int64, copy=False))
+
+
+def known_targets(dataset: Dataset | None) -> torch.Tensor | None:
+    """The labels of ``dataset`` when it exposes them without loading items (a ``targets`` attribute, or a
+    ``ConcatDataset`` of such parts); else None."""
+    if isinstance(dataset, ConcatDataset):
+        parts = [known_targets(d) for d in dataset.datasets]
+        return None if any(p is None for p in parts) else torch.cat([torch.empty(0, dtype=torch.long), *parts])
+    t = getattr(dataset, "targets", None)
+    return None if t is None else as_labels(t)
+
+
 def targets_of(dataset: Dataset) -> torch.Tensor:
     """Integer targets of a dataset: its ``targets`` attribute, or read item by item."""
-    t = getattr(dataset, "targets", None)
+    t = known_targets(dataset)
     if t is not None:
-        return torch.as_tensor(np.asarray(t), dtype=torch.long)
+        return t
     return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
 
 

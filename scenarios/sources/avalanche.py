@@ -61,7 +61,7 @@ def from_avalanche(
 
     Test experience ``i`` pairs with train experience ``i``; a single test experience is split by
     the classes of each train experience. ``kind`` defaults to ``"task"`` when task labels differ,
-    ``"domain"`` when every experience holds the same classes, else ``"class"``.
+    ``"domain"`` when a class recurs in another experience, else ``"class"``.
     """
     train_exps, test_exps = list(benchmark.train_stream), list(benchmark.test_stream)
     if len(test_exps) not in (1, len(train_exps)):
@@ -87,8 +87,8 @@ def from_avalanche(
     if kind is None:
         if len({e.task_label for e in experiences}) > 1:
             kind = "task"
-        elif len(experiences) > 1 and all(set(e.classes) == set(experiences[0].classes) for e in experiences):
-            kind = "domain"
+        elif sum(len(e.classes) for e in experiences) > len({c for e in experiences for c in e.classes}):
+            kind = "domain"  # classes recur (all of them, or some: new instances of known classes)
         else:
             kind = "class"
     if kind != "task":
