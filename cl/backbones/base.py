@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from cl.backbones.preprocess import prepare_images
+from cl.errors import DataError
 
 State = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -58,6 +59,20 @@ class Backbone(nn.Module):
             raise NotImplementedError
         return prepare_images(inputs, self.data_config, device or self.device, self.channels_last)
 
+    def check_input(self, x: State) -> None:
+        """Raise DataError unless ``x`` is a model input as ``prepare`` makes it (shapes only, no pass over data).
+
+        Checks image batches against ``data_config.input_size``; other modalities override it."""
+        if self.data_config.modality != "image":
+            return
+        c, h, w = self.data_config.input_size
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != (c, h, w):
+            got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise DataError(
+                f"{self.name or type(self).__name__} takes a prepared batch [B, {c}, {h}, {w}], got {got}: "
+                "pass raw images through backbone.prepare(images) first (it resizes, matches channels, normalises)"
+            )
+
     def forward_stem(self, x: State) -> State:
         """Model input -> state before ``blocks[0]``."""
         raise NotImplementedError
@@ -75,6 +90,7 @@ class Backbone(nn.Module):
     # The three compositions below are shared by every backbone.
     def forward_until(self, x: State, stop: int) -> State:
         """Model input -> state before ``blocks[stop]`` (the frozen prefix output)."""
+        self.check_input(x)
         state = self.forward_stem(x)
         for i in range(stop):
             state = self.forward_block(i, state)
@@ -88,6 +104,7 @@ class Backbone(nn.Module):
 
     def forward_features(self, x: State) -> torch.Tensor:
         """Model input -> embedding ``[B, embed_dim]``."""
+        self.check_input(x)
         return self.forward_from(self.forward_stem(x), 0)
 
     def forward(self, x: State) -> torch.Tensor:

@@ -44,8 +44,20 @@ class MiniLM(Backbone):
 
     def prepare(self, inputs: list[str], device: torch.device | str | None = None) -> TextState:
         """Strings -> ``(input_ids, attention_mask)``, padded to the longest and cut at ``max_length``."""
-        if isinstance(inputs, str) or not all(isinstance(s, str) for s in inputs):
-            raise DataError(f"{self.name} expects a list of strings, got {type(inputs).__name__}")
+        if isinstance(inputs, torch.Tensor):
+            raise DataError(f"{self.name} is a text backbone: it takes a list of strings, got a tensor of shape "
+                            f"{tuple(inputs.shape)} (images need an image backbone, e.g. vit_base_patch16_224)")
+        if isinstance(inputs, str) or not isinstance(inputs, (list, tuple)):
+            raise DataError(
+                f"{self.name} takes a list of strings, got {type(inputs).__name__} (wrap one text in a list)"
+            )
+        if not inputs:
+            raise DataError(f"{self.name} got an empty list of strings: give at least one text")
+        if not all(isinstance(s, str) for s in inputs):
+            bad = next(s for s in inputs if not isinstance(s, str))
+            raise DataError(
+                f"{self.name} takes a list of strings, got an item of type {type(bad).__name__}: {bad!r:.60}"
+            )
         tok = self.tokenizer(
             list(inputs),
             padding=True,
@@ -55,6 +67,14 @@ class MiniLM(Backbone):
         )
         device = device or self.device
         return tok["input_ids"].to(device), tok["attention_mask"].to(device)
+
+    def check_input(self, x: TextState) -> None:
+        """Raise DataError unless ``x`` is ``(input_ids [B, L], attention_mask [B, L])`` as ``prepare`` makes it."""
+        ok = isinstance(x, tuple) and len(x) == 2 and all(isinstance(t, torch.Tensor) for t in x)
+        if not ok or x[0].ndim != 2 or x[0].shape != x[1].shape or x[0].is_floating_point():
+            got = f"a tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise DataError(f"{self.name} takes (input_ids [B, L], attention_mask [B, L]) from "
+                            f"backbone.prepare(strings), got {got}")
 
     def forward_stem(self, x: TextState) -> TextState:
         input_ids, attention_mask = x

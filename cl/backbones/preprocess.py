@@ -26,10 +26,18 @@ def prepare_images(
     """
     channels, height, width = config.input_size
     expected = f"[B, C, H, W] with C = 1 or {channels}"
+    if isinstance(images, (list, tuple)) and images and all(isinstance(s, str) for s in images):
+        raise DataError(f"an image backbone expected an image tensor {expected}, got a list of strings "
+                        "(text needs a text backbone, e.g. minilm)")
     if not isinstance(images, torch.Tensor):
-        raise DataError(f"expected an image tensor {expected}, got {type(images).__name__}")
+        raise DataError(f"expected an image tensor {expected}, got {type(images).__name__} "
+                        "(convert arrays with torch.as_tensor)")
     if images.ndim != 4 or images.shape[1] not in (1, channels):
-        raise DataError(f"expected images of shape {expected}, got shape {tuple(images.shape)}")
+        hint = "; add the batch dimension with images[None]" if images.ndim == 3 else ""
+        hint = "; drop an alpha channel with images[:, :3]" if images.ndim == 4 and images.shape[1] == 4 else hint
+        raise DataError(f"expected images of shape {expected}, got shape {tuple(images.shape)}{hint}")
+    if images.shape[-1] == 0 or images.shape[-2] == 0:
+        raise DataError(f"expected images of shape {expected} with H, W >= 1, got shape {tuple(images.shape)}")
     if images.dtype != torch.uint8 and not images.is_floating_point():
         raise DataError(f"expected uint8 (0-255) or float (0-1) images, got dtype {images.dtype}")
     x = images.to(device, non_blocking=True)
