@@ -43,18 +43,30 @@ class RunConfig(pydantic.BaseModel):
 
     model_config = pydantic.ConfigDict(extra="forbid")
     seed: int = 0
-    device: str = "auto"
+    device: str = "auto"  # auto, cpu, cuda, cuda:N (any torch device string)
     out: str | None = None
-    threads: int | None = None
+    threads: int | None = pydantic.Field(None, ge=1)
     deterministic: bool = True
     progress: bool = True
-    cache_max_gb: float = 8.0
+    cache_max_gb: float = pydantic.Field(8.0, ge=0)
     loggers: list[str] = ["console"]
     imports: list[str] = []  # modules or .py files that register entries (cl.plugins), imported first
     scenario: Component = Component(name="split_fmnist")
     backbone: Component = Component(name="efficientnet_lite0")
     strategy: Component = Component(name="simplecil")
     eval: EvalConfig = EvalConfig()
+
+    @pydantic.field_validator("device")
+    @classmethod
+    def _torch_device(cls, value: str) -> str:
+        if value != "auto":
+            import torch
+
+            try:
+                torch.device(value)
+            except RuntimeError:
+                raise ValueError("not a device: use auto, cpu, cuda or cuda:N") from None
+        return value
 
 
 _COMPONENTS: dict[str, Registry] = {"scenario": SCENARIOS, "backbone": BACKBONES, "strategy": STRATEGIES}
@@ -87,10 +99,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give the YAML file (e.g. {path / 'config.yaml'})")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        with path.open(encoding="utf-8") as f:  # a stream, so YAML errors name the file
+            data = yaml.safe_load(f) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"malformed YAML in {path}: {e}") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"cannot read config file {path} as YAML text ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of settings, got {type(data).__name__}")
     return data
@@ -121,6 +138,8 @@ def build_config(
     for key in _COMPONENTS:
         if isinstance(data.get(key), str):
             data[key] = {"name": data[key]}
+        elif isinstance(data.get(key), dict) and "name" not in data[key]:  # --set strategy.lr=... tunes the default
+            data[key] = {"name": RunConfig.model_fields[key].default.name, **data[key]}
     try:
         return RunConfig(**data)
     except pydantic.ValidationError as e:

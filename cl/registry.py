@@ -134,6 +134,17 @@ def inherited_params(cls: type) -> dict[str, tuple[Any, Any]]:
     return {k: (ann, defaults.get(k, d)) for k, (ann, d) in out.items()}
 
 
+def _fields_at(model: type[pydantic.BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the (nested) model at ``loc`` (``("eval",)`` -> EvalConfig's fields)."""
+    for key in loc:
+        field = model.model_fields.get(str(key))
+        ann = field.annotation if field is not None else None
+        if not (isinstance(ann, type) and issubclass(ann, pydantic.BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
 def format_validation_error(
     err: pydantic.ValidationError, where: str, model: type[pydantic.BaseModel]
 ) -> str:
@@ -142,8 +153,9 @@ def format_validation_error(
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "(root)"
         if e["type"] == "extra_forbidden":
-            valid = ", ".join(model.model_fields) or "(none)"
-            close = difflib.get_close_matches(str(e["loc"][-1]), model.model_fields, n=1)
+            fields = _fields_at(model, e["loc"][:-1])
+            valid = ", ".join(fields) or "(none)"
+            close = difflib.get_close_matches(str(e["loc"][-1]), fields, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             lines.append(f"unknown key {loc!r} for {where}{hint} (valid keys: {valid})")
         elif e["type"] == "missing":
