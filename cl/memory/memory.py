@@ -82,7 +82,10 @@ def _as_matrix(x: Any, dim: int, what: str) -> np.ndarray:
     torch = sys.modules.get("torch")  # a tensor can only exist if torch was imported
     if torch is not None and isinstance(x, torch.Tensor):
         x = x.detach().to("cpu", torch.float32).numpy()
-    x = np.asarray(x)
+    try:
+        x = np.asarray(x)
+    except ValueError as e:  # ragged nested lists
+        raise DataError(f"{what} must be a [n, {dim}] matrix of numbers; rows of unequal length? ({e})") from None
     if x.dtype.kind not in "fiu" or x.dtype == np.bool_:
         raise DataError(f"{what} must be real numbers (float32 preferred), got dtype {x.dtype}")
     if x.ndim == 1 and x.shape[0] == dim:
