@@ -1,0 +1,604 @@
+"""The bad-input survey: wrong input at every public entry point fails early with a clagent error whose
+message says what was wrong and what to do, and a failed ``cl run`` leaves its run directory usable.
+
+Cases marked ``xfail(strict=True)`` need a fix in a module owned elsewhere; the reason names it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from rich.console import Console
+
+from cl.agent import Agent
+from cl.backbones import Backbone, create_backbone
+from cl.checkpoint import load_checkpoint
+from cl.cli import main
+from cl.config import build_config, read_yaml, resolve
+from cl.data import ArrayDataset
+from cl.errors import CheckpointError, ConfigError, DataError
+from cl.memory import ExperienceMemory
+from cl.run import run
+from scenarios import Experience, Stream, class_incremental, create_scenario, domain_incremental
+from tests.helpers import TINY, one_thread, tiny_config
+
+IMAGE_BACKBONES = ["vit_tiny_test", "open_clip_tiny_test", "efficientnet_lite0"]
+SCENARIO = {"n_classes": 4, "n_experiences": 2, "train_per_class": 4, "test_per_class": 2, "image_size": 16}
+
+
+def xfail(reason: str) -> pytest.MarkDecorator:
+    return pytest.mark.xfail(strict=True, reason=reason)
+
+
+def images(n: int = 2, c: int = 3, h: int = 16, w: int = 16, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    return torch.zeros(n, c, h, w, dtype=dtype)
+
+
+def data(targets: list[int], c: int = 3) -> ArrayDataset:
+    """Blank 16 px images with the given labels."""
+    return ArrayDataset(images(len(targets), c), targets)
+
+
+@functools.cache
+def tiny(name: str) -> Backbone:
+    return create_backbone(name, **TINY[name]).eval()
+
+
+@pytest.fixture(scope="module")
+def stream() -> Stream:
+    return create_scenario("synthetic", **SCENARIO)
+
+
+@pytest.fixture(scope="module")
+def agent(stream: Stream) -> Agent:
+    """A finetune agent on the tiny ViT that has learned the first experience."""
+    a = Agent("vit_tiny_test", "finetune", device="cpu", progress=False)
+    with one_thread():
+        a.learn(stream[0])
+    return a
+
+
+def fresh_agent() -> Agent:
+    return Agent("vit_tiny_test", "finetune", device="cpu", progress=False)
+
+
+# ---- backbones: raw batches, prepared batches, modality ------------------------------------------
+
+BAD_RAW_IMAGES = {
+    "5 channels": (images(c=5), r"C = 1 or 3, got shape \(2, 5, 16, 16\)"),
+    "RGBA": (images(c=4), r"drop an alpha channel with images\[:, :3\]"),
+    "no batch dim": (images()[0], r"got shape \(3, 16, 16\); add the batch dimension with images\[None\]"),
+    "int64": (images(dtype=torch.int64), r"uint8 \(0-255\) or float \(0-1\) images, got dtype torch.int64"),
+    "zero height": (images(h=0), r"H, W >= 1"),
+    "strings": (["a cat", "a dog"], r"got a list of strings \(text needs a text backbone, e.g. minilm\)"),
+    "numpy": (images().numpy(), r"got ndarray \(convert arrays with torch.as_tensor\)"),
+}
+
+
+@pytest.mark.parametrize("name", IMAGE_BACKBONES)
+@pytest.mark.parametrize("case", list(BAD_RAW_IMAGES))
+def test_image_backbone_rejects_a_bad_raw_batch(name: str, case: str) -> None:
+    bad, match = BAD_RAW_IMAGES[case]
+    with pytest.raises(DataError, match=match):
+        tiny(name).prepare(bad)
+
+
+@pytest.mark.parametrize("name", IMAGE_BACKBONES)
+@pytest.mark.parametrize("shape", [(2, 3, 48, 48), (2, 1, 32, 32), (2, 5, 32, 32)], ids=["48px", "grey", "5ch"])
+@pytest.mark.parametrize("entry", ["forward_features", "forward_until"])
+def test_image_backbone_rejects_an_unprepared_model_input(name: str, shape: tuple[int, ...], entry: str) -> None:
+    """Model input must be what ``prepare`` makes: the configured size and channels (no torch shape error)."""
+    b = tiny(name)
+    call = {"forward_features": b.forward_features, "forward_until": lambda x: b.forward_until(x, 1)}[entry]
+    match = rf"{name} takes a prepared batch \[B, 3, 32, 32\], got shape \({', '.join(map(str, shape))}\): " \
+            r"pass raw images through backbone.prepare"
+    with pytest.raises(DataError, match=match):
+        call(torch.zeros(shape))
+
+
+BAD_TEXT = {
+    "images": (images(), r"minilm is a text backbone: it takes a list of strings, got a tensor of shape "
+                         r"\(2, 3, 16, 16\) \(images need an image backbone"),
+    "one string": ("one text", r"got str \(wrap one text in a list\)"),
+    "no strings": ([], r"empty list of strings: give at least one text"),
+    "a number": (["a cat", 3], r"got an item of type int: 3"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TEXT))
+def test_text_backbone_rejects_anything_but_strings(case: str) -> None:
+    bad, match = BAD_TEXT[case]
+    with pytest.raises(DataError, match=match):
+        tiny("minilm").prepare(bad)
+
+
+def test_text_backbone_rejects_images_as_model_input() -> None:
+    with pytest.raises(DataError, match=r"takes \(input_ids \[B, L\], attention_mask \[B, L\]\) from "
+                                        r"backbone.prepare\(strings\), got a tensor of shape"):
+        tiny("minilm").forward_features(torch.zeros(2, 3, 32, 32))
+
+
+# ---- the agent and its strategy: predict, evaluate, learn ---------------------------------------
+
+BAD_PREDICT = {
+    "5 channels": (images(c=5), r"C = 1 or 3, got shape \(2, 5, 16, 16\)"),
+    "no batch dim": (images()[0], r"add the batch dimension"),
+    "strings to an image model": (["a cat", "a dog"], r"got a list of strings \(text needs a text backbone"),
+}
+
+
+@pytest.mark.parametrize("entry", ["agent", "strategy"])
+@pytest.mark.parametrize("case", list(BAD_PREDICT))
+def test_predict_rejects_bad_images(agent: Agent, entry: str, case: str) -> None:
+    bad, match = BAD_PREDICT[case]
+    predict = agent.predict if entry == "agent" else agent.strategy.predict
+    with pytest.raises(DataError, match=match), one_thread():
+        predict(bad)
+
+
+def test_predict_resizes_another_image_size(agent: Agent) -> None:
+    """Another size or grey images are not an error: ``prepare`` resizes and broadcasts them."""
+    with one_thread():
+        assert agent.predict(images(c=1, h=20, w=24)).shape == (2,)
+
+
+@xfail("cl/agent.py: Agent.predict of zero inputs should return an empty tensor (now torch.cat ValueError)")
+def test_predict_of_no_inputs_is_empty(agent: Agent) -> None:
+    with one_thread():
+        assert agent.predict(images(n=0)).shape == (0,)
+
+
+@pytest.mark.parametrize(("c", "match"), [(5, r"C = 1 or 3, got shape \(4, 5, 16, 16\)"), (4, r"alpha channel")],
+                         ids=["5ch", "RGBA"])
+def test_evaluate_rejects_test_images_with_wrong_channels(agent: Agent, c: int, match: str) -> None:
+    exp = Experience(7, data([0, 1, 0, 1]), data([0, 1, 0, 1], c=c), [0, 1])
+    with pytest.raises(DataError, match=match), one_thread():
+        agent.evaluate([exp])
+
+
+@pytest.mark.parametrize(
+    ("train", "match"),
+    [
+        (data([0, 1, 0, 1], c=5), r"C = 1 or 3, got shape \(4, 5, 16, 16\)"),
+        (ArrayDataset(["a", "b", "c", "d"], [0, 1, 0, 1]), r"got a list of strings"),
+    ],
+    ids=["5ch", "strings"],
+)
+def test_learn_rejects_training_data_the_backbone_cannot_read(train: ArrayDataset, match: str) -> None:
+    with pytest.raises(DataError, match=match), one_thread():
+        fresh_agent().learn(Experience(0, train, data([0, 1]), [0, 1]))
+
+
+# ---- experiences, streams and builders ----------------------------------------------------------
+
+BAD_EXPERIENCES: dict[str, tuple[dict[str, Any], str]] = {
+    "train label outside its classes": ({"train": data([0, 1, 7])}, r"experience 0: its train set has labels \[7\] "
+                                        r"that are not among its classes \[0, 1\]; add them to classes or drop those"),
+    "test label outside its classes": ({"test": data([0, 1, 5])},
+                                       r"its test set has labels \[5\] that are not among its classes \[0, 1\]"),
+    "no train items": ({"train": data([])},
+                       r"experience 0 \(classes \[0, 1\]\) has no training items: drop it or give it data"),
+    "no classes": ({"classes": []}, r"experience 0 has no classes: list the class ids it holds"),
+    "repeated class": ({"classes": [0, 1, 1]}, r"classes must be distinct ids >= 0, got \[0, 1, 1\] \(bad: \[1\]\)"),
+    "negative class": ({"classes": [-1, 0, 1], "train": data([-1, 0, 1])},
+                       r"distinct ids >= 0, got \[-1, 0, 1\] \(bad: \[-1\]\)"),
+    "fractional class": ({"classes": [0, 1.5]}, r"experience 0: a class id must be an int, got 1.5"),
+    "classes not a list": ({"classes": 3}, r"classes must be a list of class ids, got 3"),
+    "id not an int": ({"id": "first"}, r"experience id must be an int, got 'first'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_EXPERIENCES))
+def test_experience_rejects_inconsistent_data(case: str) -> None:
+    changes, match = BAD_EXPERIENCES[case]
+    args = {"id": 0, "train": data([0, 1]), "test": data([0, 1]), "classes": [0, 1], **changes}
+    with pytest.raises(DataError, match=match):
+        Experience(**args)
+
+
+def experiences(*classes: list[int], ids: list[int] | None = None) -> list[Experience]:
+    return [Experience(i, data(c), data(c), c) for i, c in zip(ids or range(len(classes)), classes, strict=True)]
+
+
+Build = Callable[[], Any]
+BAD_STREAMS: dict[str, tuple[Build, type[Exception], str]] = {
+    "class in two experiences": (lambda: Stream(experiences([0, 1], [1, 2])), DataError,
+                                 r"class 1 is in experience 0 and in experience 1; a class-incremental stream gives "
+                                 r"each class to one experience \(use kind='domain' when classes recur\)"),
+    "repeated id": (lambda: Stream(experiences([0, 1], [2, 3], ids=[0, 0])), DataError,
+                    r"experience ids \[0, 0\] repeat; give each experience its own id"),
+    "no experiences": (lambda: Stream([]), DataError, r"stream 'stream' has no experiences"),
+    "unknown kind": (lambda: Stream(experiences([0, 1]), kind="classes"), ConfigError,
+                     r"unknown stream kind 'classes' \(choose one of class, task, domain\)"),
+    "not experiences": (lambda: Stream([data([0])]), DataError,
+                        r"holds ArrayDataset items; it takes a list of Experience"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_STREAMS))
+def test_stream_rejects_an_inconsistent_list(case: str) -> None:
+    build, error, match = BAD_STREAMS[case]
+    with pytest.raises(error, match=match):
+        build()
+
+
+@pytest.mark.parametrize("kind", ["domain", "task"])
+def test_recurring_classes_are_fine_outside_class_incremental_streams(kind: str) -> None:
+    assert len(Stream(experiences([0, 1], [1, 2]), kind=kind)) == 2
+
+
+BAD_BUILDS: dict[str, tuple[Build, type[Exception], str]] = {
+    "class twice in class_order": (
+        lambda: class_incremental(data([0, 1, 2, 3]), data([0, 1]), 2, class_order=[0, 1, 1, 2]), ConfigError,
+        r"class_order must list each of the 4 classes \[0, 1, 2, 3\] exactly once: duplicated \[1\]; missing \[3\]"),
+    "class twice in a scenario's class_order": (
+        lambda: create_scenario("split_digits", class_order=[0, 0, 1, 2, 3, 4, 5, 6, 7, 8]), ConfigError,
+        r"duplicated \[0\]; missing \[9\]"),
+    "test class not in training": (lambda: class_incremental(data([0, 1, 2, 3]), data([0, 9]), 2), DataError,
+                                   r"classes \[9\] appear in the test set but not in the training set"),
+    "test class not in its domain": (
+        lambda: domain_incremental([("sketch", data([0, 1]), data([0, 2]))]), DataError,
+        r"classes \[2\] appear in the test set of domain 'sketch' but not in the training set"),
+    "empty training set": (lambda: class_incremental(data([]), data([0, 1]), 2), DataError,
+                           r"class_incremental: the training set is empty"),
+    "negative label": (lambda: class_incremental(data([-1, 0, 1, 2]), data([0, 1]), 2), DataError,
+                       r"classes must be distinct ids >= 0"),
+    "uneven split": (lambda: class_incremental(data([0, 1, 2, 3]), data([0, 1]), 3), ConfigError,
+                     r"4 classes cannot be split evenly into 3 experiences; choose a divisor of 4 or pass "
+                     r"classes_per_experience=\[2, 1, 1\]"),
+    "fractional labels": (lambda: ArrayDataset(images(2), [0.5, 1.0]), DataError,
+                          r"targets must be integer class ids, got non-integer values such as \[0.5\]"),
+    "label names": (lambda: ArrayDataset(images(2), ["cat", "dog"]), DataError,
+                    r"got dtype <U3 \(map names to ids first\)"),
+    "fewer labels than inputs": (lambda: ArrayDataset(images(3), [0, 1]), DataError,
+                                 r"3 inputs but 2 targets: they must match"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BUILDS))
+def test_builders_reject_inconsistent_data(case: str) -> None:
+    build, error, match = BAD_BUILDS[case]
+    with pytest.raises(error, match=match):
+        build()
+
+
+# ---- the experience memory ----------------------------------------------------------------------
+
+def add(vectors: Any, **meta: Any) -> Build:
+    return lambda: ExperienceMemory(dim=4).add(vectors, {"kind": "prototype", **meta})
+
+
+def search(queries: Any, **kw: Any) -> Build:
+    return lambda: ExperienceMemory(dim=4).search(queries, k=1, **kw)
+
+
+ROW = np.zeros((1, 4), np.float32)
+BAD_MEMORY_CALLS: dict[str, tuple[Build, type[Exception], str]] = {
+    "add: other dim": (add(np.zeros((2, 5), np.float32)), DataError,
+                       r"vectors have dimension 5, this memory holds dimension 4 \(expected \[n, 4\]\)"),
+    "search: other dim": (search(np.zeros((2, 5), np.float32)), DataError,
+                          r"queries have dimension 5, this memory holds dimension 4"),
+    "add: 3-D": (add(np.zeros((2, 2, 4), np.float32)), DataError,
+                 r"vectors must be a \[n, 4\] matrix, got shape \(2, 2, 4\)"),
+    "add: NaN": (add(np.array([[0, 1, np.nan, 0]], np.float32)), DataError, r"vectors contain NaN or inf in 1 row"),
+    "search: inf": (search(np.array([[np.inf, 0, 0, 0]])), DataError, r"queries contain NaN or inf in 1 row\(s\): 0"),
+    "add: strings": (add(np.array([["a", "b", "c", "d"]])), DataError, r"must be real numbers \(float32 preferred\)"),
+    "add: bool": (add(np.zeros((1, 4), bool)), DataError, r"must be real numbers .*got dtype bool"),
+    "add: ragged": (add([[1, 2, 3, 4], [1, 2, 3]]), DataError, r"\[n, 4\] matrix of numbers; rows of unequal length"),
+    "add: unknown kind": (add(ROW, kind="prototypes"), DataError,
+                          r"unknown kind 'prototypes'; did you mean 'prototype'\?"),
+    "add: class not an int": (add(ROW, **{"class": "cat"}), DataError, r"'class' must be an int or None"),
+    "search: unknown kind": (search(ROW, kind="adapter"), ConfigError,
+                             r"unknown memory kind 'adapter'; did you mean 'adapter_key'\?"),
+    "search: unknown filter": (search(ROW, clas=1), ConfigError, r"unknown memory filter 'clas'; did you mean"),
+    "dim 0": (lambda: ExperienceMemory(dim=0), ConfigError, r"memory dim must be a positive int, got 0"),
+    "unknown metric": (lambda: ExperienceMemory(dim=4, metric="cos"), ConfigError, r"choose 'ip' or 'l2'"),
+    "unknown index": (lambda: ExperienceMemory(dim=4, index="hnws"), ConfigError, r"unknown memory index 'hnws'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MEMORY_CALLS))
+def test_memory_rejects_bad_vectors_kinds_and_settings(case: str) -> None:
+    build, error, match = BAD_MEMORY_CALLS[case]
+    with pytest.raises(error, match=match):
+        build()
+
+
+def test_agent_refuses_a_memory_of_another_dimension(agent: Agent, tmp_path: Path) -> None:
+    other = ExperienceMemory(dim=7)
+    other.add(np.ones((1, 7), np.float32), {"kind": "task"})
+    loaded = ExperienceMemory.load(other.save(tmp_path / "memory"))
+    with pytest.raises(CheckpointError, match=r"holds 7-d vectors, this agent's backbone embeds to 32: it belongs "
+                                              r"to another backbone"):
+        agent.use_memory(loaded)
+    assert agent.memory.dim == 32
+
+
+# ---- configs: build_config + resolve, YAML files, the CLI ---------------------------------------
+
+def tiny_run_config(tmp_path: Path, strategy: str = "finetune") -> dict[str, Any]:
+    cfg = tiny_config(tmp_path, strategy)
+    cfg["scenario"].update(SCENARIO)
+    cfg["loggers"] = []
+    return cfg
+
+
+BAD_OVERRIDES = {
+    "epochs=abc": (["strategy.epochs=abc"], r"bad value for strategy 'finetune' key 'epochs': Input should be a "
+                                            r"valid integer.*\(got 'abc'\)"),
+    "unknown strategy key": (["strategy.lrr=0.1"], r"unknown key 'lrr' for strategy 'finetune'; did you mean 'lr'\? "
+                                                   r"\(valid keys: train_blocks, epochs, lr"),
+    "unknown top key": (["sed=1"], r"unknown key 'sed' for the run config; did you mean 'seed'\?"),
+    "unknown eval key": (["eval.batch=8"], r"unknown key 'eval.batch' for the run config; did you mean "
+                                           r"'batch_size'\? \(valid keys: batch_size, future\)"),
+    "unknown strategy": (["strategy.name=simplecl"], r"unknown strategy 'simplecl'; did you mean 'simplecil'\?"),
+    "unknown backbone": (["backbone.name=vit_tiny_tset"], r"unknown backbone 'vit_tiny_tset'; did you mean "
+                                                          r"'vit_tiny_test'\?"),
+    "unknown scenario": (["scenario.name=synthetc"], r"unknown scenario 'synthetc'; did you mean 'synthetic'\?"),
+    "strategy param type": (["strategy.name=simplecil", "strategy.head=1"],
+                            r"bad value for strategy 'simplecil' key 'head': Input should be a valid string"),
+    "scenario param type": (["scenario.n_classes=six"], r"bad value for scenario 'synthetic' key 'n_classes'"),
+    "zero threads": (["threads=0"], r"key 'threads': Input should be greater than or equal to 1 \(got 0\)"),
+    "negative cache": (["cache_max_gb=-1"], r"key 'cache_max_gb': Input should be greater than or equal to 0"),
+    "device": (["device=gpu"], r"key 'device': Value error, not a device: use auto, cpu, cuda or cuda:N"),
+    "no =": (["strategy.lr"], r"override 'strategy.lr' must look like key=value \(e.g. strategy.lr=0.01\)"),
+    "not a section": (["seed.x=1"], r"override 'seed.x=1': 'seed' is not a section"),
+}
+NEEDS_STRATEGY_BOUNDS = xfail("cl/strategy.py: Strategy.__init__ should bound its training parameters (e.g. "
+                              "Annotated[float, Field(gt=0)] for lr, ge=0 epochs, ge=1 batch_size, Literal optimizer) "
+                              "so the registry rejects them when the config is resolved")
+UNCHECKED_STRATEGY_PARAMS = {
+    "negative lr": (["strategy.lr=-0.1"], r"'lr'"),
+    "negative epochs": (["strategy.epochs=-1"], r"'epochs'"),
+    "zero batch size": (["strategy.batch_size=0"], r"'batch_size'"),
+    "unknown optimizer": (["strategy.optimizer=adm"], r"'optimizer'"),
+}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [*BAD_OVERRIDES, *(pytest.param(c, marks=NEEDS_STRATEGY_BOUNDS) for c in UNCHECKED_STRATEGY_PARAMS)],
+)
+def test_build_config_rejects_bad_values(tmp_path: Path, case: str) -> None:
+    overrides, match = {**BAD_OVERRIDES, **UNCHECKED_STRATEGY_PARAMS}[case]
+    with pytest.raises(ConfigError, match=match):
+        resolve(build_config(tiny_run_config(tmp_path), overrides))
+
+
+def test_a_nameless_component_section_tunes_the_default() -> None:
+    """``--set strategy.epochs=...`` alone refers to the default strategy, which takes no epochs."""
+    with pytest.raises(ConfigError, match=r"unknown key 'epochs' for strategy 'simplecil' \(valid keys: head"):
+        resolve(build_config({}, ["strategy.epochs=abc"]))
+
+
+YAML_FILES: dict[str, tuple[Callable[[Path], None] | None, str]] = {
+    "missing": (None, r"config file .*cfg.yaml does not exist"),
+    "malformed": (lambda p: p.write_text("strategy: [unclosed\n"),
+                  r"(?s)malformed YAML in \S+cfg.yaml: .*cfg.yaml\", line 1, column 11"),
+    "a list": (lambda p: p.write_text("- seed\n"), r"cfg.yaml must hold a mapping of settings, got list"),
+    "a directory": (lambda p: p.mkdir(), r"cfg.yaml is a directory; give the YAML file"),
+    "binary": (lambda p: p.write_bytes(b"\xff\xfe\x00seed"), r"cannot read config file .*cfg.yaml as YAML text"),
+}
+
+
+def yaml_file(tmp_path: Path, case: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    write, _ = YAML_FILES[case]
+    if write is not None:
+        write(path)
+    return path
+
+
+@pytest.mark.parametrize("case", list(YAML_FILES))
+def test_read_yaml_rejects_bad_files(tmp_path: Path, case: str) -> None:
+    with pytest.raises(ConfigError, match=YAML_FILES[case][1]):
+        read_yaml(yaml_file(tmp_path, case))
+
+
+def cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """``cl ARGV``'s exit code and stderr (argparse usage errors exit through SystemExit)."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+CLI_CASES: dict[str, tuple[list[str], str]] = {
+    "epochs=abc": (["--strategy", "finetune", "--set", "strategy.epochs=abc"],
+                   "bad value for strategy 'finetune' key 'epochs'"),
+    "unknown strategy": (["--strategy", "simplecl"], "did you mean 'simplecil'?"),
+    "unknown backbone": (["--backbone", "vit_tiny_tset"], "did you mean 'vit_tiny_test'?"),
+    "unknown scenario": (["--scenario", "synthetc"], "did you mean 'synthetic'?"),
+    "unknown key": (["--set", "sed=1"], "unknown key 'sed' for the run config; did you mean 'seed'?"),
+    "bad device": (["--device", "gpu"], "not a device: use auto, cpu, cuda or cuda:N"),
+    "seed not an int": (["--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_cli_exits_2_with_the_message_and_no_run_directory(tmp_path: Path, capsys, case: str) -> None:
+    args, message = CLI_CASES[case]
+    code, err = cli(["run", *args, "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and message in " ".join(err.split()) and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "malformed", "a directory", "binary"])
+def test_cli_rejects_bad_yaml_files(tmp_path: Path, capsys, case: str) -> None:
+    code, err = cli(["run", str(yaml_file(tmp_path, case)), "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and "error:" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@xfail("cl/cli.py: main prints the error as rich markup, so '[unclosed' in a YAML error vanishes; "
+       "print rich.markup.escape(str(e))")
+def test_cli_shows_the_yaml_error_verbatim(tmp_path: Path, capsys) -> None:
+    code, err = cli(["run", str(yaml_file(tmp_path, "malformed"))], capsys)
+    assert code == 2 and "strategy: [unclosed" in err, err
+
+
+# ---- run directories: a failed invocation leaves them usable ------------------------------------
+
+QUIET = Console(file=io.StringIO())
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    """A finished tiny simplecil run: its config and directory (copy it before changing anything)."""
+    cfg = tiny_run_config(tmp_path_factory.mktemp("finished"), "simplecil")
+    with one_thread():
+        run(cfg, console=QUIET)
+    return cfg, Path(cfg["out"])
+
+
+@pytest.fixture
+def run_copy(finished_run: tuple[dict[str, Any], Path], tmp_path: Path) -> tuple[dict[str, Any], Path]:
+    """A private copy of the finished run, its config (``config.yaml`` too) pointing at the copy."""
+    cfg, src = finished_run
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    stored = read_yaml(out / "config.yaml")
+    (out / "config.yaml").write_text(yaml.safe_dump({**stored, "out": str(out)}, sort_keys=False))
+    return {**cfg, "out": str(out)}, out
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    """The bytes of the files a failed invocation must leave alone: config, metrics and checkpoints."""
+    files = [out / "config.yaml", out / "metrics.json", *sorted((out / "checkpoints").iterdir())]
+    return {str(p.relative_to(out)): p.read_bytes() for p in files}
+
+
+def assert_usable(cfg: dict[str, Any], out: Path) -> None:
+    """The run directory still loads: its config, its checkpoint, ``cl report``, and rerunning its config."""
+    assert build_config(read_yaml(out / "config.yaml")) == resolve(build_config(cfg))
+    assert load_checkpoint(out / "checkpoints")["experiences_done"] == [0, 1]
+    assert main(["report", str(out)]) == 0 and (out / "report.html").exists()
+    stored = json.loads((out / "metrics.json").read_text())
+    with one_thread():
+        assert run(cfg, console=QUIET)["final_accuracy"] == stored["final_accuracy"]
+
+
+def with_strategy(cfg: dict[str, Any], **params: Any) -> dict[str, Any]:
+    return {**cfg, "strategy": {**cfg["strategy"], **params}}
+
+
+BAD_RUNS: dict[str, tuple[Callable[[dict[str, Any]], dict[str, Any]], str]] = {
+    "unknown strategy key": (lambda c: with_strategy(c, hed="lda"), r"unknown key 'hed' for strategy 'simplecil'"),
+    "unknown backbone": (lambda c: {**c, "backbone": {"name": "vit_tiny_tset"}}, r"did you mean 'vit_tiny_test'"),
+    "bad scenario value": (lambda c: {**c, "scenario": {**c["scenario"], "n_classes": "six"}},
+                           r"bad value for scenario 'synthetic' key 'n_classes'"),
+    "unknown head": (lambda c: with_strategy(c, head="bogus"),
+                     r"already holds a run with a different config; pass --resume .* --overwrite .* or --out"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RUNS))
+def test_bad_config_leaves_a_finished_run_intact(run_copy, case: str) -> None:
+    cfg, out = run_copy
+    before = snapshot(out)
+    make_bad, match = BAD_RUNS[case]
+    with pytest.raises(ConfigError, match=match):
+        run(make_bad(cfg), console=QUIET)
+    assert snapshot(out) == before
+    assert_usable(cfg, out)
+
+
+NEEDS_EARLY_BUILD = xfail("cl/run.py: run writes config.yaml before building the scenario and the agent, so a "
+                          "config that fails there leaves a half-made run directory that refuses the corrected "
+                          "config; build them first, or remove a directory whose first experience never started")
+FRESH_BAD_RUNS_LATE = ("unknown head", "uneven scenario split")  # caught after config.yaml is written
+FRESH_BAD_RUNS = {
+    "unknown strategy key": (lambda c: with_strategy(c, hed="lda"), r"unknown key 'hed'"),
+    "unknown head": (lambda c: with_strategy(c, head="bogus"), r"unknown head 'bogus' \(available: lda, linear"),
+    "uneven scenario split": (lambda c: {**c, "scenario": {**c["scenario"], "n_experiences": 3}},
+                              r"4 classes cannot be split evenly into 3 experiences"),
+}
+
+
+@pytest.mark.parametrize(
+    "case", ["unknown strategy key", *(pytest.param(c, marks=NEEDS_EARLY_BUILD) for c in FRESH_BAD_RUNS_LATE)]
+)
+def test_bad_config_leaves_no_half_made_run(tmp_path: Path, case: str) -> None:
+    cfg = tiny_run_config(tmp_path, "simplecil")
+    make_bad, match = FRESH_BAD_RUNS[case]
+    with pytest.raises(ConfigError, match=match), one_thread():
+        run(make_bad(cfg), console=QUIET)
+    assert not (Path(cfg["out"]) / "config.yaml").exists()
+
+
+def truncate(pt: Path) -> None:
+    pt.write_bytes(pt.read_bytes()[:100])
+
+
+def replace_with_foreign_file(pt: Path) -> None:
+    pt.write_bytes(b"PK\x03\x04 not a checkpoint")
+
+
+def edit_manifest(pt: Path, **changes: Any) -> None:
+    man = pt.with_suffix(".json")
+    man.write_text(json.dumps({**json.loads(man.read_text()), **changes}))
+
+
+def replace_with_checksummed(pt: Path, blob: bytes) -> None:
+    """A foreign payload whose manifest checksum matches, so only its content can tell."""
+    pt.write_bytes(blob)
+    edit_manifest(pt, sha256=hashlib.sha256(blob).hexdigest(), bytes=len(blob))
+
+
+def torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
+    "truncated": (truncate, r"\.pt does not match its checksum in \S+\.json \(truncated or replaced"),
+    "foreign file": (replace_with_foreign_file, r"\.pt does not match its checksum in \S+\.json"),
+    "other format version": (lambda pt: edit_manifest(pt, format_version=99), r"has format 99, this clagent reads 1"),
+    "manifest not an object": (lambda pt: pt.with_suffix(".json").write_text("[1, 2]"), r"this clagent reads 1"),
+}
+NEEDS_PAYLOAD_CHECK = xfail("cl/checkpoint.py: load_checkpoint should raise CheckpointError when a payload whose "
+                            "checksum matches is no clagent checkpoint (now a raw UnpicklingError, or a dict without "
+                            "experiences_done that fails later with KeyError)")
+UNCAUGHT_CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
+    "foreign bytes with their checksum": (lambda pt: replace_with_checksummed(pt, b"not a torch file"),
+                                          r"not a clagent checkpoint"),
+    "foreign torch file with its checksum": (lambda pt: replace_with_checksummed(pt, torch_bytes({"a": 1})),
+                                             r"not a clagent checkpoint"),
+}
+
+
+@pytest.mark.parametrize(
+    "case", [*CORRUPTIONS, *(pytest.param(c, marks=NEEDS_PAYLOAD_CHECK) for c in UNCAUGHT_CORRUPTIONS)]
+)
+def test_corrupt_checkpoint_is_refused_and_the_run_stays_readable(run_copy, case: str) -> None:
+    """Every kept checkpoint is damaged the same way: loading and resuming refuse with the reason and what to do,
+    change nothing else, and the directory resumes again once its checkpoints are back."""
+    cfg, out = run_copy
+    ckpt = out / "checkpoints"
+    good = {p: p.read_bytes() for p in ckpt.iterdir()}
+    corrupt, match = {**CORRUPTIONS, **UNCAUGHT_CORRUPTIONS}[case]
+    for pt in ckpt.glob("*.pt"):
+        corrupt(pt)
+    with pytest.raises(CheckpointError, match=match) as refused:
+        load_checkpoint(ckpt)
+    assert "--overwrite" in str(refused.value)
+    before = snapshot(out)
+    with pytest.raises(CheckpointError, match=match), one_thread():
+        run(cfg, resume=True, console=QUIET)
+    assert snapshot(out) == before
+    for path, blob in good.items():
+        path.write_bytes(blob)
+    assert_usable(cfg, out)
