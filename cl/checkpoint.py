@@ -37,13 +37,7 @@ import torch
 from cl.callbacks.base import Callback
 from cl.errors import CheckpointError
 from cl.memory import ExperienceMemory
-from cl.memory.persist import (
-    live_generation,
-    prune,
-    read_generation,
-    retain,
-    write_atomic,
-)
+from cl.memory.persist import live_generation, prune, read_generation, retain, write_atomic
 
 FORMAT_VERSION = 1
 KEEP_CHECKPOINTS = 2
@@ -237,18 +231,19 @@ class Checkpointer(Callback):
 
     def after_experience(self, agent: Any, exp: Any) -> None:
         payload = agent.checkpoint_payload()
-        if self.memory_dir is not None:
-            payload["memory"] = self._save_memory(agent, self.memory_dir)
-        save_checkpoint(self.directory, payload)
-        if self.memory_dir is not None:  # committed: only the kept checkpoints' generations stay
-            retain(self.memory_dir, memory_generations(self.directory))
-            prune(self.memory_dir)
-
-    def _save_memory(self, agent: Any, memory_dir: Path) -> dict[str, Any]:
-        live = live_generation(memory_dir)
-        try:  # pin what the kept checkpoints (and the live memory, which a legacy one may name) need
+        memory_dir = self.memory_dir
+        if memory_dir is None:
+            save_checkpoint(self.directory, payload)
+            return
+        try:
+            live = live_generation(memory_dir)  # a legacy checkpoint names the live generation only there
             retain(memory_dir, memory_generations(self.directory) | ({live} if live else set()))
-            return agent.save_memory(memory_dir)
+            payload["memory"] = agent.save_memory(memory_dir)
+            save_checkpoint(self.directory, payload)
+            retain(memory_dir, memory_generations(self.directory))  # committed: prune what no kept checkpoint names
+            prune(memory_dir)
+        except CheckpointError:
+            raise
         except Exception as e:
             if not is_disk_full(e):
                 raise

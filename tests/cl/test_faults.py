@@ -100,7 +100,12 @@ class Tripwire(Callback):
 
     def _wrap(self, name: str, describe: Callable[..., str]) -> Callable[..., Any]:
         real = getattr(os, name)
-        return lambda *a, **k: (self.step(f"{name} {describe(*a)}"), real(*a, **k))[1]
+
+        def counted(*args: Any) -> Any:
+            self.step(f"{name} {describe(*args)}")
+            return real(*args)
+
+        return counted
 
     @contextmanager
     def armed(self):
@@ -147,15 +152,15 @@ def assert_readable(run_dir: Path) -> str:
     if (run_dir / "metrics.json").exists():
         json.loads((run_dir / "metrics.json").read_text())
     if (run_dir / "events.jsonl").exists():
-        [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+        for line in (run_dir / "events.jsonl").read_text().splitlines():
+            json.loads(line)
     if (run_dir / "memory" / "CURRENT").exists():
-        ExperienceMemory.load(run_dir / "memory")
+        ExperienceMemory.load(run_dir / "memory")  # the live generation, complete even if ahead of the checkpoint
     if not has_checkpoint(run_dir / "checkpoints"):
         return "no checkpoint"
     payload = load_checkpoint(run_dir / "checkpoints")
-    generation = payload["memory"]["generation"]
-    assert (run_dir / "memory" / generation / "manifest.json").is_file(), f"{generation} was deleted"
-    return f"experiences {payload['experiences_done']}, memory {generation}"
+    load_memory(run_dir / "memory", payload["memory"])
+    return f"experiences {payload['experiences_done']}, memory {payload['memory']['generation']}"
 
 
 def assert_tidy(run_dir: Path) -> None:
