@@ -91,9 +91,13 @@ def _load(man: Path, map_location: str) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {pt} does not match its checksum in {man.name} (truncated or "
                               f"replaced; {len(data)} bytes, its manifest says {manifest.get('bytes')})")
     try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {pt} cannot be unpickled ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"checkpoint {pt} is not a clagent checkpoint (it cannot be unpickled: "
+                              f"{type(e).__name__}: {e})") from None
+    if not isinstance(payload, dict) or "experiences_done" not in payload:
+        raise CheckpointError(f"checkpoint {pt} is not a clagent checkpoint (it holds no experiences_done)")
+    return payload
 
 
 def _peek(man: Path) -> dict[str, Any]:
