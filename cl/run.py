@@ -71,8 +71,9 @@ class RunLock:
 
 
 def same_config(on_disk: RunConfig, cfg: RunConfig) -> bool:
-    """Whether ``cfg`` describes the run already in a directory; the loggers may differ."""
-    return dump_yaml(on_disk.model_copy(update={"loggers": cfg.loggers})) == dump_yaml(cfg)
+    """Whether ``cfg`` describes the run already in a directory; the loggers may differ, and so may the order of
+    keys (compared as data, not text)."""
+    return to_dict(on_disk.model_copy(update={"loggers": cfg.loggers})) == to_dict(cfg)
 
 
 def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[RunConfig, Path, bool]:

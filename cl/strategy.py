@@ -10,7 +10,7 @@ checkpoints) is inherited. Strategies never write files: they ``emit`` events fo
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -21,11 +21,12 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
 from cl import distributed as dist
-from cl.adapters import adapters_off, pools
+from cl.adapters import AdapterConfig, AdapterPool, adapters_off, inject, pools
 from cl.backbones.base import Backbone, State
 from cl.cache import CachedStates, PrefixCache, is_augmented
 from cl.data import iterate_batches
 from cl.errors import CheckpointError, TrainingError
+from cl.heads import LinearHead
 from cl.interrupt import RunInterrupted
 from cl.seed import derive_seed
 from scenarios.builders import subset
@@ -368,6 +369,43 @@ class Strategy(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return {"params_total": total, "params_trainable": trainable}
+
+
+class AdapterStrategy(Strategy):
+    """Base of the adapter methods (APER, SEMA, MOS, LAE, key retrieval): adapter pools injected into blocks
+    ``layers`` of the frozen backbone (``pools``, by block index), a masked-CE ``train_head`` that trains them,
+    and the frozen prefix up to the first adapted block.
+
+    Args:
+        layers: blocks to adapt (negative: from the end).
+        adapter: adapter kind (``bottleneck``, ``lora``, ``ssf``, ``rank1``).
+        adapter_dim: bottleneck width or rank (default: the kind's).
+        kw: the training parameters of ``Strategy`` (defaults: ``param_defaults``).
+    """
+
+    param_defaults: ClassVar[dict[str, Any]] = {"epochs": 3, "batch_size": 128}
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        layers: Sequence[int] = (-3, -2, -1),
+        adapter: str = "bottleneck",
+        adapter_dim: int | None = None,
+        **kw: Any,
+    ) -> None:
+        config = self.adapter_config(AdapterConfig(kind=adapter, dim=adapter_dim, layers=list(layers), router=None))
+        self.pools: dict[int, AdapterPool] = dict(sorted(inject(backbone, config).items()))
+        super().__init__(backbone, **{**self.param_defaults, **kw})
+        self.train_head = LinearHead(backbone.embed_dim)
+
+    def adapter_config(self, config: AdapterConfig) -> AdapterConfig:
+        """The pools' configuration (a subclass adds its router here); called before ``Strategy.__init__``."""
+        return config
+
+    @property
+    def frozen_depth(self) -> int:
+        return min(self.pools)
 
 
 def _rows(state: State, rows: slice) -> State:

@@ -4,46 +4,32 @@ concatenation of frozen and adapted features, so later experiences need no train
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from cl.adapters import AdapterConfig, AdapterPool, inject
 from cl.backbones.base import Backbone, State
-from cl.heads import LinearHead, create_head, masked_cross_entropy
+from cl.heads import create_head, masked_cross_entropy
 from cl.registry import register_strategy
-from cl.strategy import Strategy
+from cl.strategy import AdapterStrategy
 from scenarios.stream import Experience
 
 
 @register_strategy("aper")
-class APER(Strategy):
+class APER(AdapterStrategy):
     """First-experience adapters + prototypes (``head``: ncm, lda, ranpac) over [frozen, adapted] features."""
-
-    param_defaults: ClassVar[dict[str, Any]] = {"epochs": 3, "batch_size": 128}
 
     def __init__(
         self,
         backbone: Backbone,
         *,
-        layers: Sequence[int] = (-3, -2, -1),
-        adapter: str = "bottleneck",
-        adapter_dim: int | None = None,
         head: str = "ncm",
         head_kw: dict[str, Any] | None = None,
         **kw: Any,
     ) -> None:
-        """``kw``: the training parameters of ``Strategy`` (defaults: ``param_defaults``)."""
-        config = AdapterConfig(kind=adapter, dim=adapter_dim, layers=list(layers), router=None)
-        self.pools: dict[int, AdapterPool] = dict(sorted(inject(backbone, config).items()))
-        super().__init__(backbone, **{**self.param_defaults, **kw})
-        self.train_head = LinearHead(backbone.embed_dim)
+        """``kw``: ``AdapterStrategy``'s (adapter layers and kind, training parameters for the adapters)."""
+        super().__init__(backbone, **kw)
         self.head = create_head(head, 2 * backbone.embed_dim, **(head_kw or {}))
-
-    @property
-    def frozen_depth(self) -> int:
-        return min(self.pools)
 
     @property
     def adapted(self) -> bool:

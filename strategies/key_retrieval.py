@@ -14,34 +14,28 @@ streams too (the same class in several experiences gets a key per experience).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-from cl.adapters import AdapterConfig, AdapterPool, inject, routing
+from cl.adapters import routing
 from cl.backbones.base import Backbone, State
-from cl.heads import Head, LinearHead, create_head, masked_cross_entropy
+from cl.heads import Head, create_head, masked_cross_entropy
 from cl.registry import register_strategy
 from cl.routing.keys import KeyRouter, RouteLog, experience_of
-from cl.strategy import Strategy
+from cl.strategy import AdapterStrategy
 from scenarios.stream import Experience
 
 
 @register_strategy("key_retrieval")
-class KeyRetrieval(Strategy):
+class KeyRetrieval(AdapterStrategy):
     """An adapter set per experience, routed per input by its nearest frozen-feature keys (FAISS memory)."""
-
-    param_defaults: ClassVar[dict[str, Any]] = {"epochs": 3, "batch_size": 128}
 
     def __init__(
         self,
         backbone: Backbone,
         *,
-        layers: Sequence[int] = (-3, -2, -1),
-        adapter: str = "bottleneck",
-        adapter_dim: int | None = None,
         metric: Literal["cosine", "whitened", "mahalanobis"] = "whitened",
         mode: Literal["top1", "vote", "soft"] = "top1",
         top_k: int = 1,
@@ -53,22 +47,15 @@ class KeyRetrieval(Strategy):
         head_features: Literal["concat", "adapted"] = "concat",
         **kw: Any,
     ) -> None:
-        """``kw``: the training parameters of ``Strategy`` for the adapters (defaults: ``param_defaults``)."""
-        config = AdapterConfig(kind=adapter, dim=adapter_dim, layers=list(layers), router=None)
-        self.pools: dict[int, AdapterPool] = dict(sorted(inject(backbone, config).items()))
-        super().__init__(backbone, **{**self.param_defaults, **kw})
+        """``kw``: ``AdapterStrategy``'s (adapter layers and kind, training parameters for the adapters)."""
+        super().__init__(backbone, **kw)
         d = backbone.embed_dim
         self.router = KeyRouter(d, metric=metric, mode=mode, top_k=top_k, temperature=temperature,
                                 keys_per_class=keys_per_class, shrinkage=shrinkage)
-        self.train_head = LinearHead(d)  # masked-CE classifier that trains each experience's adapters
         self.concat = head_features == "concat"
         self.head: Head = create_head(head, d * (2 if self.concat else 1), **(head_kw or {}))
         self.register_buffer("class_experience", torch.zeros(0, dtype=torch.long))  # diagnostics only
         self.log = RouteLog()
-
-    @property
-    def frozen_depth(self) -> int:
-        return min(self.pools)
 
     def bind(self, ctx: Any) -> None:
         super().bind(ctx)

@@ -27,13 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl.adapters import AdapterConfig, AdapterPool, adapters_off, inject, routing
+from cl.adapters import adapters_off, routing
 from cl.adapters.ema import ema_update
 from cl.backbones.base import Backbone, State
 from cl.errors import ConfigError
-from cl.heads import Head, LinearHead, create_head, masked_cross_entropy
+from cl.heads import Head, create_head, masked_cross_entropy
 from cl.registry import register_strategy
-from cl.strategy import Strategy
+from cl.strategy import AdapterStrategy
 from scenarios.stream import Experience
 
 MEMBERS = ("online", "offline")
@@ -56,7 +56,7 @@ def ensemble_scores(scores: Sequence[torch.Tensor], rule: str = "softmax") -> to
 
 
 @register_strategy("lae")
-class LAE(Strategy):
+class LAE(AdapterStrategy):
     """Online adapters learn, offline EMA adapters accumulate; LDA on [frozen, offline] or a max-softmax ensemble."""
 
     param_defaults: ClassVar[dict[str, Any]] = {"epochs": 3, "lr": 1e-3, "batch_size": 128, "optimizer": "adam"}
@@ -65,9 +65,6 @@ class LAE(Strategy):
         self,
         backbone: Backbone,
         *,
-        layers: Sequence[int] = (-3, -2, -1),
-        adapter: str = "bottleneck",
-        adapter_dim: int | None = None,
         momentum: float = 0.9999,
         adapter_lr_scale: float = 0.1,
         freeze_epochs: int = 0,
@@ -77,7 +74,7 @@ class LAE(Strategy):
         head_features: str = "concat",
         **kw: Any,
     ) -> None:
-        """``kw``: the training parameters of ``Strategy`` (defaults: ``param_defaults``)."""
+        """``kw``: ``AdapterStrategy``'s (adapter layers and kind, training parameters for the adapters)."""
         if not 0.0 <= momentum < 1.0:
             raise ConfigError(f"momentum must be in [0, 1) (per optimiser step; the paper used 0.9999), got {momentum}")
         if adapter_lr_scale < 0 or freeze_epochs < 0:
@@ -88,13 +85,10 @@ class LAE(Strategy):
             raise ConfigError(f"head_features must be 'adapted' or 'concat' (frozen + adapted), got {head_features!r}")
         if head == "linear" and head_features == "concat":
             raise ConfigError("head='linear' classifies the adapted features alone; use head_features='adapted'")
-        config = AdapterConfig(kind=adapter, dim=adapter_dim, layers=list(layers), router=None)
-        self.pools: dict[int, AdapterPool] = dict(sorted(inject(backbone, config).items()))
-        super().__init__(backbone, **{**self.param_defaults, **kw})
+        super().__init__(backbone, **kw)
         self.momentum, self.adapter_lr_scale, self.freeze_epochs = momentum, adapter_lr_scale, freeze_epochs
         self.rule, self.concat = ensemble, head_features == "concat"
         self.members = (ensemble,) if ensemble in MEMBERS else MEMBERS  # the members that predict
-        self.train_head = LinearHead(backbone.embed_dim)  # masked-CE classifier; the paper's head
         self.heads: nn.ModuleDict | None = None  # statistics heads, one per predicting member
         if head != "linear":
             dim = backbone.embed_dim * (2 if self.concat else 1)
@@ -103,10 +97,6 @@ class LAE(Strategy):
         self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
         for pool in self.pools.values():  # a bare backbone forward takes the online adapters
             pool.route_override = torch.tensor([1.0, 0.0])
-
-    @property
-    def frozen_depth(self) -> int:
-        return min(self.pools)
 
     @property
     def accumulating(self) -> bool:

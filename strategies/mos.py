@@ -22,36 +22,30 @@ the task (0.880 right), and that bounds the accuracy.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from cl.adapters import AdapterConfig, AdapterPool, inject, routing
+from cl.adapters import routing
 from cl.adapters.merge import merge_pools
 from cl.backbones.base import Backbone, State
 from cl.errors import ConfigError
-from cl.heads import Head, LinearHead, create_head, masked_cross_entropy
+from cl.heads import Head, create_head, masked_cross_entropy
 from cl.registry import register_strategy
 from cl.routing.keys import RouteLog, experience_of
-from cl.strategy import Strategy
+from cl.strategy import AdapterStrategy
 from scenarios.stream import Experience
 
 
 @register_strategy("mos")
-class MOS(Strategy):
+class MOS(AdapterStrategy):
     """An adapter set per task merged once at its end; self-refined task retrieval; ensemble with the frozen model."""
-
-    param_defaults: ClassVar[dict[str, Any]] = {"epochs": 3, "batch_size": 128}
 
     def __init__(
         self,
         backbone: Backbone,
         *,
-        layers: Sequence[int] = (-3, -2, -1),
-        adapter: str = "bottleneck",
-        adapter_dim: int | None = None,
         merge_momentum: float = 0.1,
         refine_steps: int = 1,
         ensemble_weight: float = 1.0,
@@ -59,28 +53,21 @@ class MOS(Strategy):
         head_kw: dict[str, Any] | None = None,
         **kw: Any,
     ) -> None:
-        """``kw``: the training parameters of ``Strategy`` for the adapters (defaults: ``param_defaults``)."""
+        """``kw``: ``AdapterStrategy``'s (adapter layers and kind, training parameters for the adapters)."""
         if not 0.0 <= merge_momentum <= 1.0:
             raise ConfigError(f"mos: merge_momentum must be in [0, 1] (0: no merging), got {merge_momentum}")
         if refine_steps < 0 or ensemble_weight < 0:
             raise ConfigError(f"mos: refine_steps and ensemble_weight must be >= 0, got {refine_steps}, "
                               f"{ensemble_weight}")
-        config = AdapterConfig(kind=adapter, dim=adapter_dim, layers=list(layers), router=None)
-        self.pools: dict[int, AdapterPool] = dict(sorted(inject(backbone, config).items()))
-        super().__init__(backbone, **{**self.param_defaults, **kw})
+        super().__init__(backbone, **kw)
         self.merge_momentum, self.refine_steps, self.ensemble_weight = merge_momentum, refine_steps, ensemble_weight
         d = backbone.embed_dim
-        self.train_head = LinearHead(d)
         self.frozen_head: Head = create_head(head, d, **(head_kw or {}))  # the original model's prototypes
         self.head: Head = create_head(head, d, **(head_kw or {}))  # each class through its own task's adapter
         self.register_buffer("class_experience", torch.zeros(0, dtype=torch.long))
         self.register_buffer("merges", torch.zeros((), dtype=torch.long))
         self.passes: list[list[int]] = []  # per experience: [images scored, suffix passes run for them]
         self.log = RouteLog()
-
-    @property
-    def frozen_depth(self) -> int:
-        return min(self.pools)
 
     @property
     def names(self) -> list[str]:

@@ -14,38 +14,33 @@ paper's masked-CE linear classifier.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from cl import distributed as dist
-from cl.adapters import AdapterConfig, AdapterPool, capturing, inject, routing
+from cl.adapters import AdapterConfig, AdapterPool, capturing, routing
 from cl.backbones.base import Backbone, State
 from cl.descriptors import ShiftDetector
 from cl.errors import ConfigError
-from cl.heads import Head, LinearHead, create_head, masked_cross_entropy
+from cl.heads import Head, create_head, masked_cross_entropy
 from cl.registry import register_strategy
-from cl.strategy import Strategy
+from cl.strategy import AdapterStrategy
 from scenarios.stream import Experience
 
 
 @register_strategy("sema")
-class SEMA(Strategy):
+class SEMA(AdapterStrategy):
     """Self-expanding adapters: descriptors detect shifts, a pool per layer grows only when needed."""
 
     always_expand = False  # True: a new adapter in every layer for every experience (no shift test)
-    param_defaults: ClassVar[dict[str, Any]] = {"epochs": 3, "batch_size": 128}
 
     def __init__(
         self,
         backbone: Backbone,
         *,
-        layers: Sequence[int] = (-3, -2, -1),
-        adapter: str = "bottleneck",
-        adapter_dim: int | None = None,
         router: str = "descriptor",
         router_kw: dict[str, Any] | None = None,
         head: str = "lda",
@@ -62,20 +57,15 @@ class SEMA(Strategy):
         warm_start: bool = False,
         **kw: Any,
     ) -> None:
-        """``kw``: the training parameters of ``Strategy`` for the adapters (defaults: ``param_defaults``)."""
+        """``kw``: ``AdapterStrategy``'s (adapter layers and kind, training parameters for the adapters)."""
         if router_kw is None:  # hard descriptor routes keep old inputs on exactly their old adapters
             router_kw = {"hard": True} if router == "descriptor" else {}
-        config = AdapterConfig(
-            kind=adapter, dim=adapter_dim, layers=list(layers), router=router, router_kw=dict(router_kw),
-            descriptor_hidden=descriptor_hidden,
-        )
-        self.pools: dict[int, AdapterPool] = dict(sorted(inject(backbone, config).items()))
-        super().__init__(backbone, **{**self.param_defaults, **kw})
+        self._pool_options = {"router": router, "router_kw": dict(router_kw), "descriptor_hidden": descriptor_hidden}
+        super().__init__(backbone, **kw)
         self.router_name, self.head_name = router, head
         self.detector = ShiftDetector(tau)
         self.buffer_size, self.descriptor_epochs, self.descriptor_lr = buffer_size, descriptor_epochs, descriptor_lr
         self.scan_samples, self.rescan, self.warm_start = scan_samples, rescan, warm_start
-        self.train_head = LinearHead(backbone.embed_dim)  # masked-CE classifier that drives adapter training
         if head_features not in ("mixture", "concat"):
             raise ConfigError(f"head_features must be 'mixture' or 'concat' (frozen + mixture), got {head_features!r}")
         self.concat = head_features == "concat"
@@ -100,9 +90,9 @@ class SEMA(Strategy):
         dim = backbone.embed_dim * (2 if self.concat else 1)
         self.head: Head = self.train_head if head == "linear" else create_head(head, dim, **(head_kw or {}))
 
-    @property
-    def frozen_depth(self) -> int:
-        return min(self.pools)
+    def adapter_config(self, config: AdapterConfig) -> AdapterConfig:
+        """The pools get SEMA's router and representation descriptors."""
+        return AdapterConfig(**{**config.model_dump(), **self._pool_options})
 
     # ---- hooks ------------------------------------------------------------------------------
     def before_experience(self, exp: Experience) -> None:
