@@ -193,7 +193,8 @@ class Agent:
         """Predicted global class ids for raw inputs (images ``[N, C, H, W]`` or strings), batched."""
         bs = batch_size or self.ctx.eval_batch_size
         ds = ArrayDataset(inputs, torch.zeros(len(inputs), dtype=torch.long))
-        return torch.cat([self.strategy.predict(x) for x, _ in iterate_batches(ds, bs)])
+        preds = [self.strategy.predict(x) for x, _ in iterate_batches(ds, bs)]
+        return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
 
     # ---- persistence ------------------------------------------------------------------------
     def checkpoint_payload(self) -> dict[str, Any]:

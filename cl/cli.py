@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except CLError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt as e:
         from cl.interrupt import RunInterrupted

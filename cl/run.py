@@ -76,8 +76,9 @@ def same_config(on_disk: RunConfig, cfg: RunConfig) -> bool:
     return to_dict(on_disk.model_copy(update={"loggers": cfg.loggers})) == to_dict(cfg)
 
 
-def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[RunConfig, Path, bool]:
-    """Decide the run directory and whether this run resumes; write ``config.yaml``."""
+def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[RunConfig, Path, bool, bool]:
+    """Decide the run directory and whether this run resumes; write ``config.yaml``. Returns ``(cfg, out,
+    resuming, fresh)``; ``fresh``: this call wrote ``config.yaml`` (``abandon`` undoes it if the run cannot start)."""
     out = Path(cfg.out or default_out(cfg))
     cfg_file = out / "config.yaml"
     if overwrite and out.exists():
@@ -89,10 +90,20 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[RunC
                 "--overwrite to replace it, or --out for a new directory"
             )
         resume = True  # same config: continue (or just report) the run
-    out.mkdir(parents=True, exist_ok=True)
-    if not cfg_file.exists():
+    fresh = not cfg_file.exists()
+    if fresh:
+        out.mkdir(parents=True, exist_ok=True)
         write_atomic(cfg_file, dump_yaml(cfg).encode())  # a killed run never leaves half a config
-    return cfg, out, resume and has_checkpoint(out / "checkpoints")
+    return cfg, out, resume and has_checkpoint(out / "checkpoints"), fresh
+
+
+def abandon(out: Path) -> None:
+    """Undo ``prepare_run_dir`` for a run that failed before its first experience (bad scenario or strategy
+    settings): remove what it wrote, so the corrected config can use the directory."""
+    for name in ("config.yaml", "events.jsonl", ".lock"):
+        (out / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        out.rmdir()  # only when nothing else is in it
 
 
 def run(
@@ -122,9 +133,9 @@ def run(
     joined = joined and dist.is_distributed()  # this call joined the group: it leaves it at the end
     console = console or Console(quiet=rank > 0)
     try:
-        cfg, out, resuming = _on_rank0(lambda: prepare_run_dir(cfg, resume, overwrite))
+        cfg, out, resuming, fresh = _on_rank0(lambda: prepare_run_dir(cfg, resume, overwrite))
         with RunLock(out) if rank == 0 else contextlib.nullcontext(), GracefulStop() as stop:
-            metrics = _run_stream(cfg, out, resuming, device, extra_callbacks, console, report, stop)
+            metrics = _run_stream(cfg, out, resuming, fresh, device, extra_callbacks, console, report, stop)
     except RunInterrupted as e:
         where = f"rank {rank}: " if dist.is_distributed() else ""
         Console(stderr=True).print(f"{where}{e}; the last finished experience is checkpointed: continue with "
@@ -154,28 +165,16 @@ def _on_rank0(fn: Callable[[], Any]) -> Any:
 
 
 def _run_stream(
-    cfg: RunConfig, out: Path, resuming: bool, device: str, extra_callbacks: list[Callback] | None,
+    cfg: RunConfig, out: Path, resuming: bool, fresh: bool, device: str, extra_callbacks: list[Callback] | None,
     console: Console, report: bool, stop: GracefulStop,
 ) -> dict[str, Any]:
     """The run itself, in a prepared (and, on rank 0, locked) run directory."""
-    rank = dist.rank()
-    stream = SCENARIOS.create(cfg.scenario.name, **cfg.scenario.params)
-    metrics_cb = MetricsCallback(out / "metrics.json" if rank == 0 else None, n_experiences=len(stream))
-    callbacks: list[Callback] = [metrics_cb]
-    if rank == 0:  # every file of the run directory is written by rank 0
-        callbacks += [
-            EventLog(out / "events.jsonl"),
-            *make_loggers([*cfg.loggers, *(["report"] if report else [])], out, to_dict(cfg)),
-            *(extra_callbacks or []), Checkpointer(out / "checkpoints", memory_dir=out / "memory"),
-        ]
-        if not resuming:  # a memory saved before the first checkpoint of an interrupted run is stale
-            shutil.rmtree(out / "memory", ignore_errors=True)
-    agent = Agent(
-        cfg.backbone.name, cfg.strategy.name, backbone_params=cfg.backbone.params,
-        strategy_params=cfg.strategy.params, callbacks=callbacks, device=device, seed=cfg.seed,
-        deterministic=cfg.deterministic, task_aware=stream.task_aware, eval_batch_size=cfg.eval.batch_size,
-        progress=cfg.progress and rank == 0, cache_max_gb=cfg.cache_max_gb, rank=rank, world_size=dist.world_size(),
-    )
+    try:
+        stream, agent, metrics_cb = _build(cfg, out, resuming, device, extra_callbacks, report)
+    except Exception:
+        if fresh and dist.rank() == 0:
+            abandon(out)
+        raise
     agent.ctx.stop = stop
     done: list[int] = []
     if resuming:
@@ -195,6 +194,31 @@ def _run_stream(
                 cb.close()
         raise
     return metrics_cb.metrics(agent)
+
+
+def _build(
+    cfg: RunConfig, out: Path, resuming: bool, device: str, extra_callbacks: list[Callback] | None, report: bool
+) -> tuple[Any, Agent, MetricsCallback]:
+    """The stream, the agent and its callbacks (rank 0: every file writer) of a run."""
+    rank = dist.rank()
+    stream = SCENARIOS.create(cfg.scenario.name, **cfg.scenario.params)
+    metrics_cb = MetricsCallback(out / "metrics.json" if rank == 0 else None, n_experiences=len(stream))
+    callbacks: list[Callback] = [metrics_cb]
+    if rank == 0:  # every file of the run directory is written by rank 0
+        callbacks += [
+            EventLog(out / "events.jsonl"),
+            *make_loggers([*cfg.loggers, *(["report"] if report else [])], out, to_dict(cfg)),
+            *(extra_callbacks or []), Checkpointer(out / "checkpoints", memory_dir=out / "memory"),
+        ]
+        if not resuming:  # a memory saved before the first checkpoint of an interrupted run is stale
+            shutil.rmtree(out / "memory", ignore_errors=True)
+    agent = Agent(
+        cfg.backbone.name, cfg.strategy.name, backbone_params=cfg.backbone.params,
+        strategy_params=cfg.strategy.params, callbacks=callbacks, device=device, seed=cfg.seed,
+        deterministic=cfg.deterministic, task_aware=stream.task_aware, eval_batch_size=cfg.eval.batch_size,
+        progress=cfg.progress and rank == 0, cache_max_gb=cfg.cache_max_gb, rank=rank, world_size=dist.world_size(),
+    )
+    return stream, agent, metrics_cb
 
 
 def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:

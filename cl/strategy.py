@@ -13,10 +13,11 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
@@ -83,11 +84,11 @@ class Strategy(nn.Module):
         self,
         backbone: Backbone,
         *,
-        epochs: int = 1,
-        lr: float = 1e-3,
-        batch_size: int = 64,
-        optimizer: str = "adam",
-        weight_decay: float = 0.0,
+        epochs: Annotated[int, Field(ge=0)] = 1,
+        lr: Annotated[float, Field(gt=0)] = 1e-3,
+        batch_size: Annotated[int, Field(ge=1)] = 64,
+        optimizer: Literal["adam", "adamw", "sgd"] = "adam",
+        weight_decay: Annotated[float, Field(ge=0)] = 0.0,
         cache_prefix: bool = True,
     ) -> None:
         super().__init__()
