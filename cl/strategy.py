@@ -22,12 +22,12 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
 from cl import distributed as dist
-from cl.adapters import AdapterConfig, AdapterPool, adapters_off, inject, pools
+from cl.adapters import AdapterConfig, AdapterPool, adapters_off, inject, pools, routing
 from cl.backbones.base import Backbone, State
 from cl.cache import CachedStates, PrefixCache, is_augmented
 from cl.data import iterate_batches
 from cl.errors import CheckpointError, TrainingError
-from cl.heads import LinearHead
+from cl.heads import LinearHead, masked_cross_entropy
 from cl.interrupt import RunInterrupted
 from cl.seed import derive_seed
 from scenarios.builders import subset
@@ -407,6 +407,28 @@ class AdapterStrategy(Strategy):
     @property
     def frozen_depth(self) -> int:
         return min(self.pools)
+
+    def fit_alone(self, exp: Experience, routes: dict[int, torch.Tensor]) -> None:
+        """Train ``exp``'s adapters (``e<id>`` in every pool) with the inputs routed by ``routes`` (layer -> weights,
+        e.g. one-hot on them), then freeze them."""
+        with routing(self.pools, routes):
+            Strategy.fit(self, exp)
+        for pool in self.pools.values():
+            pool.freeze(f"e{exp.id}")
+
+    def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
+        """Masked cross-entropy of ``train_head`` on the features through the adapters the current routes pick."""
+        z = self.backbone.forward_from(state, self.frozen_depth)
+        return masked_cross_entropy(self.train_head(z), y, self.experience.classes)
+
+    def iterate_states(self, dataset, batch_size: int, shuffle: bool = False, generator=None, desc: str = "batches",
+                       **kw: Any):
+        """As ``Strategy``'s; during evaluation a strategy with a route log (``self.log``) records its routes."""
+        batches = super().iterate_states(dataset, batch_size, shuffle, generator, desc, **kw)
+        log = getattr(self, "log", None)
+        if self.training or log is None:
+            return batches
+        return log.watch(batches, self.emit, self.experience.id if self.experience is not None else None)
 
 
 def _rows(state: State, rows: slice) -> State:

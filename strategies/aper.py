@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from cl.backbones.base import Backbone, State
-from cl.heads import create_head, masked_cross_entropy
+from cl.heads import create_head
 from cl.registry import register_strategy
 from cl.strategy import AdapterStrategy
 from scenarios.stream import Experience
@@ -50,10 +50,6 @@ class APER(AdapterStrategy):
         for pool in self.pools.values():
             pool.freeze("first")
         self.emit("adapted", layers=list(self.pools), experience=exp.id)
-
-    def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
-        z = self.backbone.forward_from(state, self.frozen_depth)
-        return masked_cross_entropy(self.train_head(z), y, self.experience.classes)
 
     def features(self, state: State) -> torch.Tensor:
         """``[frozen, adapted]`` embeddings (frozen: adapters switched off)."""

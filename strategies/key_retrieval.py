@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from cl.adapters import routing
 from cl.backbones.base import Backbone, State
-from cl.heads import Head, create_head, masked_cross_entropy
+from cl.heads import Head, create_head
 from cl.registry import register_strategy
 from cl.routing.keys import KeyRouter, RouteLog, experience_of
 from cl.strategy import AdapterStrategy
@@ -81,16 +81,8 @@ class KeyRetrieval(AdapterStrategy):
     def fit(self, exp: Experience) -> None:
         """Train this experience's adapters alone (every input routed to them), then freeze them."""
         name = f"e{exp.id}"
-        own = {i: F.one_hot(torch.tensor(p.names.index(name)), len(p)).float().to(self.ctx.device)
-               for i, p in self.pools.items()}
-        with routing(self.pools, own):
-            super().fit(exp)
-        for pool in self.pools.values():
-            pool.freeze(name)
-
-    def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
-        z = self.backbone.forward_from(state, self.frozen_depth)
-        return masked_cross_entropy(self.train_head(z), y, self.experience.classes)
+        self.fit_alone(exp, {i: F.one_hot(torch.tensor(p.names.index(name)), len(p)).float().to(self.ctx.device)
+                             for i, p in self.pools.items()})
 
     @torch.no_grad()
     def after_experience(self, exp: Experience) -> None:
@@ -128,13 +120,6 @@ class KeyRetrieval(AdapterStrategy):
             owner = torch.tensor([int(n[1:]) for n in self.router.names])
             self.log.record(weights.argmax(-1), self.router.names, truth, owner)
         return self.head(feats)
-
-    def iterate_states(self, dataset, batch_size: int, shuffle: bool = False, generator=None, desc: str = "batches",
-                       **kw: Any):
-        batches = super().iterate_states(dataset, batch_size, shuffle, generator, desc, **kw)
-        if self.training:
-            return batches
-        return self.log.watch(batches, self.emit, self.experience.id if self.experience is not None else None)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         key = prefix + "class_experience"

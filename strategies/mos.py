@@ -31,7 +31,7 @@ from cl.adapters import routing
 from cl.adapters.merge import merge_pools
 from cl.backbones.base import Backbone, State
 from cl.errors import ConfigError
-from cl.heads import Head, create_head, masked_cross_entropy
+from cl.heads import Head, create_head
 from cl.registry import register_strategy
 from cl.routing.keys import RouteLog, experience_of
 from cl.strategy import AdapterStrategy
@@ -94,15 +94,7 @@ class MOS(AdapterStrategy):
 
     def fit(self, exp: Experience) -> None:
         """Train this task's adapters alone (every input routed to them), then freeze them."""
-        name = f"e{exp.id}"
-        with routing(self.pools, self._routes(torch.full((1,), exp.id, device=self.ctx.device))):
-            super().fit(exp)
-        for pool in self.pools.values():
-            pool.freeze(name)
-
-    def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
-        z = self.backbone.forward_from(state, self.frozen_depth)
-        return masked_cross_entropy(self.train_head(z), y, self.experience.classes)
+        self.fit_alone(exp, self._routes(torch.full((1,), exp.id, device=self.ctx.device)))
 
     @torch.no_grad()
     def after_experience(self, exp: Experience) -> None:
@@ -186,13 +178,6 @@ class MOS(AdapterStrategy):
             return adapted
         probs = adapted.softmax(-1) + self.ensemble_weight * original.softmax(-1)
         return probs.clamp_min(1e-30).log().masked_fill(~self.head.known.to(probs.device), float("-inf"))
-
-    def iterate_states(self, dataset, batch_size: int, shuffle: bool = False, generator=None, desc: str = "batches",
-                       **kw: Any):
-        batches = super().iterate_states(dataset, batch_size, shuffle, generator, desc, **kw)
-        if self.training:
-            return batches
-        return self.log.watch(batches, self.emit, self.experience.id if self.experience is not None else None)
 
     # ---- state and metrics --------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
