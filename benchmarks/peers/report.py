@@ -7,7 +7,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-METRICS = ["final_accuracy", "avg_incremental_accuracy", "avg_forgetting", "wall_s", "cpu_s", "peak_rss_mb"]
+METRICS = ["final_accuracy", "avg_incremental_accuracy", "avg_forgetting", "learning_accuracy", "wall_s", "cpu_s",
+           "peak_rss_mb"]
 BEGIN, END = "<!-- peers-table:begin -->", "<!-- peers-table:end -->"
 LABELS = {
     ("avalanche", "naive"): "Avalanche `Naive` (fine-tune all)",
@@ -34,11 +35,18 @@ def summarize_runs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"stream": stream, "framework": framework, "method": method,
                                "seeds": sorted(r["spec"]["seed"] for r in rs)}
         for m in METRICS:
-            vals = [float(r[m]) for r in rs if r.get(m) is not None]
+            vals = [float(learning_accuracy(r) if m == "learning_accuracy" else r[m]) for r in rs
+                    if m == "learning_accuracy" or r.get(m) is not None]
             row[m] = statistics.fmean(vals) if vals else None
             row[f"{m}_std"] = statistics.stdev(vals) if len(vals) > 1 else None
         rows.append(row)
     return rows
+
+
+def learning_accuracy(result: dict[str, Any]) -> float:
+    """Mean accuracy on each experience right after learning it (the diagonal of the accuracy matrix)."""
+    m = result["accuracy_matrix"]
+    return statistics.fmean(m[i][i] for i in range(len(m)))
 
 
 def check_class_orders(results: list[dict[str, Any]]) -> list[str]:
@@ -65,15 +73,16 @@ def markdown(rows: list[dict[str, Any]], headings: dict[str, str]) -> str:
             continue
         best = max(r["final_accuracy"] for r in rs)
         out += [heading, "",
-                "| method | seeds | final accuracy | avg incremental acc. | avg forgetting | wall s | CPU s "
-                "| peak RSS MB |",
-                "|---|---|---|---|---|---|---|---|"]
+                "| method | seeds | final accuracy | avg incremental acc. | avg forgetting | learning acc. | wall s "
+                "| CPU s | peak RSS MB |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(rs, key=lambda r: (r["framework"] != "avalanche", -r["final_accuracy"])):
             final = _pm(r, "final_accuracy", 4)
             out.append(f"| {LABELS.get((r['framework'], r['method']), r['framework'] + ' ' + r['method'])} "
                        f"| {','.join(map(str, r['seeds']))} "
                        f"| {f'**{final}**' if r['final_accuracy'] == best else final} "
                        f"| {_pm(r, 'avg_incremental_accuracy', 4)} | {_pm(r, 'avg_forgetting', 4)} "
+                       f"| {_pm(r, 'learning_accuracy', 4)} "
                        f"| {_pm(r, 'wall_s', 0)} | {_pm(r, 'cpu_s', 0)} | {_pm(r, 'peak_rss_mb', 0)} |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"

@@ -32,7 +32,7 @@ def test_quick_grid_has_every_method_and_resumes(tmp_path, capsys, restore_threa
     want = {("fmnist", "ours", m) for m in OUR_METHODS} | {("fmnist", "avalanche", m) for m in AVALANCHE_METHODS}
     assert got == want | {("fortunes", "ours", m) for m in TEXT_METHODS}
     for r in summary["rows"]:
-        for m in ("final_accuracy", "avg_incremental_accuracy", "avg_forgetting"):
+        for m in ("final_accuracy", "avg_incremental_accuracy", "avg_forgetting", "learning_accuracy"):
             assert 0.0 <= r[m] <= 1.0, (r, m)
         assert r["wall_s"] > 0 and r["cpu_s"] > 0 and r["peak_rss_mb"] > 0 and r["seeds"] == [0]
     for run in summary["runs"]:
@@ -54,9 +54,11 @@ def test_subset_changes_are_new_runs_and_table_shows_mean_and_std():
     assert [s.key for s in specs] == ["fmnist-avalanche-naive-s0", "fmnist-avalanche-naive-s1"]
     assert specs[0].scenario == {"name": "split_fmnist", "n_experiences": 5, "seed": 0, "train_per_class": 10,
                                  "test_per_class": 5}
-    runs = [{"spec": s.to_dict(), "final_accuracy": a, "avg_incremental_accuracy": a, "avg_forgetting": 0.1,
-             "wall_s": 1.0, "cpu_s": 1.0, "peak_rss_mb": 100.0} for s, a in zip(specs, (0.5, 0.7), strict=True)]
+    runs = [{"spec": s.to_dict(), "accuracy_matrix": [[a]], "final_accuracy": a, "avg_incremental_accuracy": a,
+             "avg_forgetting": 0.1, "wall_s": 1.0, "cpu_s": 1.0, "peak_rss_mb": 100.0}
+            for s, a in zip(specs, (0.5, 0.7), strict=True)]
     rows = summarize_runs(runs)
     assert rows[0]["seeds"] == [0, 1] and rows[0]["final_accuracy"] == pytest.approx(0.6)
+    assert rows[0]["learning_accuracy"] == pytest.approx(0.6)
     assert "**0.6000 ± 0.1414**" in markdown(rows, {"fmnist": "heading"})
     assert RunSpec(**specs[0].to_dict()) == specs[0]
