@@ -114,6 +114,10 @@ class Agent:
         cb.before_experience(self, exp)
         strat.before_experience(exp)
         strat.fit(exp)
+        if strat.resume_fit is not None:
+            raise CheckpointError(f"the resume point of experience {exp.id} (training loop {strat.resume_fit['call']}) "
+                                  "was never reached when the experience ran again: delete checkpoints/partial-* "
+                                  "and resume, to repeat the experience from its start")
         strat.after_experience(exp)
         if dist.is_distributed():
             self.sync()

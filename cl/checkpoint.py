@@ -41,6 +41,7 @@ from cl.memory.persist import live_generation, prune, read_generation, retain, w
 
 FORMAT_VERSION = 1
 KEEP_CHECKPOINTS = 2
+PARTIAL = "partial"  # resume points inside an experience (a run stopped by SIGINT/SIGTERM mid-training)
 _LEGACY = {"ckpt": "last"}  # before numbered files a directory held one unnumbered ``last.pt`` + ``last.json``
 
 
@@ -130,6 +131,13 @@ def last_kept(directory: str | Path, name: str = "ckpt") -> str:
 def has_checkpoint(directory: str | Path, name: str = "ckpt") -> bool:
     """Whether ``directory`` holds a committed checkpoint (readable or not: ``load_checkpoint`` says)."""
     return bool(_manifests(Path(directory), name))
+
+
+def remove_checkpoints(directory: str | Path, name: str) -> None:
+    """Delete the checkpoints ``name-N`` in ``directory`` (each manifest before its payload)."""
+    for man in _manifests(Path(directory), name):
+        man.unlink()
+        man.with_suffix(".pt").unlink(missing_ok=True)
 
 
 def memory_generations(directory: str | Path, name: str = "ckpt") -> set[str]:

@@ -20,6 +20,7 @@ class RunInterrupted(KeyboardInterrupt):
     def __init__(self, message: str, signal_name: str = "SIGINT") -> None:
         super().__init__(message)
         self.signal_name = signal_name
+        self.partial: dict | None = None  # a resume point inside the experience (``Strategy.fit``), if any
 
 
 class GracefulStop:

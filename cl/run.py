@@ -22,7 +22,7 @@ from cl.agent import Agent
 from cl.callbacks.base import Callback
 from cl.callbacks.events import EventLog
 from cl.callbacks.logger import RunLogger
-from cl.checkpoint import Checkpointer, has_checkpoint, load_checkpoint
+from cl.checkpoint import PARTIAL, Checkpointer, has_checkpoint, load_checkpoint, remove_checkpoints, save_checkpoint
 from cl.config import RunConfig, build_config, dump_yaml, read_yaml, resolve, to_dict
 from cl.errors import CLError, ConfigError
 from cl.interrupt import GracefulStop, RunInterrupted
@@ -138,8 +138,10 @@ def run(
             metrics = _run_stream(cfg, out, resuming, fresh, device, extra_callbacks, console, report, stop)
     except RunInterrupted as e:
         where = f"rank {rank}: " if dist.is_distributed() else ""
-        Console(stderr=True).print(f"{where}{e}; the last finished experience is checkpointed: continue with "
-                                   f"cl run --resume {cfg.out}", highlight=False, soft_wrap=True)
+        saved = "the run is checkpointed at that step" if e.partial is not None else \
+            "the last finished experience is checkpointed"
+        Console(stderr=True).print(f"{where}{e}; {saved}: continue with cl run --resume {cfg.out}",
+                                   highlight=False, soft_wrap=True)
         raise
     finally:
         if joined:
@@ -176,10 +178,16 @@ def _run_stream(
             abandon(out)
         raise
     agent.ctx.stop = stop
+    ckpt = out / "checkpoints"
     done: list[int] = []
     if resuming:
-        done = agent.restore(load_checkpoint(out / "checkpoints"), stream, memory_dir=out / "memory")
+        done = agent.restore(load_checkpoint(ckpt), stream, memory_dir=out / "memory")
         console.print(f"resuming {out}: experiences {done} already done")
+    if has_checkpoint(ckpt, PARTIAL):  # stopped inside an experience: continue from that step
+        partial = load_checkpoint(ckpt, PARTIAL)
+        if partial["experiences_done"] == done:
+            agent.strategy.resume_fit = p = partial["resume_point"]
+            console.print(f"continuing experience {p['experience']} from step {p['step']} of epoch {p['epoch']}")
     try:
         agent.callbacks.before_run(agent, stream)
         for i, exp in enumerate(stream):
@@ -187,11 +195,16 @@ def _run_stream(
                 continue
             future = stream.experiences[i + 1 :] if cfg.eval.future else ()
             agent.learn(exp, future=future)
+            if dist.rank() == 0:
+                remove_checkpoints(ckpt, PARTIAL)  # the experience's own checkpoint supersedes its resume point
         agent.callbacks.after_run(agent)
-    except RunInterrupted:
+    except RunInterrupted as e:
         for cb in agent.callbacks.callbacks:  # flush what the loggers hold; the checkpoint is already on disk
             if hasattr(cb, "close"):
                 cb.close()
+        if e.partial is not None and dist.rank() == 0:
+            save_checkpoint(ckpt, {"experiences_done": [x.id for x in agent.seen], "resume_point": e.partial},
+                            name=PARTIAL)
         raise
     return metrics_cb.metrics(agent)
 

@@ -29,7 +29,7 @@ from cl.data import iterate_batches
 from cl.errors import CheckpointError, TrainingError
 from cl.heads import LinearHead, masked_cross_entropy
 from cl.interrupt import RunInterrupted
-from cl.seed import derive_seed
+from cl.seed import derive_seed, rng_state, set_rng_state
 from scenarios.builders import subset
 from scenarios.stream import Experience
 
@@ -106,6 +106,8 @@ class Strategy(nn.Module):
         # Pretrained values of the backbone entries that training or a checkpoint changed: ``embed`` runs on them.
         self._pretrained: dict[str, torch.Tensor] = {}
         self._embedded: tuple[Dataset, torch.Tensor, torch.Tensor] | None = None  # the last ``embeddings``
+        self._fit_calls, self._fit_done = 0, []  # base-loop runs in this experience, and what the finished ones did
+        self.resume_fit: dict[str, Any] | None = None  # a resume point to continue this experience from
 
     # ---- structure --------------------------------------------------------------------------
     @property
@@ -134,24 +136,50 @@ class Strategy(nn.Module):
         """Called before training on ``exp`` (expand, add classes, reset optimiser state)."""
         self.experience = exp
         self._embedded = None
+        self._fit_calls, self._fit_done = 0, []
         new = torch.tensor([c for c in exp.classes if c not in set(self.seen_classes.tolist())])
         self.seen_classes = torch.cat([self.seen_classes, new.to(self.seen_classes)])
 
     def fit(self, exp: Experience) -> None:
-        """Train on ``exp``: ``epochs`` passes of ``training_step`` over prefix states."""
+        """Train on ``exp``: ``epochs`` passes of ``training_step`` over prefix states.
+
+        A stop request (SIGINT/SIGTERM) ends the loop after the current step with ``RunInterrupted`` carrying a
+        resume point (``partial``); given back as ``resume_fit`` when the experience is run again, the loop (and
+        any earlier loop of the same experience, e.g. SEMA's per-layer training) continues from that step.
+        """
         params = [p for p in self.parameters() if p.requires_grad]
         if not params or self.epochs == 0:
             return
+        call = self._fit_calls
+        self._fit_calls += 1
+        if self._fit_done and "names" in self._fit_done[-1]:  # a later loop: keep what the previous one trained
+            self._fit_done[-1]["state"] = self._snapshot(self._fit_done[-1].pop("names"))
+        resume = self.resume_fit
+        if resume is not None and call < resume["call"]:
+            return self._fast_forward(exp, resume["done"][call])
         opt = self.configure_optimizer(params)
         self.keep_pretrained({n for n, p in self.named_parameters() if p.requires_grad})
         cb = self.ctx.callbacks
-        for epoch in range(self.epochs):
+        e0, s0, rng, logs = 0, 0, None, []
+        if resume is not None:  # the loop that was interrupted
+            e0, s0, rng, logs = resume["epoch"], resume["step"], resume["rng"], list(resume["epoch_logs"])
+            self.load_checkpoint_state(resume["state"])
+            opt.load_state_dict(resume["optimizer"])
+            self._replay_epochs(exp, logs)
+            self.resume_fit = None
+        for epoch in range(e0, self.epochs):
             if cb is not None:
                 cb.before_epoch(self.ctx.agent, exp, epoch)
             self.train()
-            total, count = 0.0, 0
-            batches = self.train_batches(exp.train, exp.id, epoch)
-            for it, (state, y) in enumerate(batches):
+            total, count = (resume["total"], resume["count"]) if resume is not None and epoch == e0 else (0.0, 0)
+            batches = iter(self.train_batches(exp.train, exp.id, epoch))
+            first = s0 if epoch == e0 else 0
+            for _ in range(first):  # steps done before the interruption
+                next(batches, None)
+            if rng is not None:
+                set_rng_state(rng)
+                rng = None
+            for it, (state, y) in enumerate(batches, start=first):
                 if cb is not None:
                     cb.before_iteration(self.ctx.agent, it)
                 loss, n = self._step(opt, params, state, y, exp.id, epoch, it)
@@ -159,11 +187,53 @@ class Strategy(nn.Module):
                 count += n
                 if cb is not None:
                     cb.after_iteration(self.ctx.agent, it, loss)
-                self.ctx.check_stop(f"after step {it} of epoch {epoch} of experience {exp.id}")
+                try:
+                    self.ctx.check_stop(f"after step {it} of epoch {epoch} of experience {exp.id}")
+                except RunInterrupted as e:
+                    e.partial = self._resume_point(exp, call, epoch, it + 1, opt, total, count, logs)
+                    raise
             total, count = dist.all_sum([total, count])
             self.eval()
+            logs.append((epoch, {"loss": total / max(count, 1)}))
             if cb is not None:
-                cb.after_epoch(self.ctx.agent, exp, epoch, {"loss": total / max(count, 1)})
+                cb.after_epoch(self.ctx.agent, exp, epoch, logs[-1][1])
+        self._fit_done.append({"names": {n for n, p in self.named_parameters() if p.requires_grad},
+                               "rng": rng_state(), "epoch_logs": logs})
+
+    # ---- resume points inside an experience -------------------------------------------------
+    def _snapshot(self, names: set[str]) -> dict[str, torch.Tensor]:
+        entries = dict(self.named_parameters())
+        return {n: entries[n].detach().cpu().clone() for n in names if n in entries}
+
+    def _resume_point(self, exp: Experience, call: int, epoch: int, step: int, opt: torch.optim.Optimizer,
+                      total: float, count: int, logs: list) -> dict[str, Any]:
+        """Everything needed to continue this loop after ``step`` steps of ``epoch`` (see ``fit``)."""
+        done = [d if "state" in d else {**{k: v for k, v in d.items() if k != "names"},
+                                         "state": self._snapshot(d["names"])} for d in self._fit_done]
+        return {
+            "experience": exp.id, "call": call, "epoch": epoch, "step": step, "total": total, "count": count,
+            "epoch_logs": list(logs), "done": done, "rng": rng_state(), "optimizer": opt.state_dict(),
+            "state": {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
+                      for k, v in self.checkpoint_state().items()},
+        }
+
+    def _fast_forward(self, exp: Experience, done: dict[str, Any]) -> None:
+        """Stand for a loop that had finished before the interruption: its trained values, random state and
+        epoch logs, without training again."""
+        self.keep_pretrained(set(done["state"]))
+        _, unexpected = self.load_state_dict(done["state"], strict=False)
+        if unexpected:
+            raise CheckpointError(f"the resume point does not fit this strategy (unexpected {unexpected[:5]})")
+        self._replay_epochs(exp, done["epoch_logs"])
+        set_rng_state(done["rng"])
+        self._fit_done.append(done)
+
+    def _replay_epochs(self, exp: Experience, logs: list) -> None:
+        """Tell the callbacks about epochs finished before an interruption (so logs and events stay complete)."""
+        cb = self.ctx.callbacks
+        for epoch, values in logs if cb is not None else ():
+            cb.before_epoch(self.ctx.agent, exp, epoch)
+            cb.after_epoch(self.ctx.agent, exp, epoch, values)
 
     def _step(self, opt: torch.optim.Optimizer, params: list[nn.Parameter], state: State, y: torch.Tensor,
               exp_id: int, epoch: int, it: int) -> tuple[float, int]:

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from cl.callbacks.base import Callback
-from cl.checkpoint import load_checkpoint
+from cl.checkpoint import PARTIAL, has_checkpoint, load_checkpoint
 from cl.config import build_config
 from cl.distributed import local_rows
 from cl.interrupt import RunInterrupted
@@ -98,38 +98,76 @@ def test_sigterm_on_one_rank_stops_both_at_the_same_step_and_resumes(tmp_path):
 
 
 class SignalAt(Callback):
-    """Sends ``signum`` to this process at iteration ``it`` of experience ``exp_id`` (``times`` signals)."""
+    """Sends ``signum`` to this process after the ``at``-th training step (counted from 1) of experience ``exp_id``,
+    ``times`` times."""
 
-    def __init__(self, exp_id: int, it: int, signum: int = signal.SIGTERM, times: int = 1) -> None:
-        self.exp_id, self.it, self.signum, self.times = exp_id, it, signum, times
-        self.current = -1
+    def __init__(self, exp_id: int, at: int, signum: int = signal.SIGTERM, times: int = 1) -> None:
+        self.exp_id, self.at, self.signum, self.times = exp_id, at, signum, times
+        self.current, self.steps = -1, 0
 
     def before_experience(self, agent, exp) -> None:
-        self.current = exp.id
+        self.current, self.steps = exp.id, 0
 
     def after_iteration(self, agent, iteration, loss) -> None:
-        if self.current == self.exp_id and iteration == self.it:
+        self.steps += self.current == self.exp_id
+        if self.current == self.exp_id and self.steps == self.at:
             for _ in range(self.times):
                 os.kill(os.getpid(), self.signum)
 
 
-def test_sigterm_finishes_the_step_keeps_the_checkpoint_and_resumes_identically(tmp_path):
-    ref = run(tiny_config(tmp_path / "ref", "finetune", epochs=2))
-    cfg = tiny_config(tmp_path, "finetune", epochs=2)
+def journal(run_dir: Path) -> list[tuple]:
+    """(experience, kind, epoch, loss) of each event, without times and sync checks."""
+    return [(e["experience"], e["kind"], e.get("epoch"), e.get("loss")) for e in events(run_dir)]
+
+
+# (strategy, params, step of experience 1 after which SIGTERM arrives, where the message says it stopped)
+MID_EXPERIENCE = [
+    ("finetune", {"epochs": 3}, 2, "after step 0 of epoch 1 of experience 1"),
+    ("replay", {"epochs": 2, "budget": 12}, 1, "after step 0 of epoch 0 of experience 1"),
+    # SEMA trains layer by layer (3 loops of 2 epochs): stop in the second loop, so the first is fast-forwarded
+    ("sema", {"epochs": 2}, 3, "after step 0 of epoch 0 of experience 1"),
+]
+
+
+@pytest.mark.parametrize("strategy,params,at,where", MID_EXPERIENCE, ids=[m[0] for m in MID_EXPERIENCE])
+def test_sigterm_mid_experience_resumes_from_that_step_identically(tmp_path, strategy, params, at, where):
+    ref = run(tiny_config(tmp_path / "ref", strategy, **params))
+    cfg = tiny_config(tmp_path, strategy, **params)
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(RunInterrupted, match="stopped by SIGTERM after step 0 of epoch 0 of experience 1"):
-        run(cfg, extra_callbacks=[SignalAt(1, 0)])
+    with pytest.raises(RunInterrupted, match=f"stopped by SIGTERM {where}"):
+        run(cfg, extra_callbacks=[SignalAt(1, at)])
     assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
     run_dir = tmp_path / "run"
     assert load_checkpoint(run_dir / "checkpoints")["experiences_done"] == [0]
-    assert json.loads((run_dir / "metrics.json").read_text())["experiences_done"] == 1
+    point = load_checkpoint(run_dir / "checkpoints", PARTIAL)
+    assert point["experiences_done"] == [0] and point["resume_point"]["experience"] == 1
     resumed = run(build_config(cfg), resume=True)
     assert resumed["accuracy_matrix"] == ref["accuracy_matrix"]
+    assert not has_checkpoint(run_dir / "checkpoints", PARTIAL)
+    a, b = strategy_state(run_dir), strategy_state(tmp_path / "ref" / "run")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical, not just close
+    assert journal(run_dir) == journal(tmp_path / "ref" / "run")
+
+
+def test_stop_before_training_keeps_the_experience_checkpoint(tmp_path):
+    """A stop outside a training loop (here: before experience 1 starts) resumes from the last experience."""
+    ref = run(tiny_config(tmp_path / "ref", "simplecil"))
+    cfg = tiny_config(tmp_path, "simplecil")
+
+    class StopRequest(Callback):
+        def before_experience(self, agent, exp) -> None:
+            if exp.id == 1:
+                agent.ctx.stop.requested = "SIGTERM"
+
+    with pytest.raises(RunInterrupted, match="stopped by SIGTERM before evaluating experience"):
+        run(cfg, extra_callbacks=[StopRequest()])
+    assert not has_checkpoint(tmp_path / "run" / "checkpoints", PARTIAL)
+    assert run(build_config(cfg), resume=True)["accuracy_matrix"] == ref["accuracy_matrix"]
 
 
 def test_a_second_signal_stops_at_once(tmp_path):
     with pytest.raises(KeyboardInterrupt) as info:
-        run(tiny_config(tmp_path, "finetune", epochs=2), extra_callbacks=[SignalAt(0, 0, signal.SIGINT, times=2)])
+        run(tiny_config(tmp_path, "finetune", epochs=2), extra_callbacks=[SignalAt(0, 1, signal.SIGINT, times=2)])
     assert not isinstance(info.value, RunInterrupted)
     assert "second SIGINT" in str(info.value)
 
