@@ -16,6 +16,7 @@ their own entries (e.g. replay exemplars), and ``cl run`` saves it to ``RUN/memo
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,7 @@ class Agent:
         seed_everything(self.seed, exp.id, deterministic=self.deterministic)
         cb, strat = self.callbacks, self.strategy
         self.ctx.check_stop(f"before experience {exp.id}")
+        self.ctx.last_resume_point = time.monotonic()  # the experience checkpoint is the latest resume point
         cb.before_experience(self, exp)
         strat.before_experience(exp)
         strat.fit(exp)

@@ -134,10 +134,13 @@ def has_checkpoint(directory: str | Path, name: str = "ckpt") -> bool:
 
 
 def remove_checkpoints(directory: str | Path, name: str) -> None:
-    """Delete the checkpoints ``name-N`` in ``directory`` (each manifest before its payload)."""
+    """Delete the checkpoints ``name-N`` in ``directory`` (each manifest before its payload) and leftovers of
+    killed saves."""
     for man in _manifests(Path(directory), name):
         man.unlink()
         man.with_suffix(".pt").unlink(missing_ok=True)
+    if Path(directory).is_dir():
+        _clean_leftovers(Path(directory), name)
 
 
 def memory_generations(directory: str | Path, name: str = "ckpt") -> set[str]:

@@ -49,6 +49,9 @@ class RunConfig(pydantic.BaseModel):
     deterministic: bool = True
     progress: bool = True
     cache_max_gb: float = pydantic.Field(8.0, ge=0)
+    # a resume point inside an experience at most this often (seconds of training); None: only at the end of each
+    # experience and on SIGINT/SIGTERM
+    checkpoint_interval_s: float | None = pydantic.Field(600.0, gt=0)
     loggers: list[str] = ["console"]
     imports: list[str] = []  # modules or .py files that register entries (cl.plugins), imported first
     scenario: Component = Component(name="split_fmnist")

@@ -30,7 +30,8 @@ from cl.memory.persist import write_atomic
 from cl.metrics import MetricsCallback
 from cl.registry import LOGGERS, SCENARIOS
 
-RESUME_SAFE_KEYS = {"device", "threads", "progress", "cache_max_gb", "loggers", "eval.batch_size"}
+RESUME_SAFE_KEYS = {"device", "threads", "progress", "cache_max_gb", "loggers", "eval.batch_size",
+                    "checkpoint_interval_s"}
 
 
 def default_out(cfg: RunConfig) -> str:
@@ -179,6 +180,12 @@ def _run_stream(
         raise
     agent.ctx.stop = stop
     ckpt = out / "checkpoints"
+
+    def save_resume_point(point: dict[str, Any]) -> None:
+        save_checkpoint(ckpt, {"experiences_done": [x.id for x in agent.seen], "resume_point": point}, name=PARTIAL)
+
+    agent.ctx.resume_interval_s = cfg.checkpoint_interval_s
+    agent.ctx.on_resume_point = save_resume_point if dist.rank() == 0 else None
     done: list[int] = []
     if resuming:
         done = agent.restore(load_checkpoint(ckpt), stream, memory_dir=out / "memory")
@@ -203,8 +210,7 @@ def _run_stream(
             if hasattr(cb, "close"):
                 cb.close()
         if e.partial is not None and dist.rank() == 0:
-            save_checkpoint(ckpt, {"experiences_done": [x.id for x in agent.seen], "resume_point": e.partial},
-                            name=PARTIAL)
+            save_resume_point(e.partial)
         raise
     return metrics_cb.metrics(agent)
 

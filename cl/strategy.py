@@ -10,7 +10,8 @@ checkpoints) is inherited. Strategies never write files: they ``emit`` events fo
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal
@@ -49,6 +50,20 @@ class Context:
     world_size: int = 1
     eval_batch_size: int = 256
     stop: Any = None  # cl.interrupt.GracefulStop of the run (None: signals are not intercepted)
+    # periodic resume points: ``on_resume_point(point)`` saves one (rank 0), at most every ``resume_interval_s``
+    resume_interval_s: float | None = None
+    on_resume_point: Callable[[dict[str, Any]], None] | None = None
+    last_resume_point: float = field(default_factory=time.monotonic)
+
+    def resume_point_due(self) -> bool:
+        """Whether a periodic resume point is due (decided by rank 0's clock: every rank must call this at the
+        same points, e.g. after each training step)."""
+        if self.resume_interval_s is None:
+            return False
+        due = dist.broadcast(time.monotonic() - self.last_resume_point >= self.resume_interval_s)
+        if due:
+            self.last_resume_point = time.monotonic()
+        return due
 
     def check_stop(self, where: str) -> None:
         """Raise ``RunInterrupted`` if a stop was requested (on any rank: every rank must call this at the same
@@ -192,6 +207,8 @@ class Strategy(nn.Module):
                 except RunInterrupted as e:
                     e.partial = self._resume_point(exp, call, epoch, it + 1, opt, total, count, logs)
                     raise
+                if self.ctx.resume_point_due() and self.ctx.on_resume_point is not None:
+                    self.ctx.on_resume_point(self._resume_point(exp, call, epoch, it + 1, opt, total, count, logs))
             total, count = dist.all_sum([total, count])
             self.eval()
             logs.append((epoch, {"loss": total / max(count, 1)}))
