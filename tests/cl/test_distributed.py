@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from cl import distributed as dist
 from cl.callbacks.base import Callback
 from cl.checkpoint import PARTIAL, has_checkpoint, load_checkpoint
 from cl.config import build_config
@@ -178,3 +179,47 @@ def test_local_rows_partition_the_batch(n, world):
     assert [i for p in parts for i in range(p.start, p.stop)] == list(range(n))
     sizes = [p.stop - p.start for p in parts]
     assert max(sizes) - min(sizes) <= 1
+
+
+BATCH = 7  # split 4 + 3 over two ranks: unequal slices test the weighting
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(BATCH, 4, generator=g), torch.randint(0, 3, (BATCH,), generator=g)
+
+
+def _rank_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    """One rank: a step's gradients on its slice averaged over ranks, and the other collectives' answers."""
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x, y = batch()
+    rows = local_rows(BATCH)
+    torch.nn.functional.cross_entropy(model(x[rows]), y[rows]).backward()
+    dist.average_gradients(list(model.parameters()), (rows.stop - rows.start) / BATCH)
+    answers = {
+        "grads": [p.grad for p in model.parameters()],
+        "broadcast": dist.broadcast(f"rank {rank}"), "any": dist.any_rank(rank == 1),
+        "sum": dist.all_sum([rank, 1]), "rows": dist.gather_rows(torch.arange(rows.start, rows.stop)),
+    }
+    torch.save(answers, f"{out}/rank{rank}.pt")
+    tdist.destroy_process_group()
+
+
+def test_gradient_averaging_over_unequal_slices_equals_the_whole_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x, y = batch()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt")
+        for g, p in zip(got["grads"], model.parameters(), strict=True):
+            assert torch.allclose(g, p.grad, atol=1e-7), (r, g, p.grad)
+        assert got["broadcast"] == "rank 0" and got["any"] is True and got["sum"] == [1.0, 2.0]
+        assert torch.equal(got["rows"], torch.arange(BATCH))
