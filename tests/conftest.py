@@ -10,7 +10,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# CL_TEST_THREADS=1 when several test processes share the cores (each slows the others otherwise)
+torch.set_num_threads(int(os.environ.get("CL_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 
 @pytest.fixture(autouse=True)
