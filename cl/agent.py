@@ -27,7 +27,7 @@ from cl import distributed as dist
 from cl.backbones import Backbone, create_backbone
 from cl.cache import PrefixCache
 from cl.callbacks.base import Callback, CallbackList
-from cl.checkpoint import load_checkpoint, load_memory, save_checkpoint, save_memory
+from cl.checkpoint import load_checkpoint, load_memory, payload_problem, save_checkpoint, save_memory
 from cl.data import ArrayDataset, iterate_batches
 from cl.errors import CheckpointError, ConfigError, TrainingError
 from cl.journal import Journal
@@ -213,22 +213,29 @@ class Agent:
         }
 
     def restore(
-        self, payload: dict[str, Any], stream: Sequence[Experience], memory_dir: str | Path | None = None
+        self, payload: dict[str, Any], stream: Sequence[Experience], memory_dir: str | Path | None = None,
+        source: str | Path | None = None,
     ) -> list[int]:
         """Load a checkpoint payload and the memory saved with it from ``memory_dir``; ``seen`` is rebuilt
-        from ``stream``. Returns the ids done."""
+        from ``stream``. Returns the ids done. ``source``: the file the payload came from, named in errors."""
+        where = f"checkpoint {source}" if source is not None else "the checkpoint"
+        if (problem := payload_problem(payload, ("strategy", "callbacks"))) is not None:
+            raise CheckpointError(f"{where} is not a valid clagent checkpoint: {problem}")
         done = list(payload["experiences_done"])
         by_id = {e.id: e for e in stream}
         missing = [i for i in done if i not in by_id]
         if missing:
-            raise CheckpointError(f"checkpoint has experiences {missing} that the stream does not")
+            raise CheckpointError(f"{where} has experiences {missing} that the stream does not")
         if payload.get("memory") is not None:
             if memory_dir is None:
                 raise CheckpointError("this checkpoint was saved with an experience memory: pass memory_dir "
                                       "(the run's memory/ folder) to restore it")
             self.use_memory(load_memory(memory_dir, payload["memory"]))
-        self.strategy.load_checkpoint_state(payload["strategy"])
-        self.callbacks.load_state_dict(payload["callbacks"])
+        try:
+            self.strategy.load_checkpoint_state(payload["strategy"])
+            self.callbacks.load_state_dict(payload["callbacks"])
+        except CheckpointError as e:
+            raise CheckpointError(f"{where}: {e}") from None
         self.seen = [by_id[i] for i in done]
         return done
 
@@ -255,18 +262,41 @@ class Agent:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", **kwargs: Any) -> Agent:
-        """Rebuild an agent saved with ``save``, with its memory (its seen experiences are not restored)."""
+        """Rebuild an agent saved with ``save``, with its memory (its seen experiences are not restored).
+
+        Nothing in the directory runs: the spec is JSON naming registered components, the checkpoint tensors and
+        plain data, the memory JSON, SQLite and FAISS files."""
         path = Path(path)
         spec_file = path / "agent_spec.json"
         if not spec_file.exists():
             raise CheckpointError(f"{path} is not a saved agent (no agent_spec.json)")
-        spec = json.loads(spec_file.read_text())
-        payload = load_checkpoint(path, name="agent")
+        spec = _read_spec(spec_file)
+        payload = load_checkpoint(path, name="agent", require=("strategy",))
         agent = cls(
             spec["backbone"], spec["strategy"], backbone_params=spec["backbone_params"],
             strategy_params=spec["strategy_params"], device=device, seed=spec["seed"], **kwargs,
         )
         if payload.get("memory") is not None:
             agent.use_memory(load_memory(path / "memory", payload["memory"]))
-        agent.strategy.load_checkpoint_state(payload["strategy"])
+        try:
+            agent.strategy.load_checkpoint_state(payload["strategy"])
+        except CheckpointError as e:
+            raise CheckpointError(f"saved agent {path}: {e}") from None
         return agent
+
+
+_SPEC_TYPES = {"backbone": str, "strategy": str, "backbone_params": dict, "strategy_params": dict, "seed": int}
+
+
+def _read_spec(spec_file: Path) -> dict[str, Any]:
+    """A saved agent's ``agent_spec.json``, checked: registry names, their params, the seed."""
+    try:
+        spec = json.loads(spec_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{spec_file} is unreadable ({e})") from None
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{spec_file} does not hold a saved agent's spec (a JSON object)")
+    bad = [f"{k} ({t.__name__})" for k, t in _SPEC_TYPES.items() if not isinstance(spec.get(k), t)]
+    if bad:
+        raise CheckpointError(f"{spec_file} is missing or mistypes {', '.join(bad)}")
+    return spec

@@ -20,6 +20,14 @@ generation it goes with. ``Checkpointer`` pins the generations its kept checkpoi
 ``KEEP`` file) before saving, and prunes the others once the new checkpoint is committed. A crash between
 the two saves leaves the memory a generation ahead of the checkpoint; ``load_memory`` reads the generation
 the checkpoint names, so resuming always works (and loading never writes).
+
+Loading never runs code from the files: a payload holds tensors and plain data only (dict, list, tuple, str, int,
+float, bool, None; ``save_checkpoint`` refuses anything else) and is read with ``torch.load(weights_only=True)``,
+whose unpickler builds nothing but those. The sha256 in the manifest catches truncation and corruption, not
+tampering (whoever can replace the .pt can rewrite the manifest); what keeps a crafted file harmless is the
+restricted unpickler, and what keeps it from crashing the engine is ``payload_problem``, which checks the keys
+and types a payload must have. Format 1 (before numpy's RNG state was saved as a list) is read the same way,
+with numpy's ndarray rebuilding allowed, and converted; anything else in an old file is refused.
 """
 
 from __future__ import annotations
@@ -29,17 +37,27 @@ import hashlib
 import io
 import json
 import re
+import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from cl.callbacks.base import Callback
 from cl.errors import CheckpointError
 from cl.memory import ExperienceMemory
 from cl.memory.persist import live_generation, prune, read_generation, retain, write_atomic
+from cl.seed import rng_state_problem
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: payloads are tensors and plain data only (numpy's RNG key a list), read with weights_only
+READABLE_FORMATS = (1, 2)
+# What the weights-only unpickler may build beyond tensors and plain data, for format 1 only: numpy's RNG state
+# (an uint32 ndarray) in resume points. These rebuild an array from its shape, dtype and bytes, and run nothing else.
+FORMAT1_GLOBALS = [np.ndarray, np.dtype, np._core.multiarray._reconstruct, type(np.dtype(np.uint32))]
+PLAIN = (dict, OrderedDict, list, tuple, str, int, float, bool, type(None), torch.Tensor, torch.nn.Parameter,
+         torch.Size, torch.dtype, torch.device)
 KEEP_CHECKPOINTS = 2
 PARTIAL = "partial"  # resume points inside an experience (a run stopped by SIGINT/SIGTERM mid-training)
 _LEGACY = {"ckpt": "last"}  # before numbered files a directory held one unnumbered ``last.pt`` + ``last.json``
@@ -73,14 +91,52 @@ def _manifest(man: Path) -> dict[str, Any]:
         manifest = json.loads(man.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint manifest {man} is unreadable ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version not in READABLE_FORMATS or type(version) is not int:
+        why = "a newer clagent wrote it" if type(version) is int and version > FORMAT_VERSION else \
+            "a foreign file or another clagent version"
         raise CheckpointError(f"checkpoint {man.stem} in {man.parent} has format {version!r}, this clagent "
-                              f"reads {FORMAT_VERSION} (a foreign file or another clagent version)")
+                              f"reads {' and '.join(map(str, READABLE_FORMATS))} ({why})")
     return manifest
 
 
-def _load(man: Path, map_location: str) -> dict[str, Any]:
+def _unpickle(data: bytes, pt: Path, version: int, map_location: str) -> Any:
+    """The payload in ``data``, built by torch's weights-only unpickler (tensors and plain data, nothing run)."""
+    allowed = FORMAT1_GLOBALS if version == 1 else []
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals(allowed):
+            warnings.simplefilter("ignore")  # a foreign pickle's protocol warning: the error below says it all
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as e:
+        text = str(e)
+        found = re.search(r"GLOBAL (\S+)", text)
+        if found is None:
+            detail = re.search(r"WeightsUnpickler error: \s*(\S[^\n]*)", text)
+            reason = detail.group(1) if detail else (text.strip().splitlines() or [""])[0][:200]
+            raise CheckpointError(f"checkpoint {pt} is not a clagent checkpoint (it cannot be read as tensors and "
+                                  f"plain data: {type(e).__name__}: {reason})") from None
+        old = ""
+        if version == 1:
+            fix = (f"delete {pt} and {pt.with_suffix('.json')} and resume, to repeat its experience from the start"
+                   if pt.name.startswith(PARTIAL) else "start the run again with --overwrite")
+            old = f" (an older clagent, format 1, wrote objects this clagent no longer loads: {fix})"
+        raise CheckpointError(f"checkpoint {pt} is not a clagent checkpoint: it holds a pickled {found.group(1)}, "
+                              "where clagent saves only tensors and plain data, and it is not unpickled (that could "
+                              f"run code){old}") from None
+
+
+def _ndarrays_to_lists(obj: Any) -> Any:
+    """A format-1 payload with its ndarrays (numpy's RNG key) as lists, as format 2 saves them."""
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, dict):
+        return type(obj)((k, _ndarrays_to_lists(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_ndarrays_to_lists(v) for v in obj)
+    return obj
+
+
+def _load(man: Path, map_location: str, require: tuple[str, ...] = ()) -> dict[str, Any]:
     """The verified payload a manifest commits; CheckpointError saying what is wrong."""
     manifest = _manifest(man)
     pt = man.with_suffix(".pt")
@@ -91,14 +147,110 @@ def _load(man: Path, map_location: str) -> dict[str, Any]:
     if hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
         raise CheckpointError(f"checkpoint {pt} does not match its checksum in {man.name} (truncated or "
                               f"replaced; {len(data)} bytes, its manifest says {manifest.get('bytes')})")
-    try:
-        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {pt} is not a clagent checkpoint (it cannot be unpickled: "
-                              f"{type(e).__name__}: {e})") from None
+    version = manifest["format_version"]
+    payload = _unpickle(data, pt, version, map_location)
+    if version == 1:
+        payload = _ndarrays_to_lists(payload)
     if not isinstance(payload, dict) or "experiences_done" not in payload:
         raise CheckpointError(f"checkpoint {pt} is not a clagent checkpoint (it holds no experiences_done)")
+    if payload.get("format_version") != version:
+        raise CheckpointError(f"checkpoint {pt} is not a clagent checkpoint (its payload has format "
+                              f"{payload.get('format_version')!r}, its manifest {version})")
+    if (problem := payload_problem(payload, require)) is not None:
+        raise CheckpointError(f"checkpoint {pt} is not a valid clagent checkpoint: {problem}")
     return payload
+
+
+def plain_data_problem(obj: Any, where: str = "payload") -> str | None:
+    """Where ``obj`` holds something other than tensors and plain data (None when it does not): only those load
+    with ``torch.load(weights_only=True)``."""
+    if type(obj) not in PLAIN:
+        hint = "; save a sorted list" if isinstance(obj, (set, frozenset)) else ""
+        return (f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, not tensors or plain data "
+                f"(dict, list, tuple, str, int, float, bool, None){hint}")
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if type(k) not in (str, int):
+                return f"{where} has a key {k!r} that is not a str or an int"
+            if (problem := plain_data_problem(v, f"{where}[{k!r}]")) is not None:
+                return problem
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            if (problem := plain_data_problem(v, f"{where}[{i}]")) is not None:
+                return problem
+    return None
+
+
+def _is_int(x: Any) -> bool:
+    return type(x) is int
+
+
+def _state_problem(state: Any, where: str) -> str | None:
+    """A strategy state: str keys, tensors (``..._extra_state`` entries: plain data)."""
+    if not isinstance(state, dict):
+        return f"{where} is a {type(state).__name__}, not a dict"
+    for k, v in state.items():
+        if not isinstance(k, str):
+            return f"{where} has a key {k!r} that is not a str"
+        if not k.endswith("_extra_state") and not isinstance(v, torch.Tensor):
+            return f"{where}[{k!r}] is a {type(v).__name__}, not a tensor"
+    return None
+
+
+def _resume_point_problem(point: Any) -> str | None:
+    if not isinstance(point, dict):
+        return f"resume_point is a {type(point).__name__}, not a dict"
+    ints = ("experience", "call", "epoch", "step", "count")
+    missing = [k for k in (*ints, "total", "epoch_logs", "done", "rng", "optimizer", "state") if k not in point]
+    if missing:
+        return f"resume_point has no {', '.join(missing)}"
+    if bad := [k for k in ints if not _is_int(point[k])]:
+        return f"resume_point's {', '.join(bad)} must be ints"
+    if type(point["total"]) not in (int, float):
+        return "resume_point's total must be a number"
+    optimizer = point["optimizer"]
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
+            and isinstance(optimizer.get("param_groups"), list)):
+        return "resume_point's optimizer is not an optimizer state dict (state, param_groups)"
+    done = point["done"]
+    if not isinstance(done, list) or not all(isinstance(d, dict) for d in done) or len(done) != point["call"]:
+        return "resume_point's done is not a list of one dict per earlier training loop (call)"
+    for i, d in enumerate([point, *point["done"]]):
+        where = "resume_point" if i == 0 else f"resume_point's done[{i - 1}]"
+        if (problem := rng_state_problem(d.get("rng"))) is not None:
+            return f"{where}'s rng: {problem}"
+        logs = d.get("epoch_logs")
+        if not (isinstance(logs, list) and all(isinstance(e, (list, tuple)) and len(e) == 2 and _is_int(e[0])
+                                                and isinstance(e[1], dict) for e in logs)):
+            return f"{where}'s epoch_logs is not a list of (epoch, dict)"
+        if (problem := _state_problem(d.get("state"), f"{where}'s state")) is not None:
+            return problem
+    return None
+
+
+def payload_problem(payload: dict[str, Any], require: tuple[str, ...] = ()) -> str | None:
+    """What is wrong with a loaded payload's keys and types (None when nothing is): each key it holds must have
+    the type the engine expects, and the keys in ``require`` must be there."""
+    if missing := [k for k in ("experiences_done", *require) if k not in payload]:
+        return f"it has no {', '.join(repr(k) for k in missing)}"
+    done = payload["experiences_done"]
+    if not isinstance(done, list) or not all(_is_int(i) for i in done):
+        return "'experiences_done' is not a list of experience ids (ints)"
+    if "strategy" in payload and (problem := _state_problem(payload["strategy"], "'strategy'")) is not None:
+        return problem
+    callbacks = payload.get("callbacks", {})
+    if not isinstance(callbacks, dict) or not all(isinstance(k, str) and isinstance(v, dict)
+                                                  for k, v in callbacks.items()):
+        return "'callbacks' is not a dict of callback states (dicts)"
+    memory = payload.get("memory")
+    if memory is not None and not (isinstance(memory, dict) and isinstance(memory.get("generation"), str)
+                                   and _is_int(memory.get("entries"))):
+        return "'memory' is not {'generation': str, 'entries': int}"
+    if "spec" in payload and not isinstance(payload["spec"], dict):
+        return "'spec' is not a dict"
+    if "resume_point" in payload:
+        return _resume_point_problem(payload["resume_point"])
+    return None
 
 
 def _peek(man: Path) -> dict[str, Any]:
@@ -133,6 +285,12 @@ def has_checkpoint(directory: str | Path, name: str = "ckpt") -> bool:
     return bool(_manifests(Path(directory), name))
 
 
+def newest_checkpoint(directory: str | Path, name: str = "ckpt") -> Path | None:
+    """The payload file of the newest committed checkpoint (the one ``load_checkpoint`` reads), or None."""
+    found = _manifests(Path(directory), name)
+    return found[0].with_suffix(".pt") if found else None
+
+
 def remove_checkpoints(directory: str | Path, name: str) -> None:
     """Delete the checkpoints ``name-N`` in ``directory`` (each manifest before its payload) and leftovers of
     killed saves."""
@@ -158,13 +316,16 @@ def _clean_leftovers(directory: Path, name: str) -> None:
 
 
 def save_checkpoint(directory: str | Path, payload: dict[str, Any], name: str = "ckpt") -> Path:
-    """Commit ``payload`` (tensors and plain data) as the next ``directory/name-N.pt`` with its manifest, then
-    delete all but the newest ``KEEP_CHECKPOINTS``; returns the .pt path. A full disk raises CheckpointError
-    and leaves the previous checkpoint as it was."""
+    """Commit ``payload`` as the next ``directory/name-N.pt`` with its manifest, then delete all but the newest
+    ``KEEP_CHECKPOINTS``; returns the .pt path. The payload must be tensors and plain data (``plain_data_problem``),
+    else CheckpointError says which entry is not. A full disk raises CheckpointError and leaves the previous
+    checkpoint as it was."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _clean_leftovers(directory, name)
     number = max((n for n, _ in _committed(directory, name)), default=0) + 1
+    if (problem := plain_data_problem(payload)) is not None:  # it would not load again (weights_only)
+        raise CheckpointError(f"cannot save checkpoint {name}-{number:06d} in {directory}: {problem}")
     buf = io.BytesIO()
     torch.save({"format_version": FORMAT_VERSION, **payload}, buf)
     data = buf.getvalue()
@@ -193,9 +354,11 @@ def save_checkpoint(directory: str | Path, payload: dict[str, Any], name: str = 
     return pt
 
 
-def load_checkpoint(directory: str | Path, name: str = "ckpt", map_location: str = "cpu") -> dict[str, Any]:
-    """Read and verify the newest checkpoint in ``directory``; raises CheckpointError saying what is wrong and,
-    when the newest is unreadable, naming the last good one and how to resume from it."""
+def load_checkpoint(directory: str | Path, name: str = "ckpt", map_location: str = "cpu",
+                    require: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read and verify the newest checkpoint in ``directory`` (tensors and plain data only: nothing in it runs),
+    which must hold the keys ``require``; raises CheckpointError saying what is wrong and, when the newest is
+    unreadable, naming the last good one and how to resume from it."""
     directory = Path(directory)
     found = _manifests(directory, name)
     if not found:
@@ -203,7 +366,7 @@ def load_checkpoint(directory: str | Path, name: str = "ckpt", map_location: str
     problems: list[str] = []
     for man in found:
         try:
-            payload = _load(man, map_location)
+            payload = _load(man, map_location, require)
         except CheckpointError as e:
             problems.append(str(e))
             continue

@@ -22,7 +22,15 @@ from cl.agent import Agent
 from cl.callbacks.base import Callback
 from cl.callbacks.events import EventLog
 from cl.callbacks.logger import RunLogger
-from cl.checkpoint import PARTIAL, Checkpointer, has_checkpoint, load_checkpoint, remove_checkpoints, save_checkpoint
+from cl.checkpoint import (
+    PARTIAL,
+    Checkpointer,
+    has_checkpoint,
+    load_checkpoint,
+    newest_checkpoint,
+    remove_checkpoints,
+    save_checkpoint,
+)
 from cl.config import RunConfig, build_config, dump_yaml, read_yaml, resolve, to_dict
 from cl.errors import CLError, ConfigError
 from cl.interrupt import GracefulStop, RunInterrupted
@@ -188,10 +196,11 @@ def _run_stream(
     agent.ctx.on_resume_point = save_resume_point if dist.rank() == 0 else None
     done: list[int] = []
     if resuming:
-        done = agent.restore(load_checkpoint(ckpt), stream, memory_dir=out / "memory")
+        payload = load_checkpoint(ckpt, require=("strategy", "callbacks"))
+        done = agent.restore(payload, stream, memory_dir=out / "memory", source=newest_checkpoint(ckpt))
         console.print(f"resuming {out}: experiences {done} already done")
     if has_checkpoint(ckpt, PARTIAL):  # stopped inside an experience: continue from that step
-        partial = load_checkpoint(ckpt, PARTIAL)
+        partial = load_checkpoint(ckpt, PARTIAL, require=("resume_point",))
         if partial["experiences_done"] == done:
             agent.strategy.resume_fit = p = partial["resume_point"]
             console.print(f"continuing experience {p['experience']} from step {p['step']} of epoch {p['epoch']}")

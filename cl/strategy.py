@@ -179,7 +179,12 @@ class Strategy(nn.Module):
         if resume is not None:  # the loop that was interrupted
             e0, s0, rng, logs = resume["epoch"], resume["step"], resume["rng"], list(resume["epoch_logs"])
             self.load_checkpoint_state(resume["state"])
-            opt.load_state_dict(resume["optimizer"])
+            try:
+                opt.load_state_dict(resume["optimizer"])
+            except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+                raise CheckpointError(f"the resume point of experience {exp.id} does not fit this strategy's "
+                                      f"optimizer ({type(e).__name__}: {e}): delete checkpoints/partial-* and "
+                                      "resume, to repeat the experience from its start") from None
             self._replay_epochs(exp, logs)
             self.resume_fit = None
         for epoch in range(e0, self.epochs):
@@ -238,7 +243,11 @@ class Strategy(nn.Module):
         """Stand for a loop that had finished before the interruption: its trained values, random state and
         epoch logs, without training again."""
         self.keep_pretrained(set(done["state"]))
-        _, unexpected = self.load_state_dict(done["state"], strict=False)
+        try:
+            _, unexpected = self.load_state_dict(done["state"], strict=False)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+            raise CheckpointError(f"the resume point does not fit this strategy ({type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[-1][:300]})") from None
         if unexpected:
             raise CheckpointError(f"the resume point does not fit this strategy (unexpected {unexpected[:5]})")
         self._replay_epochs(exp, done["epoch_logs"])
@@ -433,9 +442,16 @@ class Strategy(nn.Module):
         return {k: v for k, v in self.state_dict().items() if k not in self._pristine}
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a ``checkpoint_state``; growing modules resize themselves from it."""
+        """Load a ``checkpoint_state``; growing modules resize themselves from it. A state that does not fit
+        (shapes, keys, extra state of another kind) raises CheckpointError."""
         self.keep_pretrained(set(state))
-        missing, unexpected = self.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = self.load_state_dict(state, strict=False)
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint does not fit this strategy ({type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[-1][:300]})") from None
         bad = [k for k in missing if k not in self._pristine]
         if bad or unexpected:
             raise CheckpointError(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from cl.errors import CheckpointError
+
 
 class Callback:
     """Override any subset of the hooks; all default to doing nothing."""
@@ -63,7 +65,12 @@ class CallbackList(Callback):
         return {f"{i}:{type(c).__name__}": c.state_dict() for i, c in enumerate(self.callbacks)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Give each callback its saved state; a state that does not fit raises CheckpointError."""
         for i, c in enumerate(self.callbacks):
             key = f"{i}:{type(c).__name__}"
             if key in state:
-                c.load_state_dict(state[key])
+                try:
+                    c.load_state_dict(state[key])
+                except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+                    raise CheckpointError(f"the saved state of callback {key} does not fit it "
+                                          f"({type(e).__name__}: {e})") from None

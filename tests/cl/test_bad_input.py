@@ -559,8 +559,9 @@ def torch_bytes(obj: Any) -> bytes:
 CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
     "truncated": (truncate, r"\.pt does not match its checksum in \S+\.json \(truncated or replaced"),
     "foreign file": (replace_with_foreign_file, r"\.pt does not match its checksum in \S+\.json"),
-    "other format version": (lambda pt: edit_manifest(pt, format_version=99), r"has format 99, this clagent reads 1"),
-    "manifest not an object": (lambda pt: pt.with_suffix(".json").write_text("[1, 2]"), r"this clagent reads 1"),
+    "other format version": (lambda pt: edit_manifest(pt, format_version=99),
+                             r"has format 99, this clagent reads 1 and 2 \(a newer clagent wrote it"),
+    "manifest not an object": (lambda pt: pt.with_suffix(".json").write_text("[1, 2]"), r"this clagent reads 1 and 2"),
     "foreign bytes with their checksum": (lambda pt: replace_with_checksummed(pt, b"not a torch file"),
                                           r"not a clagent checkpoint"),
     "foreign torch file with its checksum": (lambda pt: replace_with_checksummed(pt, torch_bytes({"a": 1})),
