@@ -28,6 +28,7 @@ from cl.memory.persist import FORMAT, FORMAT_VERSION, check_writable, is_memory_
 from cl.memory.store import KINDS, MetadataStore, check_kind, encode_rows, normalize_filters
 
 METADATA_FILE = "metadata.sqlite"
+INDEX_MAGIC = (b"IxM2", b"IwFl")  # the FAISS index types a save writes: IndexIDMap2 (flat, HNSW), IndexIVFFlat
 _SUBSET_CACHE_SIZE = 32  # filtered subsets kept until the next change ...
 _SUBSET_CACHE_BYTES = 256 * 2**20  # ... and at most this much memory (ids, gathered vectors, bitmaps)
 
@@ -391,18 +392,30 @@ class ExperienceMemory:
             mem = cls(manifest["dim"], None, manifest["metric"], gpu=gpu, **manifest["config"])
             next_id = int(manifest["next_id"])
             kinds = manifest["kinds"]
+            if not isinstance(kinds, dict) or not all(isinstance(v, dict) for v in kinds.values()):
+                raise TypeError("'kinds' is not an object of objects")
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"experience memory {root} has an invalid manifest ({e}); it is corrupted") from None
         mem.path = root
         mem._store = MetadataStore.load(gen / METADATA_FILE)
         mem._next_id = next_id
+        files = manifest.get("files")
         for kind, info in kinds.items():
             if kind not in KINDS or not info.get("file"):
                 continue
+            name = info["file"]
+            if not isinstance(files, dict) or name not in files or not (gen / name).is_file():
+                raise CheckpointError(f"experience memory {root}: its manifest names {name!r} as the {kind} index, "
+                                      f"which is not one of the files of {gen.name}; it is corrupted")
+            with open(gen / name, "rb") as f:
+                magic = f.read(4)
+            if magic not in INDEX_MAGIC:  # FAISS parses nothing but the index types clagent writes
+                raise CheckpointError(f"experience memory {root}: {gen.name}/{name} is not a FAISS index of a type "
+                                      f"clagent writes (it starts with {magic!r}); it is corrupted")
             try:
-                index = faiss.read_index(str(gen / info["file"]))
+                index = faiss.read_index(str(gen / name))
             except RuntimeError as e:
-                raise CheckpointError(f"experience memory {root}: cannot read {info['file']} ({e})") from None
+                raise CheckpointError(f"experience memory {root}: cannot read {name} ({e})") from None
             if index.d != mem.dim:
                 raise CheckpointError(f"experience memory {root}: {info['file']} has dimension {index.d}, "
                                       f"the manifest says {mem.dim}; it is corrupted")

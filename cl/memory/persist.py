@@ -196,8 +196,15 @@ def read_generation(root: Path, verify: bool = True, generation: str | None = No
             f"experience memory {root} has format version {version}, written by a newer clagent; this clagent "
             f"reads versions up to {FORMAT_VERSION}: upgrade clagent to load it"
         )
+    files = manifest.get("files", {})
+    if not isinstance(files, dict) or not all(
+        isinstance(info, dict) and type(info.get("bytes")) is int and isinstance(info.get("sha256"), str)
+        and Path(fname).name == fname and fname not in ("", ".", "..") for fname, info in files.items()
+    ):
+        raise CheckpointError(f"experience memory manifest {gen / MANIFEST} lists its files wrongly (each must be "
+                              "a file name of the generation, with its bytes and sha256); it is corrupted")
     if verify:
-        for fname, info in manifest.get("files", {}).items():
+        for fname, info in files.items():
             path = gen / fname
             if not path.is_file():
                 raise CheckpointError(f"experience memory {root} is corrupted: {path.name} is missing from {gen.name}")

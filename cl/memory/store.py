@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -247,7 +248,27 @@ class MetadataStore:
         if cols != ["id", *COLUMNS, "extra"]:
             conn.close()
             raise CheckpointError(f"memory metadata {file} has columns {cols}, expected {['id', *COLUMNS, 'extra']}")
+        if (problem := _schema_problem(conn)) is not None:
+            conn.close()
+            raise CheckpointError(f"memory metadata {file} {problem}; it is corrupted or was not written by clagent")
         return cls(conn)
+
+
+def _schema_problem(conn: sqlite3.Connection) -> str | None:
+    """What a loaded database holds besides the entries table, its indexes and well-typed rows (None: nothing);
+    a trigger or view would run SQL on later writes and reads, so none is kept."""
+    expected = {("table", "entries"), *(("index", n) for n in re.findall(r"INDEX IF NOT EXISTS (\w+)", _SCHEMA))}
+    found = set(conn.execute("SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'").fetchall())
+    if extra := sorted(found - expected):  # a missing index is harmless: the store creates it again
+        return f"holds {', '.join(f'{t} {n}' for t, n in extra)} besides the entries table and its indexes"
+    kinds = ", ".join("?" * len(KINDS))
+    bad = conn.execute(
+        f"SELECT COUNT(*) FROM entries WHERE typeof(id) != 'integer' OR kind NOT IN ({kinds}) "
+        "OR typeof(experience) NOT IN ('integer', 'null') OR typeof(class) NOT IN ('integer', 'null') "
+        "OR typeof(adapter) NOT IN ('integer', 'text', 'null') "
+        "OR (extra IS NOT NULL AND (NOT json_valid(extra) OR json_type(extra) != 'object'))", KINDS,
+    ).fetchone()[0]
+    return f"has {bad} malformed rows (kind, types or extra JSON)" if bad else None
 
 
 def _check_found(ids: np.ndarray, found: Iterable[int] | Mapping[int, Any]) -> None:
