@@ -34,7 +34,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config or args.strategy or args.scenario or args.backbone or args.seed is not None:
             raise CLError("--resume takes the config from RUN/config.yaml; drop the other config options")
-        cfg = load_run_config(args.resume, args.set)
+        cfg = load_run_config(args.resume, args.set, imports=args.imports)
     else:
         data = read_yaml(args.config) if args.config else {}
         components = {"strategy": args.strategy, "scenario": args.scenario, "backbone": args.backbone}

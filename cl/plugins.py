@@ -43,6 +43,11 @@ def import_plugin(spec: str) -> ModuleType:
         raise ConfigError(f"--import {spec}: {e} (give an importable module name or a .py file)") from e
 
 
+def plugin_key(spec: str) -> str:
+    """What a plugin spec names, to compare two specs: the resolved path of a file, else the module name."""
+    return str(Path(spec).expanduser().resolve()) if spec.endswith(".py") or "/" in spec else spec
+
+
 def import_plugins(specs: Iterable[str]) -> list[ModuleType]:
     """Import every plugin in order."""
     return [import_plugin(s) for s in specs]

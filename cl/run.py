@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import shlex
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from cl.errors import CLError, ConfigError
 from cl.interrupt import GracefulStop, RunInterrupted
 from cl.memory.persist import write_atomic
 from cl.metrics import MetricsCallback
+from cl.plugins import plugin_key
 from cl.registry import LOGGERS, SCENARIOS
 
 RESUME_SAFE_KEYS = {"device", "threads", "progress", "cache_max_gb", "loggers", "eval.batch_size",
@@ -149,7 +151,8 @@ def run(
         where = f"rank {rank}: " if dist.is_distributed() else ""
         saved = "the run is checkpointed at that step" if e.partial is not None else \
             "the last finished experience is checkpointed"
-        Console(stderr=True).print(f"{where}{e}; {saved}: continue with cl run --resume {cfg.out}",
+        named = "".join(f" --import {shlex.quote(s)}" for s in cfg.imports)  # resuming imports only what is named
+        Console(stderr=True).print(f"{where}{e}; {saved}: continue with cl run --resume {cfg.out}{named}",
                                    highlight=False, soft_wrap=True)
         raise
     finally:
@@ -249,8 +252,13 @@ def _build(
     return stream, agent, metrics_cb
 
 
-def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """The config of an existing run, with only resume-safe overrides allowed."""
+def load_run_config(run_dir: str | Path, overrides: list[str] | None = None,
+                    imports: Sequence[str] = ()) -> RunConfig:
+    """The config of an existing run, with only resume-safe overrides allowed.
+
+    Loading a run directory runs no code from it: a config whose ``imports:`` name plugins (imported when the run
+    starts) is refused unless ``imports`` (``cl run --resume RUN --import ...``) names each of them too.
+    """
     cfg_file = Path(run_dir) / "config.yaml"
     if not cfg_file.exists():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
@@ -261,6 +269,18 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
                 f"only {sorted(RESUME_SAFE_KEYS)} may change on resume"
             )
     data = read_yaml(cfg_file)
+    listed = data.get("imports") or []
+    if not isinstance(listed, list) or not all(isinstance(s, str) for s in listed):
+        raise ConfigError(f"{cfg_file}: imports must be a list of modules or .py files, got {listed!r}")
+    confirmed = {plugin_key(s) for s in imports}
+    if unconfirmed := [s for s in listed if plugin_key(s) not in confirmed]:
+        flags = " ".join(f"--import {shlex.quote(s)}" for s in unconfirmed)
+        raise ConfigError(f"{cfg_file} imports {', '.join(unconfirmed)}: resuming would run that code, and a run "
+                          f"directory runs none unless you name it. If you trust it, resume with {flags} "
+                          "(Python: load_run_config(..., imports=[...]))")
+    if extra := sorted(confirmed - {plugin_key(s) for s in listed}):
+        raise ConfigError(f"--import {' '.join(extra)}: {cfg_file} does not import it; a resumed run imports what its "
+                          "config names")
     data["out"] = str(run_dir)
     return build_config(data, overrides)
 

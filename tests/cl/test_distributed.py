@@ -89,8 +89,9 @@ def test_sigterm_on_one_rank_stops_both_at_the_same_step_and_resumes(tmp_path):
     assert "rank 1: stopped by SIGTERM after step 1 of epoch 0 of experience 1" in out, out[-3000:]
     assert "stopped by a signal on another rank after step 1 of epoch 0 of experience 1" in out, out[-3000:]
     run_dir = Path(cfg["out"])
+    assert f"continue with cl run --resume {run_dir} --import {PLUGIN}" in out  # resuming imports what is named
     assert load_checkpoint(run_dir / "checkpoints")["experiences_done"] == [0]
-    proc = cl_run("--resume", str(run_dir), "--nproc", "2", "--no-report")
+    proc = cl_run("--resume", str(run_dir), "--import", str(PLUGIN), "--nproc", "2", "--no-report")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ref_cfg = {**cfg, "strategy": {**cfg["strategy"], "name": "finetune"}, "out": str(tmp_path / "ref"), "imports": []}
     ref = run(build_config(ref_cfg))

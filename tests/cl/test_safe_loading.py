@@ -161,6 +161,24 @@ def test_crafted_saved_agent_is_refused(saved_agent, tmp_path):
     assert not marker.exists()
 
 
+# ---- code a run's config.yaml imports runs only when named -----------------------------------------------------
+def test_resume_imports_the_plugins_of_config_yaml_only_when_named(run_dir, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    plugin = run_dir / "plugin.py"  # planted in the run directory, and named by its config
+    plugin.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    cfg_file = run_dir / "config.yaml"
+    cfg_file.write_text(cfg_file.read_text().replace("imports: []", f"imports:\n- {plugin}"))
+    assert main(["run", "--resume", str(run_dir)]) == 2
+    message = " ".join(capsys.readouterr().err.split())
+    assert f"{cfg_file} imports {plugin}: resuming would run that code" in message
+    assert f"resume with --import {plugin}" in message
+    assert main(["run", "--resume", str(run_dir), "--import", str(plugin), "--import", "strategies.sema"]) == 2
+    assert "--import strategies.sema: " in " ".join(capsys.readouterr().err.split())
+    assert not marker.exists()
+    assert main(["run", "--resume", str(run_dir), "--import", str(plugin), "--no-report"]) == 0  # named: trusted
+    assert marker.exists() and json.loads((run_dir / "metrics.json").read_text())["experiences_done"] == 3
+
+
 # ---- missing keys and wrong types -------------------------------------------------------------------------------
 def a_weight(state: dict[str, Any]) -> str:
     return next(k for k in state if k.endswith("qkv.weight"))
