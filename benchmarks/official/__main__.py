@@ -183,7 +183,7 @@ NOTES = [
     "the adapter epochs and descriptor epochs given; their per-epoch test-set evaluation is cut (a stub "
     "switches to eval mode only); ours evaluates nothing either",
     "one process for both sides: our Agent turns on torch.use_deterministic_algorithms (warn_only), which then "
-    "holds for the official side too (on the CPU it changes none of the kernels these models use)",
+    "holds for the official side too: both run under the same setting (e.g. uninitialised memory filled)",
     "case 3 phases (medians, s): see each row's phases; theirs trains descriptors with full backbone "
     "passes (rd epochs), ours on cached pooled inputs",
     "case 4: after the case-3 task (2 tasks, adapters 2/1/1 in blocks 9/10/11); theirs _eval_cnn (forward, "
