@@ -195,18 +195,19 @@ def plain_backbone(backbone: str) -> Backbone:
 @torch.no_grad()
 def mos_with_tasks(plain: Backbone, tasks: int, classes: int, generator: torch.Generator) -> MOS:
     """Our ``mos`` after ``tasks`` tasks of ``classes`` classes, adapters on every block (as MOS adapts all),
-    without training: random adapter weights, heads fed random class statistics. Inference then runs the real
-    path (frozen pass, task adapter, self-refinement, ensemble)."""
+    without training: random adapter weights; the two heads fed different random class statistics, so the
+    adapted head mostly points to another task than the frozen one and nearly every input is refined (our worst
+    case, about 3 - 1/T suffix passes). Inference runs the real path (frozen pass, task adapter,
+    self-refinement, ensemble)."""
     s = MOS(copy.deepcopy(plain), layers=list(range(plain.num_blocks)))
     for t in range(tasks):
         s.before_experience(Experience(t, None, None, list(range(t * classes, (t + 1) * classes))))
     for pool in s.pools.values():
         randomise(pool, generator)
-    n = tasks * classes
+    n, dim = tasks * classes, plain.embed_dim
     y = torch.arange(n).repeat_interleave(8)
-    z = torch.randn(n, plain.embed_dim, generator=generator)[y] + 0.5 * torch.randn(len(y), plain.embed_dim,
-                                                                                      generator=generator)
     for head in (s.frozen_head, s.head):
+        z = torch.randn(n, dim, generator=generator)[y] + 0.5 * torch.randn(len(y), dim, generator=generator)
         head.update(z, y)
     return s.eval()
 
