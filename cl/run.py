@@ -3,6 +3,8 @@
 Run directory contract (DESIGN.md): ``config.yaml`` (fully resolved), ``metrics.json``,
 ``events.jsonl``, ``memory/`` (the agent's experience memory), ``checkpoints/``. ``run(cfg, resume=True)``
 continues from the last finished experience and ends with the same metrics as an uninterrupted run.
+The directory is claimed, marked and locked by ``cl.rundir`` (no run deletes what it did not create); the run is
+built before anything in it is written, so a config that cannot run leaves it as it was (docs/run-directory.md).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class Plan:
 
     out: Path
     resuming: bool  # continue from the checkpoint in ``out``
-    fresh: bool  # this run writes ``config.yaml`` once it is built (``abandon`` undoes it if it cannot start)
+    fresh: bool  # this run writes ``config.yaml`` (once it is built)
     replace: bool  # --overwrite of an existing run: cleared only once the new run is built
 
 
@@ -108,6 +110,9 @@ def run(
     report: bool = False,
 ) -> dict[str, Any]:
     """Run a config end to end; returns the metrics written to ``metrics.json``.
+
+    ``cfg.out`` must be new, empty or a run directory (else ConfigError, nothing touched); a run directory in use
+    by another process is refused. ``overwrite=True`` replaces the run there, once the new run is built.
 
     ``report=True`` also writes the HTML dashboard ``RUN/report.html`` at the end, refreshed during
     long runs (the ``report`` logger). Under ``torchrun`` (``WORLD_SIZE`` > 1) this process is one rank of a
@@ -189,7 +194,7 @@ def _run_stream(
         stream, agent, metrics_cb = _build(cfg, out, device, extra_callbacks, report)
     except Exception:
         if held is not None:
-            held.abandon(wrote_config=False)
+            held.abandon()
         raise
     if held is not None:
         begin(cfg, plan)

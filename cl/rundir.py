@@ -146,14 +146,12 @@ class Claim:
     def release(self) -> None:
         self.lock.release()
 
-    def abandon(self, wrote_config: bool = False) -> None:
-        """Undo a run that could not start: remove what it wrote, and the directory when the claim made it; a
-        directory that held another run keeps it."""
+    def abandon(self) -> None:
+        """Undo the claim of a run that could not start (refused, or failed while it was built): release the lock
+        and, where the directory held nothing of another run, remove what this run put there, the marker, the lock
+        file and the directories the claim made. A directory that holds another run keeps it."""
         if self.new:
             clear(self.out)
-        elif wrote_config:
-            for name in ("config.yaml", "events.jsonl"):
-                (self.out / name).unlink(missing_ok=True)
         if self.marked:
             (self.out / MARKER).unlink(missing_ok=True)
         self.lock.release()
