@@ -31,14 +31,21 @@ def _run(args: argparse.Namespace) -> int:
     from cl.config import build_config, read_yaml, resolve
     from cl.run import load_run_config, run
 
+    if args.nproc is not None and args.nproc < 1:
+        raise CLError(f"--nproc must be at least 1 (got {args.nproc}): the number of processes to run")
+    loggers = args.logger.split(",") if args.logger else None
     if args.resume:
         if args.config or args.strategy or args.scenario or args.backbone or args.seed is not None:
-            raise CLError("--resume takes the config from RUN/config.yaml; drop the other config options")
-        cfg = load_run_config(args.resume, args.set, imports=args.imports)
+            raise CLError("--resume takes the config from RUN/config.yaml; drop the other config options "
+                          "(--device, --logger, resume-safe --set keys and the --import flags confirming the "
+                          "run's own imports may be given)")
+        if args.out is not None or args.overwrite:
+            option = "--out" if args.out is not None else "--overwrite"
+            raise CLError(f"--resume {args.resume} continues the run in that directory; drop {option}")
+        cfg = load_run_config(args.resume, args.set, imports=args.imports, device=args.device, loggers=loggers)
     else:
         data = read_yaml(args.config) if args.config else {}
         components = {"strategy": args.strategy, "scenario": args.scenario, "backbone": args.backbone}
-        loggers = args.logger.split(",") if args.logger else None
         imports = [*data.get("imports", []), *args.imports] if args.imports else None
         cfg = build_config(data, args.set, components, seed=args.seed, out=args.out, loggers=loggers,
                            device=args.device, imports=imports)
@@ -106,8 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "examples/custom_strategy.py (repeatable; recorded in config.yaml)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set strategy.lr=0.01 (repeatable)")
-    r.add_argument("--resume", metavar="RUN", help="continue the run in directory RUN")
-    r.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    r.add_argument("--resume", metavar="RUN",
+                   help="continue the run in directory RUN with its config.yaml; --device, --logger, --report, "
+                        "--nproc and resume-safe --set keys apply, any other config option (and --out, "
+                        "--overwrite) is refused")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (only a clagent run directory, only once the new run is built; "
+                        "any other non-empty folder is refused, never deleted)")
     r.add_argument("--nproc", type=int, metavar="N",
                    help="data-parallel processes on this machine (torchrun --standalone; docs/distributed.md)")
     r.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,

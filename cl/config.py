@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pydantic
 import yaml
@@ -17,6 +17,9 @@ import yaml
 from cl.errors import ConfigError
 from cl.plugins import import_plugins
 from cl.registry import BACKBONES, SCENARIOS, STRATEGIES, Registry, format_validation_error
+
+#: a random seed: what numpy's generators take (a scenario's seed may also be None where its docstring says so)
+Seed = Annotated[int, pydantic.Field(ge=0, le=2**32 - 1)]
 
 
 class Component(pydantic.BaseModel):
@@ -33,7 +36,7 @@ class Component(pydantic.BaseModel):
 class EvalConfig(pydantic.BaseModel):
     """Evaluation settings."""
 
-    model_config = pydantic.ConfigDict(extra="forbid")
+    model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
     batch_size: int = pydantic.Field(256, ge=1)
     future: bool = False  # also evaluate experiences not yet learned (for forward transfer)
 
@@ -41,8 +44,8 @@ class EvalConfig(pydantic.BaseModel):
 class RunConfig(pydantic.BaseModel):
     """Everything a run needs; ``cl run CONFIG`` reads this from YAML."""
 
-    model_config = pydantic.ConfigDict(extra="forbid")
-    seed: int = 0
+    model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN/inf are never a setting
+    seed: Seed = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:N (any torch device string)
     out: str | None = None
     threads: int | None = pydantic.Field(None, ge=1)

@@ -98,18 +98,29 @@ class Registry:
                 fields.update({k: v for k, v in inherited_params(fn).items() if k not in fields})
             self._models[name] = pydantic.create_model(
                 f"{self.kind}_{name}_params",
-                __config__=pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True),
+                # NaN and inf are no setting of any entry: every float parameter must be finite
+                __config__=pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True, allow_inf_nan=False),
                 **fields,
             )
         return self._models[name]
 
     def validate(self, name: str, params: dict[str, Any]) -> dict[str, Any]:
-        """Checked and completed keyword parameters for ``name`` (defaults filled in)."""
+        """Checked and completed keyword parameters for ``name`` (defaults filled in).
+
+        Beyond the signature, an entry may check its parameters together with a ``check_params(params)``
+        attribute that raises ValueError (e.g. a backbone's image size against its minimum input size)."""
         model = self.params_model(name)
         try:
-            return model(**params).model_dump()
+            checked = model(**params).model_dump()
         except pydantic.ValidationError as e:
             raise ConfigError(format_validation_error(e, f"{self.kind} {name!r}", model)) from None
+        check = getattr(self.get(name), "check_params", None)
+        if check is not None:
+            try:
+                check(checked)
+            except ValueError as e:
+                raise ConfigError(f"bad value for {self.kind} {name!r}: {e}") from None
+        return checked
 
     def create(self, name: str, *args: Any, **params: Any) -> Any:
         """Validate ``params`` and call the entry for ``name``."""

@@ -3,15 +3,16 @@
 Run directory contract (DESIGN.md): ``config.yaml`` (fully resolved), ``metrics.json``,
 ``events.jsonl``, ``memory/`` (the agent's experience memory), ``checkpoints/``. ``run(cfg, resume=True)``
 continues from the last finished experience and ends with the same metrics as an uninterrupted run.
+The directory is claimed, marked and locked by ``cl.rundir`` (no run deletes what it did not create); the run is
+built before anything in it is written, so a config that cannot run leaves it as it was (docs/run-directory.md).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import shlex
 import shutil
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from cl.memory.persist import write_atomic
 from cl.metrics import MetricsCallback
 from cl.plugins import plugin_key
 from cl.registry import LOGGERS, SCENARIOS
+from cl.rundir import KEPT, MARKER, Claim, claim, clear, write_marker
 
 RESUME_SAFE_KEYS = {"device", "threads", "progress", "cache_max_gb", "loggers", "eval.batch_size",
                     "checkpoint_interval_s"}
@@ -61,39 +63,29 @@ def make_loggers(names: list[str], run_dir: Path | None = None, config: dict[str
     return loggers
 
 
-class RunLock:
-    """An exclusive lock on a run directory, so two processes never write the same run."""
-
-    def __init__(self, directory: Path) -> None:
-        self.path = directory / ".lock"
-        self._f = None
-
-    def __enter__(self) -> RunLock:
-        self._f = open(self.path, "w")
-        try:
-            fcntl.flock(self._f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"{self.path.parent} is in use by another clagent process") from None
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        fcntl.flock(self._f, fcntl.LOCK_UN)
-        self._f.close()
-
-
 def same_config(on_disk: RunConfig, cfg: RunConfig) -> bool:
     """Whether ``cfg`` describes the run already in a directory; the loggers may differ, and so may the order of
     keys (compared as data, not text)."""
     return to_dict(on_disk.model_copy(update={"loggers": cfg.loggers})) == to_dict(cfg)
 
 
-def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[RunConfig, Path, bool, bool]:
-    """Decide the run directory and whether this run resumes; write ``config.yaml``. Returns ``(cfg, out,
-    resuming, fresh)``; ``fresh``: this call wrote ``config.yaml`` (``abandon`` undoes it if the run cannot start)."""
-    out = Path(cfg.out or default_out(cfg))
+@dataclass(frozen=True)
+class Plan:
+    """What a run does with its (claimed and locked) directory; shared with every rank."""
+
+    out: Path
+    resuming: bool  # continue from the checkpoint in ``out``
+    fresh: bool  # this run writes ``config.yaml`` (once it is built)
+    replace: bool  # --overwrite of an existing run: cleared only once the new run is built
+
+
+def prepare_run_dir(cfg: RunConfig, out: Path, resume: bool, overwrite: bool) -> Plan:
+    """Decide, in the locked run directory ``out``, whether this run resumes, starts afresh or replaces a run.
+
+    Reads only: nothing is written or deleted here, so a refusal leaves the directory as it was."""
     cfg_file = out / "config.yaml"
-    if overwrite and out.exists():
-        shutil.rmtree(out)
+    if overwrite:
+        return Plan(out, resuming=False, fresh=True, replace=any(p.name not in KEPT for p in out.iterdir()))
     if cfg_file.exists():
         if not same_config(build_config(read_yaml(cfg_file)), cfg) and not resume:
             raise ConfigError(
@@ -101,20 +93,22 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> tuple[RunC
                 "--overwrite to replace it, or --out for a new directory"
             )
         resume = True  # same config: continue (or just report) the run
-    fresh = not cfg_file.exists()
-    if fresh:
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(cfg_file, dump_yaml(cfg).encode())  # a killed run never leaves half a config
-    return cfg, out, resume and has_checkpoint(out / "checkpoints"), fresh
+    return Plan(out, resuming=resume and has_checkpoint(out / "checkpoints"), fresh=not cfg_file.exists(),
+                replace=False)
 
 
-def abandon(out: Path) -> None:
-    """Undo ``prepare_run_dir`` for a run that failed before its first experience (bad scenario or strategy
-    settings): remove what it wrote, so the corrected config can use the directory."""
-    for name in ("config.yaml", "events.jsonl", ".lock"):
-        (out / name).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        out.rmdir()  # only when nothing else is in it
+def begin(cfg: RunConfig, plan: Plan) -> None:
+    """Write the run directory's starting state, once the run is built: clear the run it replaces (under the
+    lock), drop a stale memory, write ``config.yaml`` and, in a run from before the marker, the marker."""
+    out = plan.out
+    if plan.replace:
+        clear(out)
+    elif not plan.resuming:  # a memory saved before the first checkpoint of an interrupted run is stale
+        shutil.rmtree(out / "memory", ignore_errors=True)
+    if plan.fresh:
+        write_atomic(out / "config.yaml", dump_yaml(cfg).encode())  # a killed run never leaves half a config
+    if not (out / MARKER).exists():
+        write_marker(out)
 
 
 def run(
@@ -127,11 +121,16 @@ def run(
 ) -> dict[str, Any]:
     """Run a config end to end; returns the metrics written to ``metrics.json``.
 
+    ``cfg.out`` must be new, empty or a run directory (else ConfigError, nothing touched); a run directory in use
+    by another process is refused. ``overwrite=True`` replaces the run there, once the new run is built.
+
     ``report=True`` also writes the HTML dashboard ``RUN/report.html`` at the end, refreshed during
     long runs (the ``report`` logger). Under ``torchrun`` (``WORLD_SIZE`` > 1) this process is one rank of a
     data-parallel run (``cl.distributed``); rank 0 writes the run directory. SIGINT/SIGTERM stop the run after
     the current training step with its last checkpoint intact (``RunInterrupted``, resumable with ``--resume``).
     """
+    if resume and overwrite:
+        raise ConfigError("--resume continues a run and --overwrite replaces it: give one of them")
     cfg = resolve(cfg if isinstance(cfg, RunConfig) else build_config(cfg))
     for name in cfg.loggers:  # unknown logger names fail before the run directory is touched
         LOGGERS.get(name)
@@ -143,10 +142,27 @@ def run(
     rank, _, device = dist.init_from_env(cfg.device)
     joined = joined and dist.is_distributed()  # this call joined the group: it leaves it at the end
     console = console or Console(quiet=rank > 0)
+    held: list[Claim] = []  # rank 0: the claimed, locked run directory
+
+    def prepare() -> Plan:
+        c = claim(Path(cfg.out))
+        try:
+            plan = prepare_run_dir(cfg, c.out, resume, overwrite)
+        except BaseException:
+            c.abandon()
+            raise
+        held.append(c)
+        return plan
+
     try:
-        cfg, out, resuming, fresh = _on_rank0(lambda: prepare_run_dir(cfg, resume, overwrite))
-        with RunLock(out) if rank == 0 else contextlib.nullcontext(), GracefulStop() as stop:
-            metrics = _run_stream(cfg, out, resuming, fresh, device, extra_callbacks, console, report, stop)
+        plan = _on_rank0(prepare)
+        try:
+            with GracefulStop() as stop:
+                metrics = _run_stream(cfg, plan, held[0] if held else None, device, extra_callbacks, console, report,
+                                      stop)
+        finally:
+            for c in held:
+                c.release()
     except RunInterrupted as e:
         where = f"rank {rank}: " if dist.is_distributed() else ""
         saved = "the run is checkpointed at that step" if e.partial is not None else \
@@ -158,6 +174,7 @@ def run(
     finally:
         if joined:
             dist.shutdown()
+    out = plan.out
     console.print(f"run directory: {out}")
     if (out / "report.html").exists() and (report or "report" in cfg.loggers):
         console.print(f"report: {out / 'report.html'}")
@@ -179,16 +196,19 @@ def _on_rank0(fn: Callable[[], Any]) -> Any:
 
 
 def _run_stream(
-    cfg: RunConfig, out: Path, resuming: bool, fresh: bool, device: str, extra_callbacks: list[Callback] | None,
+    cfg: RunConfig, plan: Plan, held: Claim | None, device: str, extra_callbacks: list[Callback] | None,
     console: Console, report: bool, stop: GracefulStop,
 ) -> dict[str, Any]:
-    """The run itself, in a prepared (and, on rank 0, locked) run directory."""
+    """The run itself, in a prepared run directory (``held``: its claim, on rank 0)."""
+    out, resuming = plan.out, plan.resuming
     try:
-        stream, agent, metrics_cb = _build(cfg, out, resuming, device, extra_callbacks, report)
+        stream, agent, metrics_cb = _build(cfg, out, device, extra_callbacks, report)
     except Exception:
-        if fresh and dist.rank() == 0:
-            abandon(out)
+        if held is not None:
+            held.abandon()
         raise
+    if held is not None:
+        begin(cfg, plan)
     agent.ctx.stop = stop
     ckpt = out / "checkpoints"
 
@@ -228,9 +248,10 @@ def _run_stream(
 
 
 def _build(
-    cfg: RunConfig, out: Path, resuming: bool, device: str, extra_callbacks: list[Callback] | None, report: bool
+    cfg: RunConfig, out: Path, device: str, extra_callbacks: list[Callback] | None, report: bool
 ) -> tuple[Any, Agent, MetricsCallback]:
-    """The stream, the agent and its callbacks (rank 0: every file writer) of a run."""
+    """The stream, the agent and its callbacks (rank 0: every file writer) of a run; nothing is written yet (the
+    callbacks open their files when they first write)."""
     rank = dist.rank()
     stream = SCENARIOS.create(cfg.scenario.name, **cfg.scenario.params)
     metrics_cb = MetricsCallback(out / "metrics.json" if rank == 0 else None, n_experiences=len(stream))
@@ -241,8 +262,6 @@ def _build(
             *make_loggers([*cfg.loggers, *(["report"] if report else [])], out, to_dict(cfg)),
             *(extra_callbacks or []), Checkpointer(out / "checkpoints", memory_dir=out / "memory"),
         ]
-        if not resuming:  # a memory saved before the first checkpoint of an interrupted run is stale
-            shutil.rmtree(out / "memory", ignore_errors=True)
     agent = Agent(
         cfg.backbone.name, cfg.strategy.name, backbone_params=cfg.backbone.params,
         strategy_params=cfg.strategy.params, callbacks=callbacks, device=device, seed=cfg.seed,
@@ -252,9 +271,10 @@ def _build(
     return stream, agent, metrics_cb
 
 
-def load_run_config(run_dir: str | Path, overrides: list[str] | None = None,
-                    imports: Sequence[str] = ()) -> RunConfig:
-    """The config of an existing run, with only resume-safe overrides allowed.
+def load_run_config(run_dir: str | Path, overrides: list[str] | None = None, imports: Sequence[str] = (),
+                    **top: Any) -> RunConfig:
+    """The config of an existing run, with only resume-safe overrides allowed (``--set`` items, or top-level
+    values such as ``device=...`` and ``loggers=[...]``; None leaves a value as the run has it).
 
     Loading a run directory runs no code from it: a config whose ``imports:`` name plugins (imported when the run
     starts) is refused unless ``imports`` (``cl run --resume RUN --import ...``) names each of them too.
@@ -262,11 +282,13 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None,
     cfg_file = Path(run_dir) / "config.yaml"
     if not cfg_file.exists():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-    for item in overrides or []:
-        if item.split("=", 1)[0] not in RESUME_SAFE_KEYS:
+    changes = [(item.split("=", 1)[0], f"--set {item!r}") for item in overrides or []]
+    changes += [(key, f"{key}={value!r}") for key, value in top.items() if value is not None]
+    for key, what in changes:
+        if key not in RESUME_SAFE_KEYS:
             raise ConfigError(
-                f"--set {item!r} would change the results of a resumed run; "
-                f"only {sorted(RESUME_SAFE_KEYS)} may change on resume"
+                f"{what} would change the results of a resumed run; only {sorted(RESUME_SAFE_KEYS)} may change on "
+                "resume"
             )
     data = read_yaml(cfg_file)
     listed = data.get("imports") or []
@@ -282,7 +304,7 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None,
         raise ConfigError(f"--import {' '.join(extra)}: {cfg_file} does not import it; a resumed run imports what its "
                           "config names")
     data["out"] = str(run_dir)
-    return build_config(data, overrides)
+    return build_config(data, overrides, **top)
 
 
 __all__ = ["load_run_config", "run", "to_dict"]

@@ -36,6 +36,7 @@ from rich.table import Table
 from cl.config import RunConfig, apply_override, build_config, read_yaml, resolve, to_dict
 from cl.errors import CLError, ConfigError
 from cl.run import run, same_config
+from cl.rundir import is_run_dir
 
 COMPONENTS = ("scenario", "backbone", "strategy")
 SWEEP_KEYS = {"base", "config", "grid", "seeds", "set", "out", "loggers"}
@@ -178,12 +179,30 @@ def is_finished(cfg: RunConfig) -> bool:
     return same_config(on_disk, cfg) and done is not None and done == total
 
 
+def prepare_sweep_dir(out: Path) -> None:
+    """Create the sweep directory, or accept one a sweep made (it holds ``sweep.yaml``), an empty one, or one that
+    holds only clagent run directories (runs of the sweep started on their own). Any other folder is refused: the
+    sweep writes ``sweep.yaml`` and ``report.html`` there and must not replace a user's files (its runs are guarded
+    by ``cl.run`` like any run directory)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file, not a sweep directory: pass --out a new or empty directory, or a sweep's")
+    foreign = [p for p in out.iterdir() if not (p.is_dir() and is_run_dir(p))] if out.is_dir() else []
+    if foreign and not (out / "sweep.yaml").is_file():
+        raise ConfigError(f"{out} is a folder that no sweep made (no sweep.yaml) and not empty: clagent never writes "
+                          "into such a folder; pass --out a new or empty directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the sweep directory {out}: {e.strerror or e}; pass --out a directory you "
+                          "can write") from None
+
+
 def run_sweep(sweep: Sweep, console: Console | None = None, report: bool = True) -> dict[str, str]:
     """Run every grid point not finished yet; returns ``{run dir: status}`` (done, skipped, failed: ...)."""
     console = console or Console()
     points = sweep.points()
     configs = [(n, sweep.config(p, n)) for n, p in zip(run_names(points), points, strict=True)]  # all checked first
-    sweep.out.mkdir(parents=True, exist_ok=True)
+    prepare_sweep_dir(sweep.out)
     (sweep.out / "sweep.yaml").write_text(yaml.safe_dump(sweep.manifest(), sort_keys=False))
     status: dict[str, str] = {}
     for k, (name, cfg) in enumerate(configs):

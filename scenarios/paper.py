@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from torch.utils.data import Dataset
 
+from cl.config import Seed
 from cl.registry import register_scenario
 from scenarios.builders import class_incremental, head_per_class
 from scenarios.sources.paper import (
@@ -76,7 +77,7 @@ def cifar100(
     n_experiences: int = 10,
     classes_per_experience: int | list[int] | None = None,
     class_order: list[int] | None = None,
-    seed: int | None = PILOT_SEED,
+    seed: Seed | None = PILOT_SEED,
     size: int = 224,
     augment: bool = False,
     train_per_class: int | None = None,
@@ -95,7 +96,7 @@ def cub200(
     n_experiences: int = 20,
     classes_per_experience: int | list[int] | None = None,
     class_order: list[int] | None = None,
-    seed: int | None = PILOT_SEED,
+    seed: Seed | None = PILOT_SEED,
     size: int = 224,
     augment: bool = False,
     train_per_class: int | None = None,
@@ -118,7 +119,7 @@ def _pilot_scenario(name: str, n_experiences: int) -> Callable[..., Stream]:
         n_experiences: int = default_experiences,
         classes_per_experience: int | list[int] | None = None,
         class_order: list[int] | None = None,
-        seed: int | None = PILOT_SEED,
+        seed: Seed | None = PILOT_SEED,
         size: int = 224,
         augment: bool = False,
         train_per_class: int | None = None,

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from cl.config import Seed
 from cl.data import ArrayDataset
 from cl.errors import ConfigError
 from cl.registry import register_scenario
@@ -52,7 +53,7 @@ def split_fmnist(
     n_experiences: int = 5,
     classes_per_experience: list[int] | None = None,
     class_order: list[int] | None = None,
-    seed: int | None = 0,
+    seed: Seed | None = 0,
     root: str | None = None,
     train_per_class: int | None = None,
     test_per_class: int | None = None,
@@ -80,7 +81,7 @@ def split_digits(
     n_experiences: int = 5,
     classes_per_experience: list[int] | None = None,
     class_order: list[int] | None = None,
-    seed: int | None = 0,
+    seed: Seed | None = 0,
     test_fraction: float = 0.25,
     train_per_class: int | None = None,
     test_per_class: int | None = None,
@@ -104,7 +105,7 @@ def split_fortunes(
     n_experiences: int = 5,
     min_entries: int = 150,
     max_categories: int | None = None,
-    seed: int | None = 0,
+    seed: Seed | None = 0,
     classes_per_experience: list[int] | None = None,
     class_order: list[int] | None = None,
     root: str = FORTUNES_ROOT,
@@ -151,7 +152,7 @@ def image_folder(
     size: int = 224,
     classes_per_experience: list[int] | None = None,
     class_order: list[int] | None = None,
-    seed: int | None = 0,
+    seed: Seed | None = 0,
     train_per_class: int | None = None,
     test_per_class: int | None = None,
     kind: Kind = "class",
@@ -199,7 +200,7 @@ def synthetic(
     test_per_class: int = 16,
     image_size: int = 16,
     channels: int = 3,
-    seed: int = 0,
+    seed: Seed = 0,
     kind: Kind = "class",
 ) -> Stream:
     """Random uint8 images whose class sets a clear blocky pattern: tiny models learn it; for fast tests."""
@@ -223,7 +224,7 @@ def rotate_images(images: torch.Tensor, angle: float) -> torch.Tensor:
 @register_scenario("rotated_digits")
 def rotated_digits(
     angles: Sequence[float] = (0.0, 90.0),
-    seed: int = 0,
+    seed: Seed = 0,
     test_fraction: float = 0.25,
     train_per_class: int | None = None,
     test_per_class: int | None = None,

@@ -8,8 +8,9 @@ A state is a tensor, or for text a tuple ``(hidden [B, L, D], attention_mask [B,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -18,6 +19,37 @@ from cl.backbones.preprocess import prepare_images
 from cl.errors import DataError
 
 State = torch.Tensor | tuple[torch.Tensor, ...]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class InputSize:
+    """A backbone entry's image side under some params (``key`` names the setting), the smallest side the model
+    takes, and what sets that minimum (``why``)."""
+
+    key: str
+    size: int
+    minimum: int
+    why: str
+
+
+def declares_min_input_size(rule: Callable[[dict[str, Any]], InputSize | None]) -> Callable[[F], F]:
+    """Decorator for a backbone registry entry: ``rule(params)`` says its configured image side and minimum input
+    size (None: nothing to check, e.g. the defaults). The registry checks it whenever the params are validated
+    (``cl.config.resolve``, ``create_backbone``), so a too-small ``img_size`` fails before anything is built."""
+
+    def check_params(params: dict[str, Any]) -> None:
+        got = rule(params)
+        if got is not None and got.size < got.minimum:
+            raise ValueError(f"{got.key}={got.size} is below its minimum input size of {got.minimum} px ({got.why}); "
+                             f"use {got.key} >= {got.minimum}")
+
+    def deco(fn: F) -> F:
+        fn.check_params = check_params  # type: ignore[attr-defined]
+        fn.min_input_size = rule  # type: ignore[attr-defined]
+        return fn
+
+    return deco
 
 
 @dataclass(frozen=True)
@@ -48,6 +80,9 @@ class Backbone(nn.Module):
     block_kind: str = "token"
     #: image batches are laid out channels-last (much faster for CNNs on CPU)
     channels_last: bool = False
+    #: the smallest image side this model takes (None: not an image model); its registry entry declares the same
+    #: rule for its params (``declares_min_input_size``) so configs are checked before the model is built
+    min_input_size: int | None = 1
 
     @property
     def device(self) -> torch.device:

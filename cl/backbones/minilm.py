@@ -26,6 +26,7 @@ class MiniLM(Backbone):
     """stem = BERT embeddings; blocks = encoder layers; pool = masked mean + L2 normalisation."""
 
     block_kind = "token"
+    min_input_size = None  # text: no image side
 
     def __init__(
         self, model: BertModel, tokenizer: PreTrainedTokenizerBase, name: str, weights: str, max_length: int

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from cl.backbones.base import Backbone, DataConfig
+from cl.backbones.base import Backbone, DataConfig, InputSize, declares_min_input_size
 from cl.backbones.checkpoint import load_strict, read_state_dict, select_prefix, strip_prefixes
 from cl.errors import ConfigError
 from cl.registry import register_backbone
@@ -31,6 +31,7 @@ class OpenClipViT(Backbone):
         self.weights = weights
         self.data_config = data_config
         self.embed_dim = int(visual.output_dim if visual.proj is not None else visual.transformer.width)
+        self.min_input_size = max(_pair(visual.patch_size))  # fewer pixels than a patch: no token
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -45,6 +46,27 @@ class OpenClipViT(Backbone):
 
     def block_dims(self) -> list[int]:
         return [self.model.transformer.width] * self.num_blocks
+
+
+def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def tower_input_size(model_name: str, vision_cfg: dict[str, Any] | None) -> InputSize | None:
+    """The image side and minimum (one patch) of an open_clip tower whose ``vision_cfg`` changes either; None for
+    the model's own sizes (or an unknown model, which ``build_open_clip_vit`` refuses with a suggestion)."""
+    if not {"image_size", "patch_size"} & set(vision_cfg or {}):
+        return None
+    import open_clip
+
+    base = (open_clip.get_model_config(model_name) or {}).get("vision_cfg")
+    if base is None:
+        return None
+    vcfg = {**base, **(vision_cfg or {})}
+    if "image_size" not in vcfg or "patch_size" not in vcfg:
+        return None
+    size, patch = min(_pair(vcfg["image_size"])), max(_pair(vcfg["patch_size"]))
+    return InputSize("vision_cfg.image_size", size, patch, "its patch size")
 
 
 def build_open_clip_vit(
@@ -104,6 +126,7 @@ def build_open_clip_vit(
 
 
 @register_backbone("open_clip_vit")
+@declares_min_input_size(lambda p: tower_input_size(p["model_name"], p["vision_cfg"]))
 def open_clip_vit(
     model_name: str = "ViT-B-16",
     pretrained: str | None = None,

@@ -3,12 +3,13 @@ or by any timm ViT name (see ``resolve_timm_name``)."""
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from cl.backbones.base import Backbone, DataConfig
+from cl.backbones.base import Backbone, DataConfig, InputSize, declares_min_input_size
 from cl.backbones.checkpoint import drop_keys, load_strict, read_state_dict, strip_prefixes
 from cl.errors import ConfigError
 from cl.registry import register_backbone
@@ -39,6 +40,7 @@ class TimmViT(Backbone):
             mean=tuple(cfg["mean"]),
             std=tuple(cfg["std"]),
         )
+        self.min_input_size = max(model.patch_embed.patch_size)  # fewer pixels than a patch: no token
 
     @property
     def blocks(self) -> nn.Sequential:
@@ -53,6 +55,17 @@ class TimmViT(Backbone):
 
     def block_dims(self) -> list[int]:
         return [self.model.embed_dim] * self.num_blocks
+
+
+def vit_input_size(timm_name: str, img_size: int | None, model_kwargs: dict[str, Any] | None) -> InputSize | None:
+    """The image side and minimum (one patch) of a timm ViT, from its name (``..._patchN_...``) or
+    ``model_kwargs["patch_size"]``; None when the side is the model's default or the patch size is not in the name."""
+    patch = (model_kwargs or {}).get("patch_size")
+    if patch is None and (m := re.search(r"patch(\d+)", timm_name)):
+        patch = int(m[1])
+    if img_size is None or not isinstance(patch, int):
+        return None
+    return InputSize("img_size", img_size, patch, "its patch size")
 
 
 def resolve_timm_name(name: str) -> str | None:
@@ -109,6 +122,7 @@ def build_timm_vit(
 
 
 @register_backbone("timm_vit")
+@declares_min_input_size(lambda p: vit_input_size(p["model_name"], p["img_size"], p["model_kwargs"]))
 def timm_vit(
     model_name: str = "vit_base_patch16_224",
     pretrained: bool = False,
@@ -133,7 +147,8 @@ def _register_alias(
 
     entry.__name__ = entry.__qualname__ = name
     entry.__doc__ = doc
-    register_backbone(name)(entry)
+    size_rule = declares_min_input_size(lambda p: vit_input_size(timm_name, p["img_size"], model_kwargs))
+    register_backbone(name)(size_rule(entry))
 
 
 _register_alias("vit_base_patch16_224", "vit_base_patch16_224", "ViT-B/16, 224 px (timm, in21k -> in1k).")

@@ -259,6 +259,7 @@ def load_run(path: str | Path) -> RunData:
             metrics = json.loads((path / "metrics.json").read_text())
         except json.JSONDecodeError:
             metrics = {}
+        check_metrics(path / "metrics.json", metrics)
     events = read_events(path / "events.jsonl")
     evals = [e for e in events if e.get("kind") == "eval" and e.get("experience") is not None]
     rows = [list(r) for r in metrics.get("accuracy_matrix", [])]
@@ -282,6 +283,38 @@ def load_run(path: str | Path) -> RunData:
         n_experiences=int(n_exp) if n_exp is not None else None, accuracy_matrix=rows, accuracy_seen=seen,
         wall_time_per_experience_s=wall, peak_rss_mb_per_experience=list(metrics.get("peak_rss_mb_per_experience", [])),
     )
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+#: the metrics.json values the report reads, each with a test of its shape and the shape in words
+_METRIC_SHAPES: dict[str, tuple[Any, str]] = {
+    "accuracy_matrix": (lambda v: isinstance(v, list) and all(isinstance(r, list) and all(map(_is_number, r))
+                                                              for r in v), "a list of rows of numbers"),
+    "accuracy_seen": (lambda v: isinstance(v, list) and all(map(_is_number, v)), "a list of numbers"),
+    "wall_time_per_experience_s": (lambda v: isinstance(v, list) and all(map(_is_number, v)), "a list of numbers"),
+    "peak_rss_mb_per_experience": (lambda v: isinstance(v, list) and all(map(_is_number, v)), "a list of numbers"),
+    "n_experiences": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+                      "a count of experiences"),
+}
+
+
+def check_metrics(path: Path, metrics: Any) -> None:
+    """Raise ConfigError unless ``metrics`` (read from ``path``) has the shape ``cl run`` writes, where the report
+    reads it."""
+    what = None
+    if not isinstance(metrics, dict):
+        what = f"it holds a JSON {type(metrics).__name__}, not an object of metrics"
+    else:
+        for key, (ok, shape) in _METRIC_SHAPES.items():
+            if key in metrics and not ok(metrics[key]):
+                what = f"{key!r} must be {shape}, got {json.dumps(metrics[key])[:60]}"
+                break
+    if what is not None:
+        raise ConfigError(f"{path} is not a clagent metrics file: {what}; remove it to report the run from its "
+                          "events.jsonl")
 
 
 def _durations(events: list[dict[str, Any]]) -> list[float]:

@@ -6,11 +6,15 @@ Cases marked ``xfail(strict=True)`` need a fix in a module owned elsewhere; the 
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -128,6 +132,51 @@ def test_text_backbone_rejects_images_as_model_input() -> None:
     with pytest.raises(DataError, match=r"takes \(input_ids \[B, L\], attention_mask \[B, L\]\) from "
                                         r"backbone.prepare\(strings\), got a tensor of shape"):
         tiny("minilm").forward_features(torch.zeros(2, 3, 32, 32))
+
+
+OPEN_CLIP_TINY = {"model_name": "ViT-B-16", "embed_dim": 32,
+                  "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16}}
+MIN_SIZES: dict[str, tuple[dict[str, Any], str, int]] = {  # entry params at a given side, the key, the minimum
+    "vit_tiny_test": ({}, "img_size", 8),
+    "timm_vit": ({"model_name": "vit_tiny_patch16_224", "model_kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2}},
+                 "img_size", 16),
+    "efficientnet_lite0": ({"weights": "none"}, "img_size", 1),
+    "open_clip_vit": (OPEN_CLIP_TINY, "vision_cfg.image_size", 8),
+}
+
+
+def at_side(name: str, side: int) -> dict[str, Any]:
+    params, key, _ = MIN_SIZES[name]
+    if key == "img_size":
+        return {**params, "img_size": side}
+    return {**params, "vision_cfg": {**params["vision_cfg"], "image_size": side}}
+
+
+@pytest.mark.parametrize("name", list(MIN_SIZES))
+def test_backbone_runs_at_its_declared_minimum_input_size(name: str) -> None:
+    """The declared minimum is true: the model takes an image of that side (eval mode, as clagent runs a backbone)
+    and reports the same minimum once built."""
+    minimum = MIN_SIZES[name][2]
+    b = create_backbone(name, **at_side(name, minimum)).eval()
+    assert b.min_input_size == minimum
+    with torch.no_grad(), one_thread():
+        assert b(b.prepare(images(h=minimum, w=minimum))).shape == (2, b.embed_dim)
+
+
+@pytest.mark.parametrize("name", list(MIN_SIZES))
+def test_backbone_below_its_minimum_input_size_is_refused_before_it_is_built(name: str, monkeypatch) -> None:
+    _, key, minimum = MIN_SIZES[name]
+    def built(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a model was built to check its input size")
+
+    monkeypatch.setattr(torch.nn.Module, "__init__", built)
+    match = rf"bad value for backbone '{name}': {key}={minimum - 1} is below its minimum input size of {minimum} px"
+    with pytest.raises(ConfigError, match=match):
+        resolve(build_config({"backbone": {"name": name, **at_side(name, minimum - 1)}}))
+
+
+def test_text_backbone_has_no_image_size() -> None:
+    assert tiny("minilm").min_input_size is None
 
 
 # ---- the agent and its strategy: predict, evaluate, learn ---------------------------------------
@@ -354,6 +403,24 @@ BAD_OVERRIDES = {
     "device": (["device=gpu"], r"key 'device': Value error, not a device: use auto, cpu, cuda or cuda:N"),
     "no =": (["strategy.lr"], r"override 'strategy.lr' must look like key=value \(e.g. strategy.lr=0.01\)"),
     "not a section": (["seed.x=1"], r"override 'seed.x=1': 'seed' is not a section"),
+    "negative seed": (["seed=-1"], r"key 'seed': Input should be greater than or equal to 0 \(got -1\)"),
+    "seed past 32 bits": (["seed=4294967296"], r"key 'seed': Input should be less than or equal to 4294967295"),
+    "negative scenario seed": (["scenario.seed=-1"], r"bad value for scenario 'synthetic' key 'seed': Input should be "
+                                                     r"greater than or equal to 0"),
+    "NaN tau": (["strategy.name=sema", "strategy.tau=.nan"],
+                r"bad value for strategy 'sema' key 'tau': Input should be a finite number \(got nan\)"),
+    "inf lr": (["strategy.lr=.inf"], r"bad value for strategy 'finetune' key 'lr': Input should be a finite number "
+                                     r"\(got inf\)"),
+    "NaN head param": (["strategy.name=ranpac", "strategy.ridge=.nan"],
+                       r"key 'ridge': Input should be a finite number"),
+    "inf cache": (["cache_max_gb=.inf"], r"key 'cache_max_gb': Input should be a finite number"),
+    "inf interval": (["checkpoint_interval_s=.inf"],
+                     r"key 'checkpoint_interval_s': Input should be a finite number"),
+    "img_size below the patch": (["backbone.img_size=7"],
+                                 r"bad value for backbone 'vit_tiny_test': img_size=7 is below its minimum input size "
+                                 r"of 8 px \(its patch size\); use img_size >= 8"),
+    "zero img_size": (["backbone.name=efficientnet_lite0", "backbone.img_size=0"],
+                      r"img_size=0 is below its minimum input size of 1 px"),
 }
 STRATEGY_PARAM_BOUNDS = {
     "negative lr": (["strategy.lr=-0.1"], r"'lr'"),
@@ -421,6 +488,14 @@ CLI_CASES: dict[str, tuple[list[str], str]] = {
     "unknown key": (["--set", "sed=1"], "unknown key 'sed' for the run config; did you mean 'seed'?"),
     "bad device": (["--device", "gpu"], "not a device: use auto, cpu, cuda or cuda:N"),
     "seed not an int": (["--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
+    "negative seed": (["--seed", "-1"], "bad value for the run config key 'seed': Input should be greater than or "
+                                        "equal to 0 (got -1)"),
+    "img_size below the patch": (["--backbone", "vit_tiny_test", "--set", "backbone.img_size=7"],
+                                 "img_size=7 is below its minimum input size of 8 px (its patch size)"),
+    "NaN tau": (["--strategy", "sema", "--set", "strategy.tau=.nan"], "key 'tau': Input should be a finite number"),
+    "inf lr": (["--strategy", "finetune", "--set", "strategy.lr=.inf"], "key 'lr': Input should be a finite number"),
+    "no processes": (["--nproc", "0"], "--nproc must be at least 1 (got 0)"),
+    "negative processes": (["--nproc", "-2"], "--nproc must be at least 1 (got -2)"),
 }
 
 
@@ -520,15 +595,26 @@ FRESH_BAD_RUNS = {
 }
 
 
-@pytest.mark.parametrize(
-    "case", list(FRESH_BAD_RUNS)
-)
-def test_bad_config_leaves_no_half_made_run(tmp_path: Path, case: str) -> None:
+def listing(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its bytes (None for a folder): what a refused invocation must leave as it was."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("where", ["new nested folders", "an empty folder"])
+@pytest.mark.parametrize("case", list(FRESH_BAD_RUNS))
+def test_bad_config_leaves_no_half_made_run(tmp_path: Path, case: str, where: str) -> None:
+    """A run that fails while it is built leaves nothing: not the folders it made, not its marker or lock; a folder
+    that was there stays, empty."""
     cfg = tiny_run_config(tmp_path, "simplecil")
+    if where == "new nested folders":
+        cfg["out"] = str(tmp_path / "a" / "b" / "run")
+    else:
+        Path(cfg["out"]).mkdir()
+    before = listing(tmp_path)
     make_bad, match = FRESH_BAD_RUNS[case]
     with pytest.raises(ConfigError, match=match), one_thread():
         run(make_bad(cfg), console=QUIET)
-    assert not (Path(cfg["out"]) / "config.yaml").exists()
+    assert listing(tmp_path) == before
 
 
 def truncate(pt: Path) -> None:
@@ -589,3 +675,219 @@ def test_corrupt_checkpoint_is_refused_and_the_run_stays_readable(run_copy, case
     for path, blob in good.items():
         path.write_bytes(blob)
     assert_usable(cfg, out)
+
+
+# ---- run directories: no run deletes what it did not create -------------------------------------
+
+def config_file(tmp_path: Path, cfg: dict[str, Any], name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def not_a_run_folder(place: Path) -> None:
+    (place / "sub").mkdir(parents=True)
+    (place / "notes.txt").write_text("mine")
+    (place / "sub" / "data.csv").write_text("1,2\n")
+
+
+def a_config_and_notes(place: Path) -> None:
+    """A folder holding a file named config.yaml that reads as a run config (but no checkpoint): not a run."""
+    place.mkdir()
+    (place / "config.yaml").write_text("seed: 3\n")
+    (place / "notes.txt").write_text("mine")
+
+
+OUT_NOT_A_RUN: dict[str, tuple[Callable[[Path], None], str, str]] = {  # make it, --out below it, the message
+    "a folder with a file and a subfolder": (not_a_run_folder, "", "is a folder that is not a clagent run "
+                                             "(no .clagent-run marker) and not empty: clagent never writes into or "
+                                             "deletes such a folder; pass --out a new or empty directory"),
+    "a folder with a config.yaml": (a_config_and_notes, "", "is a folder that is not a clagent run"),
+    "a file": (lambda p: p.write_text("mine"), "", "is a file, not a run directory"),
+    "a path through a file": (lambda p: p.write_text("mine"), "run", "place/run: Not a directory; pass --out a "
+                                                                     "directory you can write"),
+}
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["", "--overwrite"])
+@pytest.mark.parametrize("case", list(OUT_NOT_A_RUN))
+def test_cli_never_writes_into_or_deletes_what_is_not_a_run(tmp_path: Path, capsys, case: str,
+                                                             overwrite: bool) -> None:
+    make, below, message = OUT_NOT_A_RUN[case]
+    make(tmp_path / "place")
+    cfg = config_file(tmp_path, tiny_run_config(tmp_path, "simplecil"))
+    before = listing(tmp_path)
+    out = tmp_path / "place" / below if below else tmp_path / "place"
+    code, err = cli(["run", str(cfg), "--out", str(out), *(["--overwrite"] if overwrite else [])], capsys)
+    assert code == 2 and message in " ".join(err.split()) and "Traceback" not in err, err
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs sysfs, where no directory can be made")
+def test_cli_refuses_an_out_it_cannot_create(tmp_path: Path, capsys) -> None:
+    out = Path("/sys/clagent-test-run/run")
+    code, err = cli(["run", str(config_file(tmp_path, tiny_run_config(tmp_path))), "--out", str(out)], capsys)
+    assert code == 2 and "cannot create the run directory /sys/clagent-test-run/run: " in " ".join(err.split()), err
+    assert not out.parent.exists()
+
+
+def test_a_run_directory_carries_the_marker(finished_run: tuple[dict[str, Any], Path]) -> None:
+    marker = json.loads((finished_run[1] / ".clagent-run").read_text())
+    assert marker["clagent_run"] == 1 and "created" in marker
+
+
+FAILING_OVERWRITES: dict[str, tuple[list[str], str]] = {  # --set items, the message
+    "img_size below the patch (config)": (["backbone.img_size=7"],
+                                          "img_size=7 is below its minimum input size of 8 px"),
+    "unknown head (strategy built under the lock)": (["strategy.head=bogus"], "unknown head 'bogus'"),
+    "uneven split (scenario built under the lock)": (["scenario.n_experiences=3"], "cannot be split evenly"),
+}
+
+
+@pytest.mark.parametrize("case", list(FAILING_OVERWRITES))
+def test_failing_overwrite_leaves_the_finished_run_intact(run_copy, tmp_path: Path, capsys, case: str) -> None:
+    """--overwrite replaces a run only once the new run is built: a config that cannot run destroys nothing."""
+    cfg, out = run_copy
+    overrides, message = FAILING_OVERWRITES[case]
+    path = config_file(tmp_path, cfg)
+    before = listing(out)
+    code, err = cli(["run", str(path), "--overwrite", *(a for o in overrides for a in ("--set", o))], capsys)
+    assert code == 2 and message in " ".join(err.split()) and "Traceback" not in err, err
+    assert listing(out) == before
+    assert_usable(cfg, out)
+
+
+def test_overwrite_replaces_a_run_and_keeps_its_marker(run_copy) -> None:
+    cfg, out = run_copy
+    marker = (out / ".clagent-run").read_bytes()
+    (out / "report.html").write_text("old report")
+    with one_thread():
+        run(with_strategy(cfg, head="lda"), overwrite=True, console=QUIET)
+    assert read_yaml(out / "config.yaml")["strategy"]["head"] == "lda"
+    assert (out / ".clagent-run").read_bytes() == marker and not (out / "report.html").exists()
+    assert load_checkpoint(out / "checkpoints")["experiences_done"] == [0, 1]
+
+
+def test_a_run_from_before_the_marker_is_a_run(run_copy, capsys) -> None:
+    """A run directory of an older clagent (config.yaml and checkpoints, no marker) resumes and gets the marker; the
+    same folder without its checkpoints is no run and is refused."""
+    _, out = run_copy
+    (out / ".clagent-run").unlink()
+    assert cli(["run", "--resume", str(out)], capsys)[0] == 0
+    assert (out / ".clagent-run").is_file()
+    (out / ".clagent-run").unlink()
+    shutil.rmtree(out / "checkpoints")
+    before = listing(out)
+    code, err = cli(["run", "--resume", str(out)], capsys)
+    assert code == 2 and "is a folder that is not a clagent run" in " ".join(err.split()), err
+    assert listing(out) == before
+
+
+@pytest.mark.parametrize("how", ["same config", "--overwrite", "--resume"])
+def test_a_locked_run_is_refused(run_copy, tmp_path: Path, capsys, how: str) -> None:
+    """A second process on a run directory (here: the lock a live ``cl run`` holds) is refused and changes nothing."""
+    cfg, out = run_copy
+    argv = {"same config": ["run", str(config_file(tmp_path, cfg))],
+            "--overwrite": ["run", str(config_file(tmp_path, cfg)), "--overwrite"],
+            "--resume": ["run", "--resume", str(out)]}[how]
+    before = listing(out)
+    with open(out / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, err = cli(argv, capsys)
+    assert code == 2 and f"{out} is in use by another clagent process" in " ".join(err.split()), err
+    assert listing(out) == before
+
+
+@pytest.mark.slow
+def test_two_simultaneous_overwrites_one_wins_the_other_exits_2(run_copy, tmp_path: Path) -> None:
+    """Two ``cl run --overwrite`` processes on one run at once: one replaces it, the other is refused at the lock
+    (the run pauses 4 s before each experience, so their runs overlap)."""
+    cfg, out = run_copy
+    slow = {**cfg, "strategy": {"name": "simplecil_slow"}, "imports": [str(Path(__file__).parent / "slow_plugin.py")]}
+    argv = [sys.executable, "-m", "cl", "run", str(config_file(tmp_path, slow)), "--overwrite", "--no-report"]
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.communicate(timeout=300)[1], p.returncode) for p in procs]
+    assert sorted(code for _, code in results) == [0, 2], results
+    loser = next(err for err, code in results if code == 2)
+    assert f"{out} is in use by another clagent process" in " ".join(loser.split()), loser
+    assert read_yaml(out / "config.yaml")["strategy"]["name"] == "simplecil_slow"
+    assert json.loads((out / "metrics.json").read_text())["experiences_done"] == 2
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert [e["experience"] for e in events if e["kind"] == "experience_start"] == [0, 1]  # one run's events
+
+
+# ---- --resume with other options: honoured or refused -------------------------------------------
+
+RESUME_REFUSED: dict[str, tuple[Callable[[Path], list[str]], str]] = {
+    "--out": (lambda tmp: ["--out", str(tmp / "elsewhere")], "continues the run in that directory; drop --out"),
+    "--overwrite": (lambda tmp: ["--overwrite"], "continues the run in that directory; drop --overwrite"),
+    "--import of a plugin the run does not import": (lambda tmp: ["--import", "tests/cl/slow_plugin.py"],
+                                                     "does not import it; a resumed run imports what its config names"),
+    "--set a result-changing key": (lambda tmp: ["--set", "strategy.head=lda"],
+                                    "would change the results of a resumed run"),
+    "--device gpu": (lambda tmp: ["--device", "gpu"], "not a device: use auto, cpu, cuda or cuda:N"),
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_REFUSED))
+def test_resume_refuses_options_it_cannot_honour(run_copy, tmp_path: Path, capsys, case: str) -> None:
+    _, out = run_copy
+    args, message = RESUME_REFUSED[case]
+    before = listing(tmp_path)
+    code, err = cli(["run", "--resume", str(out), *args(tmp_path)], capsys)
+    assert code == 2 and message in " ".join(err.split()) and "Traceback" not in err, err
+    assert listing(tmp_path) == before
+
+
+def test_resume_honours_device_and_logger(run_copy, monkeypatch, capsys) -> None:
+    _, out = run_copy
+    calls: list[tuple[Any, dict[str, Any]]] = []
+    monkeypatch.setattr("cl.run.run", lambda cfg, **kw: calls.append((cfg, kw)) or {})
+    assert cli(["run", "--resume", str(out), "--device", "cuda:1", "--logger", "csv,console"], capsys)[0] == 0
+    (cfg, kw), = calls
+    assert (cfg.device, cfg.loggers, cfg.out, kw["resume"]) == ("cuda:1", ["csv", "console"], str(out), True)
+
+
+# ---- cl report: its --out, and metrics.json of another shape ------------------------------------
+
+def test_report_out_a_directory_is_refused(run_copy, tmp_path: Path, capsys) -> None:
+    _, out = run_copy
+    (tmp_path / "reports").mkdir()
+    before = listing(tmp_path)
+    code, err = cli(["report", str(out), "--out", str(tmp_path / "reports")], capsys)
+    assert code == 2 and f"{tmp_path / 'reports'} is a directory: --out names the HTML file to write" in \
+        " ".join(err.split()), err
+    assert listing(tmp_path) == before  # no reports.tmp
+
+
+BAD_METRICS: dict[str, tuple[Any, str]] = {
+    "a list": ([1, 2], "it holds a JSON list, not an object of metrics"),
+    "a number for the matrix": ({"accuracy_matrix": 5}, "'accuracy_matrix' must be a list of rows of numbers, got 5"),
+    "text in a row": ({"accuracy_matrix": [[0.5, "x"]]}, "'accuracy_matrix' must be a list of rows of numbers"),
+    "a flat matrix": ({"accuracy_matrix": [0.5, 0.7]}, "'accuracy_matrix' must be a list of rows of numbers"),
+    "text for seen accuracy": ({"accuracy_seen": "high"}, "'accuracy_seen' must be a list of numbers"),
+    "text for the count": ({"n_experiences": "two"}, "'n_experiences' must be a count of experiences"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_METRICS))
+def test_report_refuses_metrics_of_another_shape(run_copy, tmp_path: Path, capsys, case: str) -> None:
+    _, out = run_copy
+    metrics, message = BAD_METRICS[case]
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    before = listing(tmp_path)
+    code, err = cli(["report", str(out), "--out", str(tmp_path / "r.html")], capsys)
+    assert code == 2 and f"metrics.json is not a clagent metrics file: {message}" in " ".join(err.split()), err
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("make", [not_a_run_folder, lambda p: p.write_text("mine")], ids=["a folder", "a file"])
+def test_sweep_never_writes_into_a_folder_no_sweep_made(tmp_path: Path, capsys, make: Callable[[Path], None]) -> None:
+    make(tmp_path / "place")
+    cfg = config_file(tmp_path, tiny_run_config(tmp_path, "simplecil"))
+    before = listing(tmp_path)
+    code, err = cli(["sweep", str(cfg), "--grid", "strategy.head=ncm,lda", "--out", str(tmp_path / "place")], capsys)
+    assert code == 2 and "place is a f" in err and "Traceback" not in err, err
+    assert listing(tmp_path) == before
