@@ -37,11 +37,12 @@ from torch import nn
 import strategies  # noqa: F401  (registers every strategy)
 from cl.adapters import AdapterPool, pools
 from cl.agent import Agent
+from cl.callbacks.base import Callback
 from cl.data import ArrayDataset
 from cl.registry import STRATEGIES
 from scenarios.builders import class_incremental
 from scenarios.stream import Stream
-from tests.helpers import one_thread
+from tests.helpers import gloo_group, one_thread, state_differences
 
 NAMES = STRATEGIES.names()
 # Training settings given to every strategy that takes them: 5 steps an epoch of 64 rows, batches of 13 rows
@@ -96,9 +97,11 @@ def strategy_params(name: str, training: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in training.items() if k in accepted}, **FASTER.get(name, {})}
 
 
-def make_agent(name: str, training: dict[str, Any], rank: int = 0, world_size: int = 1) -> Agent:
-    return Agent("vit_tiny_test", name, strategy_params=strategy_params(name, training), device="cpu",
-                 progress=False, task_aware=True, eval_batch_size=64, rank=rank, world_size=world_size)
+def make_agent(name: str, training: dict[str, Any], rank: int = 0, world_size: int = 1,
+               callbacks: list[Callback] | None = None) -> Agent:
+    """An agent of ``name`` on the tiny random ViT, evaluated within each experience's classes (task-aware)."""
+    return Agent("vit_tiny_test", name, strategy_params=strategy_params(name, training), callbacks=callbacks,
+                 device="cpu", progress=False, task_aware=True, eval_batch_size=64, rank=rank, world_size=world_size)
 
 
 def learn(agent: Agent, stream: Stream) -> list[float]:
@@ -118,6 +121,7 @@ class Step:
     routed: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # rows the routes sent each adapter
     graded: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # rows with a non-zero gradient back
     calls: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))  # rows per call, not adapters
+    errors: list[str] = field(default_factory=list)  # routes that fit no batch
 
 
 class RowWatch:
@@ -184,6 +188,9 @@ class RowWatch:
             if step is None:  # evaluation, statistics: not a training step
                 return
             x = _first_tensor((*args, *kwargs.values()))
+            if x is None:
+                step.errors.append(f"{name} was called without a tensor input")
+                return
             step.seen[name] += x.shape[0]
             if kind == "module":
                 step.calls[name].append(x.shape[0])
@@ -212,7 +219,9 @@ class RowWatch:
             if w is None:
                 w = torch.ones(len(m))
             w = w.expand(b, -1) if w.dim() == 1 or w.shape[0] == 1 else w
-            assert w.shape[0] == b, f"a route of {w.shape[0]} rows for a batch of {b}"
+            if w.shape[0] != b:
+                step.errors.append(f"a route of {w.shape[0]} rows for a batch of {b} into {list(keys.values())}")
+                return
             for n, key in keys.items():  # adapter name in the pool -> module name in the strategy
                 step.routed[key] += int((w[:, m.names.index(n)] != 0).sum())
 
@@ -223,6 +232,7 @@ class RowWatch:
         out = []
         for exp, step, groups in self.steps:
             where = f"experience {exp}, a batch of {step.rows}"
+            out += [f"{where}: {e}" for e in step.errors]
             for name, kind in groups.items():
                 seen, graded = step.seen.get(name, 0), step.graded.get(name, 0)
                 if kind == "adapter":
@@ -248,13 +258,11 @@ class Run:
     trainable: list[str]  # parameters that require a gradient after the stream
     problems: list[str]  # breaches of (a)
     state: dict[str, torch.Tensor]
-    steps: int
-    seconds: float
+    steps: int  # training steps in all
 
 
 def single_run(name: str, training: dict[str, Any], frozen: bool = False) -> Run:
     """One process learns the contract stream (``frozen``: with training epochs 0, the frozen twin)."""
-    start = time.perf_counter()
     with one_thread():
         agent = make_agent(name, training)
         if frozen:
@@ -263,7 +271,7 @@ def single_run(name: str, training: dict[str, Any], frozen: bool = False) -> Run
         accuracy = learn(agent, contract_stream())
     s = agent.strategy
     return Run(accuracy, dict(watch.trained), [n for n, p in s.named_parameters() if p.requires_grad],
-               watch.problems(), tensors(s.checkpoint_state()), len(watch.steps), time.perf_counter() - start)
+               watch.problems(), tensors(s.checkpoint_state()), len(watch.steps))
 
 
 class Runs:
@@ -285,29 +293,26 @@ def runs() -> Runs:
 
 
 # ---- 2-process runs -----------------------------------------------------------------------------------------
+class Syncs(Callback):
+    """Whether the ranks held identical strategy states after each experience (the agent's ``sync`` events)."""
+
+    def __init__(self) -> None:
+        self.identical: list[bool] = []
+
+    def on_event(self, agent: Agent, kind: str, data: dict[str, Any]) -> None:
+        if kind == "sync":
+            self.identical.append(bool(data["identical"]))
+
+
 def _rank_worker(rank: int, world: int, init_file: str, out: str, names: list[str], training: dict[str, Any]) -> None:
     """One of two gloo ranks: learn the stream with every strategy in turn; rank 0 saves each final state (or
     the error) and whether the ranks ended identical."""
-    import torch.distributed as tdist
-
-    from cl.callbacks.base import Callback
-
-    class Syncs(Callback):
-        def __init__(self) -> None:
-            self.identical: list[bool] = []
-
-        def on_event(self, agent, kind, data) -> None:
-            if kind == "sync":
-                self.identical.append(bool(data["identical"]))
-
     torch.set_num_threads(1)
-    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, init_file):
         for name in names:
             try:
-                agent = make_agent(name, training, rank, world)
                 syncs = Syncs()
-                agent.callbacks.callbacks.append(syncs)
+                agent = make_agent(name, training, rank, world, callbacks=[syncs])
                 accuracy = learn(agent, contract_stream())
                 result = {"state": tensors(agent.strategy.checkpoint_state()), "accuracy": accuracy,
                           "identical": syncs.identical}
@@ -315,8 +320,6 @@ def _rank_worker(rank: int, world: int, init_file: str, out: str, names: list[st
                 result = {"error": traceback.format_exc()}
             if rank == 0:
                 torch.save(result, Path(out) / f"{name}.pt")
-    finally:
-        tdist.destroy_process_group()
 
 
 class Distributed:
@@ -350,6 +353,8 @@ class Distributed:
 
 @pytest.fixture(scope="module")
 def distributed(tmp_path_factory) -> Iterator[Distributed]:
+    """Every test asks for it, so that the 2-process runs start with the module's first test and overlap the
+    single-process ones; stopped (killed if still running) when the module ends."""
     d = Distributed(tmp_path_factory.mktemp("contract-2proc"), NAMES, EXACT)
     try:
         yield d
@@ -392,14 +397,6 @@ def test_two_gloo_processes_end_where_one_does(name, runs, distributed):
     result = distributed.result(name)
     assert "error" not in result, result.get("error")
     assert result["identical"] == [True] * 3, "the ranks' states differed after some experience"
-    got = result["state"]
-    assert got.keys() == single.state.keys()
-    far = {}
-    for k, want in single.state.items():
-        a, b = got[k].double(), want.double()
-        if a.shape != b.shape:
-            far[k] = f"shape {tuple(a.shape)} vs {tuple(b.shape)}"
-        elif (a - b).norm() > RELATIVE * b.norm() + 1e-7:
-            far[k] = float((a - b).norm() / b.norm().clamp_min(1e-12))
-    assert not far, f"{len(far)} of {len(got)} state tensors differ: {dict(list(far.items())[:8])}"
+    far = state_differences(result["state"], single.state, RELATIVE, 1e-7)
+    assert not far, f"{len(far)} of {len(single.state)} state tensors differ: {dict(list(far.items())[:8])}"
     assert math.isclose(np.mean(result["accuracy"]), np.mean(single.accuracy), abs_tol=0.02)
