@@ -233,6 +233,8 @@ class RowWatch:
         for exp, step, groups in self.steps:
             where = f"experience {exp}, a batch of {step.rows}"
             out += [f"{where}: {e}" for e in step.errors]
+            if not groups:
+                out.append(f"{where}: a training step with no trained module")
             for name, kind in groups.items():
                 seen, graded = step.seen.get(name, 0), step.graded.get(name, 0)
                 if kind == "adapter":
