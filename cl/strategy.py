@@ -27,7 +27,7 @@ from cl.adapters import AdapterConfig, AdapterPool, adapters_off, inject, pools,
 from cl.backbones.base import Backbone, State
 from cl.cache import CachedStates, PrefixCache, is_augmented
 from cl.data import iterate_batches
-from cl.errors import CheckpointError, TrainingError
+from cl.errors import CheckpointError, ConfigError, TrainingError
 from cl.heads import LinearHead, masked_cross_entropy
 from cl.interrupt import RunInterrupted
 from cl.seed import derive_seed, rng_state, set_rng_state
@@ -511,13 +511,18 @@ class AdapterStrategy(Strategy):
     def frozen_depth(self) -> int:
         return min(self.pools)
 
-    def fit_alone(self, exp: Experience, routes: dict[int, torch.Tensor]) -> None:
-        """Train ``exp``'s adapters (``e<id>`` in every pool) with the inputs routed by ``routes`` (layer -> weights,
-        e.g. one-hot on them), then freeze them."""
-        with routing(self.pools, routes):
+    def fit_alone(self, exp: Experience) -> None:
+        """Train the adapters ``exp`` added (``pool.add(name, owner=exp.id)`` in every pool) with every input routed
+        to them alone, then freeze them."""
+        names = {i: p.owned_by(exp.id) for i, p in self.pools.items()}
+        if None in names.values():
+            missing = [i for i, n in names.items() if n is None]
+            raise ConfigError(f"{type(self).__name__}: experience {exp.id} added no adapter to the pools of blocks "
+                              f"{missing}: add one with pool.add(name, owner={exp.id}) before fit_alone")
+        with routing(self.pools, {i: self.pools[i].route_to(n) for i, n in names.items()}):
             Strategy.fit(self, exp)
-        for pool in self.pools.values():
-            pool.freeze(f"e{exp.id}")
+        for i, name in names.items():
+            self.pools[i].freeze(name)
 
     def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
         """Masked cross-entropy of ``train_head`` on the features through the adapters the current routes pick."""

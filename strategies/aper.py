@@ -45,7 +45,7 @@ class APER(AdapterStrategy):
         if self.adapted:  # only the first experience trains
             return
         for pool in self.pools.values():
-            pool.add("first")
+            pool.add("first", owner=exp.id)
         super().fit(exp)
         for pool in self.pools.values():
             pool.freeze("first")

@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
 from cl.adapters import routing
 from cl.backbones.base import Backbone, State
@@ -75,14 +74,12 @@ class KeyRetrieval(AdapterStrategy):
             self.class_experience[c] = exp.id if int(self.class_experience[c]) in (-1, exp.id) else -2
         name = f"e{exp.id}"
         for pool in self.pools.values():
-            pool.add(name)
+            pool.add(name, owner=exp.id)
         self.router.add_expert(name)
 
     def fit(self, exp: Experience) -> None:
         """Train this experience's adapters alone (every input routed to them), then freeze them."""
-        name = f"e{exp.id}"
-        self.fit_alone(exp, {i: F.one_hot(torch.tensor(p.names.index(name)), len(p)).float().to(self.ctx.device)
-                             for i, p in self.pools.items()})
+        self.fit_alone(exp)
 
     @torch.no_grad()
     def after_experience(self, exp: Experience) -> None:
@@ -117,7 +114,7 @@ class KeyRetrieval(AdapterStrategy):
         feats, weights = self._embed(state)
         if self.log.targets is not None:
             truth = experience_of(self.log.targets, self.class_experience)
-            owner = torch.tensor([int(n[1:]) for n in self.router.names])
+            owner = torch.tensor(next(iter(self.pools.values())).owners)  # router experts = pool adapters, in order
             self.log.record(weights.argmax(-1), self.router.names, truth, owner)
         return self.head(feats)
 

@@ -24,10 +24,9 @@ from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from cl.adapters import adapters_off, routing
+from cl.adapters import adapters_off, routes_to, routing
 from cl.adapters.ema import ema_update
 from cl.backbones.base import Backbone, State
 from cl.errors import ConfigError
@@ -197,11 +196,7 @@ class LAE(AdapterStrategy):
         """Context in which every adapted block runs only the ``member``'s adapter (``None``: none)."""
         if member is None:
             return adapters_off(self.pools)
-        k = MEMBERS.index(member)
-        return routing(self.pools, {
-            i: F.one_hot(torch.tensor(k, device=p._anchor.device), len(MEMBERS)).float()
-            for i, p in self.pools.items() if len(p)
-        })
+        return routing(self.pools, routes_to(self.pools, member))
 
     def member_modules(self, member: str) -> nn.ModuleList:
         """The ``member``'s adapters of every adapted block, in block order (a view, not registered)."""

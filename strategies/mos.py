@@ -14,10 +14,11 @@ Inference, per batch of prefix states (the prefix is computed once and shared by
 The public code runs all T task adapters plus the original model, T + 1 full passes per image; here it is
 one prefix and 2 + (refined share) suffix passes, reported as ``backbone_passes_per_image``.
 
-Measured on Split-FashionMNIST (EfficientNet-Lite0 64 px, defaults): final accuracy 0.861 (frozen LDA head
-alone: 0.860), 0.862 without the ensemble. Refinement changed the task of 1 test image in 10,000: an adapter's
-features always look like its own task's classes to the adapted head, so the frozen first guess decides
-the task (0.880 right), and that bounds the accuracy.
+Measured on Split-FashionMNIST (EfficientNet-Lite0 64 px, defaults) before issue 14's fix, when each new
+adapter learned from the first row of every batch only (a ``[1, K]`` route the pools did not broadcast); not
+rerun since: final accuracy 0.861 (frozen LDA head alone: 0.860), 0.862 without the ensemble. Refinement
+changed the task of 1 test image in 10,000: an adapter's features always look like its own task's classes to
+the adapted head, so the frozen first guess decides the task (0.880 right), and that bounds the accuracy.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cl.adapters import routing
+from cl.adapters import AdapterPool, routes_to, routing
 from cl.adapters.merge import merge_pools
 from cl.backbones.base import Backbone, State
 from cl.errors import ConfigError
@@ -70,8 +71,13 @@ class MOS(AdapterStrategy):
         self.log = RouteLog()
 
     @property
+    def pool(self) -> AdapterPool:
+        """The first adapted block's pool (every pool holds the same adapters: one per task)."""
+        return next(iter(self.pools.values()))
+
+    @property
     def names(self) -> list[str]:
-        return next(iter(self.pools.values())).names
+        return self.pool.names
 
     # ---- hooks ------------------------------------------------------------------------------
     def before_experience(self, exp: Experience) -> None:
@@ -89,17 +95,17 @@ class MOS(AdapterStrategy):
                               f"{exp.id} were in an earlier one (a domain-incremental stream? use key_retrieval)")
         self.class_experience[list(exp.classes)] = exp.id
         for pool in self.pools.values():
-            pool.add(f"e{exp.id}")
+            pool.add(f"e{exp.id}", owner=exp.id)
         self.passes.append([0, 0])
 
     def fit(self, exp: Experience) -> None:
         """Train this task's adapters alone (every input routed to them), then freeze them."""
-        self.fit_alone(exp, self._routes(torch.full((1,), exp.id, device=self.ctx.device)))
+        self.fit_alone(exp)
 
     @torch.no_grad()
     def after_experience(self, exp: Experience) -> None:
         """Merge the new adapters once, then class statistics of the frozen and the (merged) adapted features."""
-        name = f"e{exp.id}"
+        name = self.pool.owned_by(exp.id)
         earlier = [n for n in self.names if n != name]
         layers = merge_pools(self.pools, name, earlier, self.merge_momentum)
         if layers:
@@ -112,23 +118,9 @@ class MOS(AdapterStrategy):
             self.head.update(self.adapted_features(state, torch.full_like(y, exp.id)), y)
 
     # ---- inference ----------------------------------------------------------------------------
-    def _index(self, tasks: torch.Tensor) -> torch.Tensor:
-        """The adapter index (position in the pools) of each experience id in ``tasks``."""
-        owner = [int(n[1:]) for n in self.names]
-        lut = torch.full((max(max(owner), int(tasks.max())) + 1,), -1, dtype=torch.long)
-        lut[owner] = torch.arange(len(owner))
-        idx = lut.to(tasks.device)[tasks]
-        if bool((idx < 0).any()):
-            raise ConfigError(f"mos: no adapter for experiences {sorted(set(tasks[idx < 0].tolist()))}")
-        return idx
-
-    def _routes(self, tasks: torch.Tensor) -> dict[int, torch.Tensor]:
-        """One-hot routes ``{layer: [B, K]}`` to each input's task adapter (``tasks``: experience ids)."""
-        return dict.fromkeys(self.pools, F.one_hot(self._index(tasks), len(self.names)).float())
-
     def adapted_features(self, state: State, tasks: torch.Tensor) -> torch.Tensor:
-        """Embedding of each input through its task's (merged) adapters."""
-        with routing(self.pools, self._routes(tasks)):
+        """Embedding of each input through its task's (merged) adapters (``tasks``: experience ids ``[B]``)."""
+        with routing(self.pools, routes_to(self.pools, tasks)):
             return self.backbone.forward_from(state, self.frozen_depth)
 
     def features(self, state: State) -> torch.Tensor:
@@ -171,9 +163,8 @@ class MOS(AdapterStrategy):
             self.passes[-1][0] += len(tasks)
             self.passes[-1][1] += counts["suffix_passes"]
         if self.log.targets is not None:
-            owner = torch.tensor([int(n[1:]) for n in self.names])
             truth = experience_of(self.log.targets, self.class_experience)
-            self.log.record(self._index(tasks), self.names, truth, owner, **counts)
+            self.log.record(self.pool.adapter_for(tasks), self.names, truth, torch.tensor(self.pool.owners), **counts)
         if self.ensemble_weight == 0:  # 4. two-stage ensemble with the original model
             return adapted
         probs = adapted.softmax(-1) + self.ensemble_weight * original.softmax(-1)

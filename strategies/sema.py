@@ -17,11 +17,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from cl import distributed as dist
-from cl.adapters import AdapterConfig, AdapterPool, capturing, routing
+from cl.adapters import AdapterConfig, AdapterPool, capturing, routes_to, routing
 from cl.backbones.base import Backbone, State
 from cl.descriptors import ShiftDetector
 from cl.errors import ConfigError
@@ -129,7 +128,7 @@ class SEMA(AdapterStrategy):
                       zscores=z, tau=self.detector.tau, adapters=len(pool) + int(shift))
             if not shift:
                 continue
-            pool.add(name)
+            pool.add(name, owner=exp.id)
             pool.descriptors[name].requires_grad_(False)
             if self.warm_start and len(pool) > 1:
                 self._warm_start(exp, layer, pool, name)
@@ -150,7 +149,7 @@ class SEMA(AdapterStrategy):
             match = dist.broadcast(journal.nearest_experience(exp, k=1)[0])
             self._nearest = (exp.id, match.experience, match.score)
         _, past, score = self._nearest
-        source = pool.names[adapter_used(pool.names[:-1], past)]
+        source = pool.names[int(pool.adapter_for(torch.tensor([past]))[0])]  # the adapter ``past`` used here
         pool.adapters[name].load_state_dict(pool.adapters[source].state_dict())
         self.emit("warm_start", layer=layer, adapter=name, source=source, nearest_experience=past,
                   similarity=round(float(score), 4))
@@ -168,11 +167,7 @@ class SEMA(AdapterStrategy):
         """Route the current data to the adapters being trained, unless the router itself learns."""
         if self.router_name not in ("descriptor", "fixed"):
             return routing(self.pools, {})
-        weights = {}
-        for layer, name in new.items():
-            pool = self.pools[layer]
-            weights[layer] = F.one_hot(torch.tensor(pool.names.index(name)), len(pool)).float().to(self.ctx.device)
-        return routing(self.pools, weights)
+        return routing(self.pools, {layer: self.pools[layer].route_to(name) for layer, name in new.items()})
 
     def _train_descriptor(self, pool: AdapterPool, name: str, x: torch.Tensor, exp_id: int) -> None:
         d = pool.descriptors[name]
@@ -220,7 +215,7 @@ class SEMA(AdapterStrategy):
             return self.pairs[self.task_head(frozen).argmax(-1), 0]
         first = self.pools[self.frozen_depth]
         chosen = first.descriptors.zscores(first.pool_input(x, mask)).argmin(-1)  # index into first.names
-        return torch.tensor([exp_index(n) for n in first.names], device=x.device)[chosen]
+        return torch.tensor(first.owners, device=x.device)[chosen]
 
     def pair_labels(self, exp_id: int, y: torch.Tensor) -> torch.Tensor:
         """Task-head labels of classes ``y`` seen in experience ``exp_id`` (rows of ``pairs``)."""
@@ -238,12 +233,7 @@ class SEMA(AdapterStrategy):
         free = {i: p for i, p in self.pools.items() if p.route_override is None and len(p) > 1}
         if not free:
             return {}
-        exps = self.route_experiences(state, frozen)
-        routes = {}
-        for i, pool in free.items():
-            lut = [adapter_used(pool.names, e) for e in range(int(exps.max()) + 1)]
-            routes[i] = F.one_hot(torch.tensor(lut, device=exps.device)[exps], len(pool)).float()
-        return routes
+        return routes_to(free, self.route_experiences(state, frozen))
 
     def features(self, state: State) -> torch.Tensor:
         """What the head sees: the mixture embedding, or ``[frozen, mixture]`` with ``head_features="concat"``."""
@@ -293,17 +283,6 @@ class SEMA(AdapterStrategy):
             "params_functional": sum(c["adapters"] + c["router"] for c in counts),
             "params_descriptors": sum(c["descriptors"] for c in counts),
         }
-
-
-def exp_index(name: str) -> int:
-    """The experience an adapter was made for, from its name ``e<id>``."""
-    return int(name[1:]) if name[:1] == "e" and name[1:].isdigit() else -1
-
-
-def adapter_used(names: list[str], exp_id: int) -> int:
-    """Index in a pool's adapter ``names`` of the adapter experience ``exp_id`` used there: its own, or the latest
-    older one it reused (the first adapter if none is older)."""
-    return max((k for k, n in enumerate(names) if exp_index(n) <= exp_id), default=0)
 
 
 @register_strategy("adapter_per_task")

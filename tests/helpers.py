@@ -27,6 +27,33 @@ TINY_SCENARIO = {"name": "synthetic", "n_classes": 6, "n_experiences": 3, "train
 TINY_BACKBONE = {"name": "vit_tiny_test"}
 
 
+@contextmanager
+def gloo_group(rank: int, world: int, init_file: str) -> Iterator[None]:
+    """This process as rank ``rank`` of a gloo group of ``world`` processes met through ``init_file`` (the body of
+    a ``torch.multiprocessing.spawn`` worker); the group is left at the end."""
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        tdist.destroy_process_group()
+
+
+def state_differences(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], relative: float,
+                      absolute: float = 0.0) -> dict[str, Any]:
+    """The entries of two state dicts that differ: missing on one side, another shape, or
+    ``|got - want| > relative * |want| + absolute`` (norms over the tensor, float64); name -> what differs."""
+    out: dict[str, Any] = {k: "missing" for k in got.keys() ^ want.keys()}
+    for k in got.keys() & want.keys():
+        a, b = got[k].double(), want[k].double()
+        if a.shape != b.shape:
+            out[k] = f"shape {tuple(a.shape)} vs {tuple(b.shape)}"
+        elif (a - b).norm() > relative * b.norm() + absolute:
+            out[k] = float((a - b).norm() / b.norm().clamp_min(1e-12))
+    return out
+
+
 def tiny_config(tmp_path, strategy: str = "finetune", **strategy_params: Any) -> dict[str, Any]:
     """A run config on the synthetic stream and the tiny random ViT."""
     return {

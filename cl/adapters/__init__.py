@@ -10,7 +10,16 @@ from cl.adapters.modules import (
     RankOne,
     build_adapter,
 )
-from cl.adapters.pool import AdaptedBlock, AdapterPool, adapters_off, capturing, inject, pools, routing
+from cl.adapters.pool import (
+    AdaptedBlock,
+    AdapterPool,
+    adapters_off,
+    capturing,
+    inject,
+    pools,
+    routes_to,
+    routing,
+)
 
 __all__ = [
     "ADAPTERS",
@@ -27,5 +36,6 @@ __all__ = [
     "capturing",
     "inject",
     "pools",
+    "routes_to",
     "routing",
 ]

@@ -1,20 +1,23 @@
 """Adapter pools and their injection into a backbone's blocks (PEFT-style: config in, blocks wrapped).
 
 ``inject(backbone, config)`` wraps the chosen ``backbone.blocks[i]`` in ``AdaptedBlock``s, each holding an
-``AdapterPool``: adapters by name, mixed by a router on the pooled block input. A pool rebuilds the
-adapters, router columns and descriptors a loaded state dict names, so a checkpoint of an expanded model
-loads into a freshly injected one.
+``AdapterPool``: adapters by name, mixed by a router on the pooled block input. An adapter may record the
+experience it was made for (its owner); ``route_to`` / ``routes_to`` send inputs to an experience's adapters.
+A pool rebuilds the adapters, router columns, descriptors and owners a loaded state dict names, so a
+checkpoint of an expanded model loads into a freshly injected one.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cl.adapters.modules import AdapterConfig, BlockShape, RankOne, build_adapter, per_sample
@@ -27,8 +30,9 @@ from cl.routing.routers import create_router
 class AdapterPool(nn.Module):
     """A block's adapters by name; ``forward(x, y)`` = sum_k w_k(x) * adapter_k(x) with w from the router.
 
-    With one adapter (or no router) the weights are 1. ``route_override`` (``[K]`` or ``[B, K]``) replaces the
-    router, e.g. to route by task id or retrieval. ``descriptors`` (optional) holds one descriptor per adapter.
+    With one adapter (or no router) the weights are 1. ``route_override`` (``[K]`` or ``[1, K]``: every input;
+    ``[B, K]``: one row per input) replaces the router, e.g. to route by task id or retrieval (``route_to``).
+    ``descriptors`` (optional) holds one descriptor per adapter.
     """
 
     def __init__(self, config: AdapterConfig, shape: BlockShape) -> None:
@@ -38,6 +42,7 @@ class AdapterPool(nn.Module):
         self.shape = shape
         self.adapters = nn.ModuleDict()
         self.frozen: set[str] = set()
+        self._owners: dict[str, int] = {}  # adapter name -> the experience it was made for
         self.descriptors: DescriptorSet | None = None
         if config.descriptor_hidden or config.router == "descriptor":
             self.use_descriptors(config.descriptor_hidden or 128)
@@ -53,13 +58,18 @@ class AdapterPool(nn.Module):
     def __len__(self) -> int:
         return len(self.adapters)
 
-    def add(self, name: str) -> nn.Module:
-        """Create adapter ``name`` (zero delta), its router column and descriptor; rebuild optimisers after."""
+    def add(self, name: str, owner: int | None = None) -> nn.Module:
+        """Create adapter ``name`` (zero delta), its router column and descriptor; rebuild optimisers after.
+        ``owner``: the experience the adapter is made for (``route_to`` finds it by that; None: no experience's)."""
         if not name or "." in name:
             raise ConfigError(f"adapter names must be non-empty and without '.', got {name!r}")
         if name in self.adapters:
             raise ConfigError(f"adapter {name!r} already exists (have: {', '.join(self.names)})")
+        if owner is not None and int(owner) < 0:
+            raise ConfigError(f"adapter {name!r}: the owner is an experience id >= 0, got {owner}")
         self.adapters[name] = adapter = build_adapter(self.config, self.shape).to(self._anchor.device)
+        if owner is not None:
+            self._owners[name] = int(owner)
         if self.router is not None:
             self.router.add_expert()
         if self.descriptors is not None:
@@ -74,6 +84,50 @@ class AdapterPool(nn.Module):
         if self.router is not None:
             self.router.freeze(self.names.index(name))
         self.frozen.add(name)
+
+    def owner(self, name: str) -> int | None:
+        """The experience adapter ``name`` was made for (None: added without one)."""
+        if name not in self.adapters:
+            raise ConfigError(f"no adapter {name!r} (have: {', '.join(self.names) or 'none'})")
+        return self._owners.get(name)
+
+    @property
+    def owners(self) -> list[int]:
+        """The owning experience of each adapter, in ``names`` order (-1: none)."""
+        return [self._owners.get(n, -1) for n in self.names]
+
+    def owned_by(self, experience: int) -> str | None:
+        """The name of the adapter experience ``experience`` added to this pool (the last one, if several); None
+        if it added none."""
+        return next((n for n in reversed(self.names) if self._owners.get(n) == experience), None)
+
+    def adapter_for(self, experiences: torch.Tensor) -> torch.Tensor:
+        """Index into ``names`` of the adapter each experience of ``experiences`` ``[B]`` uses in this pool: the
+        one it added, or where it added none (it reused the pool), the latest added by an earlier experience."""
+        owners = torch.tensor(self.owners, dtype=torch.long, device=experiences.device)
+        exps = experiences.long().reshape(-1)
+        usable = (owners >= 0) & (owners <= exps[:, None])  # [B, K]
+        index = torch.where(usable, torch.arange(len(owners), device=exps.device), -1)
+        found = index.amax(1) if len(owners) else torch.full_like(exps, -1)
+        if bool((found < 0).any()):
+            missing = sorted(set(exps[found < 0].tolist()))
+            have = ", ".join(f"{n} (experience {o})" for n, o in zip(self.names, self.owners, strict=True) if o >= 0)
+            raise ConfigError(f"no adapter for experiences {missing} in this pool (owned adapters: {have or 'none'})")
+        return found
+
+    def route_to(self, target: int | str | torch.Tensor) -> torch.Tensor:
+        """One-hot mixture weights for ``route_override`` / ``routing``: an experience id or an adapter name gives
+        ``[K]`` (every input to that experience's adapter, see ``adapter_for``, or to the named one); experience
+        ids ``[B]`` give ``[B, K]`` (each input to its experience's adapter)."""
+        if isinstance(target, str):
+            if target not in self.adapters:
+                raise ConfigError(f"no adapter {target!r} (have: {', '.join(self.names) or 'none'})")
+            return F.one_hot(torch.tensor(self.names.index(target), device=self._anchor.device), len(self)).float()
+        exps = target if isinstance(target, torch.Tensor) else torch.tensor(int(target), device=self._anchor.device)
+        if exps.dim() > 1:
+            raise ConfigError(f"route_to takes one experience id per input ([B]), got shape {tuple(exps.shape)}")
+        index = self.adapter_for(exps)
+        return F.one_hot(index if exps.dim() else index[0], len(self)).float()
 
     def use_descriptors(self, hidden: int = 128, buffer_size: int = 500) -> DescriptorSet:
         """Give this layer a descriptor per adapter (existing ones included); returns the set."""
@@ -98,7 +152,12 @@ class AdapterPool(nn.Module):
             w = self.route_override
             if w.shape[-1] != len(self):
                 raise ConfigError(f"route_override has {w.shape[-1]} columns for {len(self)} adapters {self.names}")
-            return w.expand(batch, -1) if w.dim() == 1 else w
+            if w.dim() == 1 or (w.dim() == 2 and w.shape[0] in (1, batch)):
+                return w.expand(batch, -1)
+            raise ConfigError(
+                f"route_override of shape {tuple(w.shape)} for a batch of {batch} inputs: give [K] or [1, K] "
+                f"(the same weights for every input) or [{batch}, K] (one row per input)"
+            )
         if self.router is None or len(self) == 1:
             return None
         return self.router(pooled)
@@ -153,7 +212,8 @@ class AdapterPool(nn.Module):
         return {"adapters": count(self.adapters), "router": count(self.router), "descriptors": count(self.descriptors)}
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"kind": self.config.kind, "names": self.names, "frozen": sorted(self.frozen)}
+        owners = {n: o for n, o in zip(self.names, self.owners, strict=True) if o >= 0}
+        return {"kind": self.config.kind, "names": self.names, "frozen": sorted(self.frozen), "owners": owners}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         if state.get("kind", self.config.kind) != self.config.kind:
@@ -181,9 +241,14 @@ class AdapterPool(nn.Module):
             )
             if enc is not None:
                 self.use_descriptors(enc.shape[0])
+        owners = saved.get("owners")
+        if owners is None:  # a checkpoint from before owners were recorded: strategies named adapters e<experience>
+            owners = {n: int(n[1:]) for n in names if re.fullmatch(r"e\d+", n)}
         for name in names:
             if name not in self.adapters:
-                self.add(name)
+                self.add(name, owner=owners.get(name))
+            elif name in owners:
+                self._owners[name] = int(owners[name])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -321,6 +386,12 @@ def routing(pools: Mapping[int, AdapterPool], weights: Mapping[int, torch.Tensor
     finally:
         for i, w in before.items():
             pools[i].route_override = w
+
+
+def routes_to(pools: Mapping[int, AdapterPool], target: int | str | torch.Tensor) -> dict[int, torch.Tensor]:
+    """``{layer: pool.route_to(target)}`` for every non-empty pool: the weights ``routing`` takes to send inputs
+    to an experience's adapters (or to the adapter of that name) in every adapted block."""
+    return {i: p.route_to(target) for i, p in pools.items() if len(p)}
 
 
 @contextmanager

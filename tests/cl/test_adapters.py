@@ -7,7 +7,17 @@ import io
 import pytest
 import torch
 
-from cl.adapters import AdaptedBlock, AdapterConfig, AdapterPool, RankOne, capturing, inject, pools, routing
+from cl.adapters import (
+    AdaptedBlock,
+    AdapterConfig,
+    AdapterPool,
+    RankOne,
+    capturing,
+    inject,
+    pools,
+    routes_to,
+    routing,
+)
 from cl.backbones import Backbone, create_backbone
 from cl.errors import CheckpointError, ConfigError
 from tests.helpers import SENTENCES, TINY, one_thread
@@ -173,6 +183,84 @@ def test_route_override_selects_one_adapter() -> None:
         torch.testing.assert_close(only_t0, b(x))
     with pytest.raises(ConfigError, match="2 columns for 1 adapters"), routing(ps, {0: torch.ones(2)}):
         b(x)
+
+
+def test_a_route_for_every_input_reaches_every_row() -> None:
+    """A ``[K]`` or ``[1, K]`` route sends every input of the batch through the adapters it weights (each row its
+    own delta, not row 0's broadcast); ``[B, K]`` needs one row per input, anything else is an error."""
+    b, ps = expanded("vit_tiny_test", "bottleneck")
+    x = batch(b)
+    train_step(b, x)  # t1 moves away from zero
+    rows = []
+    hooks = [p.adapters["t1"].register_forward_hook(lambda m, a, o: rows.append(len(a[0]))) for p in ps.values()]
+    with torch.no_grad():
+        with routing(ps, {i: torch.tensor([0.0, 1.0]) for i in ps}):
+            flat = b(x)
+        with routing(ps, {i: torch.tensor([[0.0, 1.0]]) for i in ps}):
+            one_row = b(x)
+        with routing(ps, {i: torch.tensor([[0.0, 1.0]]).expand(3, -1) for i in ps}):
+            per_row = b(x)
+    for h in hooks:
+        h.remove()
+    assert rows == [3] * (3 * len(ps))
+    torch.testing.assert_close(one_row, flat, rtol=0, atol=0)
+    torch.testing.assert_close(per_row, flat, rtol=0, atol=0)
+    assert not torch.allclose(flat[0], flat[1])  # inputs keep their own features
+    with pytest.raises(ConfigError, match=r"shape \(2, 2\) for a batch of 3"), routing(ps, {0: torch.ones(2, 2)}):
+        b(x)
+
+
+def test_pools_route_inputs_to_the_adapters_of_their_experience() -> None:
+    """``add(name, owner=e)`` records the experience; ``route_to`` sends an experience to the adapter it added, or
+    where it added none (it reused the pool) to the latest one an earlier experience added."""
+    b = tiny("vit_tiny_test")
+    ps = inject(b, AdapterConfig(layers=[-2, -1]))
+    for name, owner in [("shared", None), ("a", 0), ("b", 2)]:
+        for p in ps.values():
+            p.add(name, owner=owner)
+    ps[3].add("c", owner=3)  # experience 3 expanded the last block only
+    pool = ps[3]
+    assert pool.owners == [-1, 0, 2, 3] and pool.owner("a") == 0 and pool.owner("shared") is None
+    assert pool.owned_by(2) == "b" and pool.owned_by(1) is None
+    exps = torch.tensor([0, 1, 2, 3, 5])
+    assert pool.adapter_for(exps).tolist() == [1, 1, 2, 3, 3]  # 1 reused a, 5 reused c
+    assert ps[2].adapter_for(exps).tolist() == [1, 1, 2, 2, 2]  # 3 and 5 reused b in block 2
+    w = pool.route_to(exps)
+    assert w.shape == (5, 4) and torch.equal(w.argmax(1), pool.adapter_for(exps))
+    assert torch.equal(w.sum(1), torch.ones(5))
+    assert pool.route_to(1).tolist() == [0.0, 1.0, 0.0, 0.0]  # one experience: [K], every input
+    assert pool.route_to("shared").tolist() == [1.0, 0.0, 0.0, 0.0]  # by adapter name
+    routes = routes_to(ps, exps)
+    assert set(routes) == {2, 3} and routes[3].shape == (5, 4) and routes[2].shape == (5, 3)
+    late = inject(tiny("vit_tiny_test"), AdapterConfig(layers=[0]))[0]
+    late.add("x")
+    late.add("y", owner=1)
+    with pytest.raises(ConfigError, match=r"no adapter for experiences \[0\] .*y \(experience 1\)"):
+        late.route_to(torch.tensor([1, 0]))
+    with pytest.raises(ConfigError, match="no adapter 'z'"):
+        pool.route_to("z")
+    with pytest.raises(ConfigError, match="owner"):
+        pool.add("d", owner=-1)
+
+
+def test_owners_survive_a_checkpoint_and_old_checkpoints_get_them_from_names() -> None:
+    b = tiny("vit_tiny_test")
+    ps = inject(b, AdapterConfig(layers=[-1]))
+    ps[3].add("e0", owner=0)
+    ps[3].add("online")
+    ps[3].add("e7", owner=2)  # the owner is recorded, not read from the name
+    state = b.state_dict()
+    fresh = tiny("vit_tiny_test")
+    fps = inject(fresh, AdapterConfig(layers=[-1]))
+    fresh.load_state_dict(state)
+    assert fps[3].names == ["e0", "online", "e7"] and fps[3].owners == [0, -1, 2]
+    old = dict(state)  # as saved before owners were recorded
+    old["model.blocks.3.pool._extra_state"] = {"kind": "bottleneck", "names": ["e0", "online", "e7"], "frozen": []}
+    older = tiny("vit_tiny_test")
+    ops = inject(older, AdapterConfig(layers=[-1]))
+    ops[3].add("e0")  # a strategy may have added some before loading: they get their owner too
+    older.load_state_dict(old)
+    assert ops[3].owners == [0, -1, 7]  # e<id> names: experience id
 
 
 @pytest.mark.parametrize("name", ["vit_tiny_test", "efficientnet_lite0"])
