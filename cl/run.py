@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import shlex
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from cl import distributed as dist
 from cl.agent import Agent
@@ -141,15 +143,16 @@ def run(
         where = f"rank {rank}: " if dist.is_distributed() else ""
         saved = "the run is checkpointed at that step" if e.partial is not None else \
             "the last finished experience is checkpointed"
-        Console(stderr=True).print(f"{where}{e}; {saved}: continue with cl run --resume {cfg.out}",
-                                   highlight=False, soft_wrap=True)
+        resume_cmd = f"cl run --resume {shlex.quote(str(cfg.out))}"
+        Console(stderr=True).print(escape(f"{where}{e}; {saved}: continue with {resume_cmd}"), highlight=False,
+                                   soft_wrap=True)
         raise
     finally:
         if joined:
             dist.shutdown()
-    console.print(f"run directory: {out}")
+    console.print(f"run directory: {escape(str(out))}")
     if (out / "report.html").exists() and (report or "report" in cfg.loggers):
-        console.print(f"report: {out / 'report.html'}")
+        console.print(f"report: {escape(str(out / 'report.html'))}")
     return metrics
 
 
@@ -189,7 +192,7 @@ def _run_stream(
     done: list[int] = []
     if resuming:
         done = agent.restore(load_checkpoint(ckpt), stream, memory_dir=out / "memory")
-        console.print(f"resuming {out}: experiences {done} already done")
+        console.print(f"resuming {escape(str(out))}: experiences {done} already done")
     if has_checkpoint(ckpt, PARTIAL):  # stopped inside an experience: continue from that step
         partial = load_checkpoint(ckpt, PARTIAL)
         if partial["experiences_done"] == done:
