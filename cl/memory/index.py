@@ -7,10 +7,10 @@ change when other entries are removed.
 
 Policies. ``auto`` stays exact up to ``exact_threshold`` vectors. Past it, it trains an IVF quantizer on a
 sample and tunes ``nprobe`` (below); it switches to IVF only if that searches at most ``IVF_MAX_SCAN`` of the
-vectors (quantizer included), and otherwise stays exact and asks again at twice the size. On data without
-structure (i.i.d. random vectors) no index beats a scan at a useful recall, so those stay exact; on clustered
-data (embeddings) IVF scans a few percent. ``ivf`` always switches past the threshold; ``hnsw`` is HNSW from
-the first vector; ``flat`` is always exact.
+vectors (quantizer included), and otherwise stays exact and asks again at ``PROBE_GROWTH`` times the size.
+On data without structure (i.i.d. random vectors) no index beats a scan at a useful recall, so those stay
+exact; on clustered data (embeddings) IVF scans a few percent. ``ivf`` always switches past the threshold;
+``hnsw`` is HNSW from the first vector; ``flat`` is always exact.
 
 Tuning. Search settings are chosen for recall@10 >= ``tune_recall`` on a held-out sample: up to
 ``TUNE_QUERIES`` stored vectors used as queries, each searched without itself, against exact results.
@@ -62,7 +62,8 @@ GPU_MAX_K = 2048  # largest k FAISS GPU searches accept
 TUNE_K = 10  # settings are tuned for recall@10
 TUNE_QUERIES = 300  # held-out queries per tuning (recall over 3,000 neighbours)
 IVF_MAX_SCAN = 0.5  # auto: IVF only when a search scans at most this share of the vectors, else exact
-TRAIN_PER_LIST = 64  # IVF quantizer training sample, per list
+TRAIN_PER_LIST = 40  # IVF quantizer training sample, per list (FAISS wants at least 39)
+PROBE_GROWTH = 4  # auto, exact: after an IVF trial that does not pay, the next one at this many times the size
 SIZE_SAMPLE = 50_000  # vectors assigned to estimate the IVF list sizes before deciding to build one
 HNSW_EF_STEPS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 HNSW_MAX_EF = HNSW_EF_STEPS[-1]
@@ -246,8 +247,10 @@ class KindIndex:
         return index
 
     def _nlist(self, n: int) -> int:
-        nlist = self.config.nlist or 2 ** round(math.log2(max(math.sqrt(n), 1)))
-        return max(1, min(nlist, n // 39 or 1))  # FAISS wants >= 39 training points per list
+        """IVF lists for ``n`` vectors: about 2 sqrt(n), a power of two with at least 39 vectors per list."""
+        if self.config.nlist:
+            return max(1, min(int(self.config.nlist), n // 39 or 1))
+        return 2 ** max(0, min(round(math.log2(max(2 * math.sqrt(n), 1))), int(math.log2(max(n // 39, 1)))))
 
     def _set(self, index: Any, tuning: Tuning) -> None:
         self.index, self.tuning = index, tuning
@@ -428,7 +431,7 @@ class KindIndex:
 
     def _build_ivf(self) -> None:
         """Train an IVF quantizer on a sample, tune nprobe, and move the entries into it; under ``auto``,
-        only if it scans at most IVF_MAX_SCAN of them (else stay, or become, exact until twice the size)."""
+        only if it scans at most IVF_MAX_SCAN of them (else stay, or become, exact for a while)."""
         n = len(self)
         held_out = self._held_out(n)
         ivf = faiss.index_factory(self.dim, f"IVF{self._nlist(n)},Flat", METRICS[self.metric])
@@ -445,7 +448,7 @@ class KindIndex:
         if self.config.index == "auto" and self._scan(order, sizes, nprobe, n) > IVF_MAX_SCAN:
             if self.structure != "flat":
                 self._to_flat()
-            self.tuning = Tuning(next_probe=2 * n, recall=1.0)
+            self.tuning = Tuning(next_probe=PROBE_GROWTH * n, recall=1.0)
             return
         for ids, vectors in self._blocks():
             ivf.add_with_ids(np.ascontiguousarray(vectors), ids)
@@ -465,7 +468,7 @@ class KindIndex:
         scan = self._scan(order, sizes, nprobe, n)
         if self.config.index == "auto" and scan > IVF_MAX_SCAN:
             self._to_flat()
-            self.tuning = Tuning(next_probe=2 * n, recall=1.0)
+            self.tuning = Tuning(next_probe=PROBE_GROWTH * n, recall=1.0)
             return
         self.index.nprobe = nprobe
         self.tuning = Tuning(tuned_at=n, trained_at=self.tuning.trained_at, recall=recall, scan=scan)

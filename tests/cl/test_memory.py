@@ -221,14 +221,14 @@ def test_auto_index_stays_exact_where_ivf_would_scan_most_vectors():
     dim = 64  # i.i.d. vectors: no structure for an index to use
     x, q = data(5000, seed=0, dim=dim), data(50, seed=1, dim=dim)
     mem = ExperienceMemory(dim, exact_threshold=1000)
-    mem.add(x[:2500], {"kind": "exemplar"})
+    mem.add(x[:1250], {"kind": "exemplar"})
     ix = mem._indexes["exemplar"]
-    assert mem.structures() == {"exemplar": "flat"} and ix.tuning.next_probe == 5000  # asks again at twice the size
+    assert mem.structures() == {"exemplar": "flat"} and ix.tuning.next_probe == 4 * 1250  # asks again at 4x
     flat = ix.index
-    mem.add(x[2500:4999], {"kind": "exemplar"})
-    assert ix.index is flat  # no trial below next_probe: the adds went into the same index
+    mem.add(x[1250:4999], {"kind": "exemplar"})
+    assert ix.index is flat and ix.tuning.next_probe == 5000  # no trial below next_probe: adds went into it
     mem.add(x[4999:], {"kind": "exemplar"})
-    assert mem.structures() == {"exemplar": "flat"} and ix.tuning.next_probe == 10_000
+    assert mem.structures() == {"exemplar": "flat"} and ix.tuning.next_probe == 20_000
     np.testing.assert_array_equal(mem.search(q, 10).ids, brute(x, q, 10, "ip")[1])
     assert mem.index_settings()["exemplar"]["sample_recall"] == 1.0
 
@@ -245,7 +245,7 @@ def test_ivf_retunes_when_doubled_and_retrains_when_quadrupled():
     mem.add(x[3199:3200], {"kind": "exemplar"})
     assert ix.index is first and ix.tuning.tuned_at == 3200 and ix.tuning.trained_at == 1600  # retuned in place
     mem.add(x[3200:6400], {"kind": "exemplar"})  # 4x the trained size, and sqrt(n) wants more lists: retrained
-    assert ix.index is not first and ix.index.nlist == 64 and ix.tuning.trained_at == 6400
+    assert ix.index is not first and ix.index.nlist == 128 and ix.tuning.trained_at == 6400
     mem.add(x[6400:], {"kind": "exemplar"})
     q = blobs(100, 1, centers=200)
     assert recall(mem.search(q, 10).ids, brute(x, q, 10, "l2")[1]) >= 0.95
