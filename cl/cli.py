@@ -64,7 +64,7 @@ def _report(args: argparse.Namespace) -> int:
     runs = find_runs(args.runs)
     out = args.out or (str(Path(args.runs[0]) / "report.html") if len(args.runs) == 1 else "report.html")
     path = write_report(runs, out, title=args.title)
-    Console().print(f"report ({len(runs)} run{'s' if len(runs) != 1 else ''}): {path}", highlight=False)
+    Console().print(f"report ({len(runs)} run{'s' if len(runs) != 1 else ''}): {escape(str(path))}", highlight=False)
     return 0
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from cl import distributed as dist
 from cl.agent import Agent
@@ -168,16 +169,17 @@ def run(
         saved = "the run is checkpointed at that step" if e.partial is not None else \
             "the last finished experience is checkpointed"
         named = "".join(f" --import {shlex.quote(s)}" for s in cfg.imports)  # resuming imports only what is named
-        Console(stderr=True).print(f"{where}{e}; {saved}: continue with cl run --resume {cfg.out}{named}",
-                                   highlight=False, soft_wrap=True)
+        resume_cmd = f"cl run --resume {shlex.quote(str(cfg.out))}{named}"
+        Console(stderr=True).print(escape(f"{where}{e}; {saved}: continue with {resume_cmd}"), highlight=False,
+                                   soft_wrap=True)
         raise
     finally:
         if joined:
             dist.shutdown()
     out = plan.out
-    console.print(f"run directory: {out}")
+    console.print(f"run directory: {escape(str(out))}")
     if (out / "report.html").exists() and (report or "report" in cfg.loggers):
-        console.print(f"report: {out / 'report.html'}")
+        console.print(f"report: {escape(str(out / 'report.html'))}")
     return metrics
 
 
@@ -221,7 +223,7 @@ def _run_stream(
     if resuming:
         payload = load_checkpoint(ckpt, require=("strategy", "callbacks"))
         done = agent.restore(payload, stream, memory_dir=out / "memory", source=newest_checkpoint(ckpt))
-        console.print(f"resuming {out}: experiences {done} already done")
+        console.print(f"resuming {escape(str(out))}: experiences {done} already done")
     if has_checkpoint(ckpt, PARTIAL):  # stopped inside an experience: continue from that step
         partial = load_checkpoint(ckpt, PARTIAL, require=("resume_point",))
         if partial["experiences_done"] == done:

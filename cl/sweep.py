@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cl.config import RunConfig, apply_override, build_config, read_yaml, resolve, to_dict
@@ -206,32 +207,32 @@ def run_sweep(sweep: Sweep, console: Console | None = None, report: bool = True)
     (sweep.out / "sweep.yaml").write_text(yaml.safe_dump(sweep.manifest(), sort_keys=False))
     status: dict[str, str] = {}
     for k, (name, cfg) in enumerate(configs):
-        console.rule(f"[bold]{k + 1}/{len(configs)}[/] {name}")
+        console.rule(f"[bold]{k + 1}/{len(configs)}[/] {escape(name)}")
         if is_finished(cfg):
             status[cfg.out] = "skipped (finished)"
-            console.print(f"{cfg.out}: finished already, skipped")
+            console.print(f"{escape(str(cfg.out))}: finished already, skipped")
             continue
         try:
             run(cfg, console=console)
             status[cfg.out] = "done"
         except CLError as e:
             status[cfg.out] = f"failed: {e}"
-            console.print(f"[bold red]error:[/] {e}", highlight=False)
+            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         except Exception as e:  # one broken grid point must not lose the others
             status[cfg.out] = f"failed: {type(e).__name__}: {e}"
             console.print(traceback.format_exc(), highlight=False, markup=False)
         if report and k + 1 < len(configs):  # a live view of the sweep so far
             write_sweep_report(sweep, [c for _, c in configs], console, quiet=True)
-    table = Table(title=f"sweep {sweep.out}")
+    table = Table(title=escape(f"sweep {sweep.out}"))
     table.add_column("run")
     table.add_column("status")
     for out, s in status.items():
-        table.add_row(Path(out).name, s)
+        table.add_row(escape(Path(out).name), escape(s))
     console.print(table)
     if report:
         path = write_sweep_report(sweep, [c for _, c in configs], console)
         if path is not None:
-            console.print(f"report: {path}")
+            console.print(f"report: {escape(str(path))}")
     return status
 
 
@@ -245,7 +246,7 @@ def write_sweep_report(sweep: Sweep, configs: list[RunConfig], console: Console,
         return write_report(dirs, sweep.out / "report.html", title=f"clagent sweep: {sweep.out}")
     except Exception as e:  # the runs are the product; a report that fails only warns
         if not quiet:
-            console.print(f"[yellow]warning:[/] could not write the sweep report: {type(e).__name__}: {e}")
+            console.print(f"[yellow]warning:[/] could not write the sweep report: {type(e).__name__}: {escape(str(e))}")
         return None
 
 

@@ -2,7 +2,9 @@
 
 Every kind (exemplar, adapter_key, prototype, task) has its own FAISS index, so a search for adapter
 keys never wades through a million exemplars, and each kind is exact (``IndexFlat``) until it outgrows
-``exact_threshold``, then HNSW (``index="auto"``/``"hnsw"``) or IVF (``"ivf"``); see ``cl.memory.index``.
+``exact_threshold``; past it ``index="auto"`` uses IVF where that scans at most half the vectors at recall@10
+>= ``tune_recall`` on a held-out sample, and stays exact where nothing does (``"ivf"``/``"hnsw"`` force a
+structure, tuned the same way); see ``cl.memory.index``.
 Filters on experience, class or adapter select ids in SQLite, which the kind's index then searches
 exactly (brute force over the subset) or through an ``IDSelector`` when the subset is large.
 Metadata lives in SQLite (``cl.memory.store``); ``save`` writes an atomic, checksummed generation
@@ -23,7 +25,7 @@ import numpy as np
 
 import cl
 from cl.errors import CheckpointError, ConfigError, DataError
-from cl.memory.index import METRICS, IndexConfig, KindIndex, Subset, gpu_available
+from cl.memory.index import METRICS, IndexConfig, KindIndex, Subset, Tuning, gpu_available
 from cl.memory.persist import FORMAT, FORMAT_VERSION, check_writable, is_memory_dir, read_generation, write_generation
 from cl.memory.store import KINDS, MetadataStore, check_kind, encode_rows, normalize_filters
 
@@ -137,10 +139,13 @@ class ExperienceMemory:
     """Vectors of one dimension with typed metadata, searched by similarity per kind.
 
     ``metric``: ``"ip"`` (inner product; normalise vectors for cosine) or ``"l2"`` (squared distance).
-    ``index``: ``"auto"`` (exact up to ``exact_threshold`` vectors of a kind, HNSW above), ``"flat"``
-    (always exact), ``"hnsw"`` (from the first vector) or ``"ivf"`` (exact, then IVF trained once at the
-    threshold). ``path``: the directory ``save()`` writes; nothing is written before. ``gpu``: None uses
-    a GPU when FAISS sees one. The remaining keywords tune the indexes (``IndexConfig``).
+    ``index``: ``"auto"`` (exact up to ``exact_threshold`` vectors of a kind; above, IVF with a tuned
+    ``nprobe`` where it scans at most half the vectors, else still exact), ``"flat"`` (always exact),
+    ``"hnsw"`` (from the first vector, tuned ``ef_search``) or ``"ivf"`` (exact, then IVF past the threshold).
+    ``ef_search``/``nprobe``: None tunes them to ``tune_recall`` (recall@10 on a held-out sample of stored
+    vectors) when the index is built and each time the kind doubles; a number fixes them.
+    ``path``: the directory ``save()`` writes; nothing is written before. ``gpu``: None uses a GPU when
+    FAISS sees one. The remaining keywords tune the indexes (``IndexConfig``).
     """
 
     def __init__(
@@ -153,9 +158,10 @@ class ExperienceMemory:
         exact_threshold: int = 10_000,
         hnsw_m: int = 32,
         ef_construction: int = 40,
-        ef_search: int = 128,
+        ef_search: int | None = None,
         nlist: int | None = None,
-        nprobe: int = 32,
+        nprobe: int | None = None,
+        tune_recall: float = 0.97,
         compact_fraction: float = 0.25,
         gpu: bool | None = None,
         overwrite: bool = False,
@@ -164,8 +170,9 @@ class ExperienceMemory:
             raise ConfigError(f"memory dim must be a positive int, got {dim!r}")
         if metric not in METRICS:
             raise ConfigError(f"unknown memory metric {metric!r} (choose 'ip' or 'l2')")
-        config = IndexConfig(index, exact_threshold, hnsw_m, ef_construction, ef_search, nlist, nprobe,
-                             compact_fraction)
+        config = IndexConfig(index=index, exact_threshold=exact_threshold, hnsw_m=hnsw_m,
+                             ef_construction=ef_construction, ef_search=ef_search, nlist=nlist, nprobe=nprobe,
+                             tune_recall=tune_recall, compact_fraction=compact_fraction)
         config.validate()
         if gpu and not gpu_available():
             raise ConfigError("gpu=True but FAISS sees no GPU (faiss-cpu, or no device); pass gpu=None to use "
@@ -197,6 +204,11 @@ class ExperienceMemory:
     def structures(self) -> dict[str, str]:
         """The index each non-empty kind uses now: ``flat``, ``hnsw`` or ``ivf``."""
         return {kind: ix.structure for kind, ix in self._indexes.items() if len(ix)}
+
+    def index_settings(self) -> dict[str, dict[str, Any]]:
+        """Per non-empty kind: its structure, search settings (``nprobe``, ``ef_search``) and the recall@10
+        they reached on the held-out sample when last tuned (``sample_recall``)."""
+        return {kind: ix.settings() for kind, ix in self._indexes.items() if len(ix)}
 
     def __repr__(self) -> str:
         kinds = ", ".join(f"{k}: {n} ({self._indexes[k].structure})" for k, n in self.counts().items())
@@ -351,7 +363,8 @@ class ExperienceMemory:
         kinds = {}
         for kind, ix in self._indexes.items():
             kinds[kind] = {"structure": ix.structure, "count": len(ix),
-                           "file": f"index-{kind}.faiss" if ix.index is not None else None}
+                           "file": f"index-{kind}.faiss" if ix.index is not None else None,
+                           "tuning": asdict(ix.tuning)}
 
         def write_files(folder: Path) -> list[str]:
             self._store.save(folder / METADATA_FILE)
@@ -421,7 +434,12 @@ class ExperienceMemory:
                                       f"the manifest says {mem.dim}; it is corrupted")
             ix = mem._indexes[kind]
             stored_ids = mem._store.ids([kind])
-            consistent = ix.attach(index, stored_ids)
+            try:
+                tuning = Tuning(**info.get("tuning", {}))
+            except TypeError as e:
+                raise CheckpointError(f"experience memory {root} has an invalid manifest ({e}); it is corrupted") \
+                    from None
+            consistent = ix.attach(index, stored_ids, tuning)
             if not consistent or len(ix) != info.get("count") or (len(stored_ids) and stored_ids[-1] >= next_id):
                 raise CheckpointError(f"experience memory {root} is inconsistent: the {kind} index holds "
                                       f"{len(ix)} entries, its metadata {len(stored_ids)}; it is corrupted")

@@ -36,7 +36,7 @@ from typing import Any
 from cl.errors import CheckpointError, ConfigError
 
 FORMAT = "clagent.experience_memory"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tuned search settings (config.tune_recall, kinds.*.tuning)
 CURRENT = "CURRENT"
 KEEP = "KEEP"
 MANIFEST = "manifest.json"

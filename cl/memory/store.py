@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 import sqlite3
+import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -234,17 +236,18 @@ class MetadataStore:
 
     @classmethod
     def load(cls, file: Path) -> MetadataStore:
-        """Copy a saved SQLite file into a new in-memory store."""
-        src = sqlite3.connect(f"file:{file}?mode=ro", uri=True)
+        """Copy a saved SQLite file into a new in-memory store (opened read-only: loading never writes)."""
         conn = sqlite3.connect(":memory:")
         try:
-            src.backup(conn)
+            src = sqlite3.connect(sqlite_uri(file, mode="ro"), uri=True)
+            try:
+                src.backup(conn)
+            finally:
+                src.close()
             cols = [r[1] for r in conn.execute("PRAGMA table_info(entries)")]
         except sqlite3.DatabaseError as e:
             conn.close()
             raise CheckpointError(f"memory metadata {file} is not a readable SQLite database ({e})") from None
-        finally:
-            src.close()
         if cols != ["id", *COLUMNS, "extra"]:
             conn.close()
             raise CheckpointError(f"memory metadata {file} has columns {cols}, expected {['id', *COLUMNS, 'extra']}")
@@ -269,6 +272,17 @@ def _schema_problem(conn: sqlite3.Connection) -> str | None:
         "OR (extra IS NOT NULL AND (NOT json_valid(extra) OR json_type(extra) != 'object'))", KINDS,
     ).fetchone()[0]
     return f"has {bad} malformed rows (kind, types or extra JSON)" if bad else None
+
+
+def sqlite_uri(file: str | Path, **params: str) -> str:
+    """A ``file:`` URI for SQLite naming exactly ``file``, with query ``params`` (e.g. ``mode="ro"``).
+
+    The path is made absolute and percent-encoded (``Path.as_uri``), so ``#``, ``?``, ``%`` and spaces in a
+    directory name stay part of the path instead of starting SQLite's query string or fragment (a raw
+    ``f"file:{path}?mode=ro"`` opens, and creates, a truncated path when the name holds ``#`` or ``?``).
+    """
+    uri = Path(os.path.abspath(file)).as_uri()
+    return uri + ("?" + urllib.parse.urlencode(params) if params else "")
 
 
 def _check_found(ids: np.ndarray, found: Iterable[int] | Mapping[int, Any]) -> None:

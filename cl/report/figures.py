@@ -22,6 +22,7 @@ from cl.report.runs import RunData, RunGroup
 STYLE = {
     "svg.fonttype": "none", "font.size": 9, "axes.spines.top": False, "axes.spines.right": False,
     "axes.grid": True, "grid.alpha": 0.3, "legend.frameon": False, "figure.dpi": 100,
+    "text.parse_math": False,  # labels and titles hold run names and config values: "$" is text, not math
 }
 LAYER_MARKERS = "osD^vP*Xh<>p"
 P = ParamSpec("P")

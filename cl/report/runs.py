@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import shlex
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -65,7 +66,7 @@ class RunData:
         if self.status == "running":
             return f"in progress: {done} of {total} experiences done (a clagent process holds its lock)"
         return (f"in progress or interrupted: {done} of {total} experiences done, no process holds its lock "
-                f"(continue with `cl run --resume {self.path}`)")
+                f"(continue with `cl run --resume {shlex.quote(str(self.path))}`)")
 
     @property
     def forgetting(self) -> list[float]:

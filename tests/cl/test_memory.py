@@ -163,17 +163,19 @@ def test_helpers_entries_vectors_update(mem_and_data):
 
 def test_save_load_round_trip_identical_neighbours(tmp_path):
     x, q = data(900), data(20, seed=3)
-    mem = ExperienceMemory(D, tmp_path / "mem", metric="l2", exact_threshold=300)
+    mem = ExperienceMemory(D, tmp_path / "mem", metric="l2", index="hnsw")
     meta = [{"kind": "exemplar", "experience": i % 4} for i in range(600)] + metas(300, ("prototype",))
     ids = mem.add(x, meta)
     mem.remove(ids[:50])
-    assert mem.structures() == {"exemplar": "hnsw", "prototype": "flat"}
+    assert mem.structures() == {"exemplar": "hnsw", "prototype": "hnsw"}
     before = mem.search(q, 10)
     filtered = mem.search(q, 10, kind="exemplar", experience=[1, 2])
     assert mem.save() == tmp_path / "mem"
     loaded = ExperienceMemory.load(tmp_path / "mem")
     assert len(loaded) == len(mem) == 850 and loaded.counts() == mem.counts()
     assert loaded.structures() == mem.structures() and loaded.config == mem.config and loaded.metric == "l2"
+    assert loaded.index_settings() == mem.index_settings()  # the tuned efSearch and its sample recall
+    assert loaded._indexes["exemplar"].tuning == mem._indexes["exemplar"].tuning
     after = loaded.search(q, 10)
     np.testing.assert_array_equal(after.ids, before.ids)
     np.testing.assert_array_equal(after.scores, before.scores)
@@ -185,29 +187,116 @@ def test_save_load_round_trip_identical_neighbours(tmp_path):
     assert sorted(p.name for p in (tmp_path / "mem").iterdir()) == ["CURRENT", "gen-000002"]
 
 
-def test_auto_index_switches_above_threshold_with_high_recall():
-    rng = np.random.default_rng(0)
-    centers = rng.standard_normal((20, D)) * 3
-    x = (centers[rng.integers(20, size=3000)] + rng.standard_normal((3000, D))).astype(np.float32)
-    q = (centers[rng.integers(20, size=100)] + rng.standard_normal((100, D))).astype(np.float32)
-    mem = ExperienceMemory(D, metric="l2", exact_threshold=1000)
+def blobs(n: int, seed: int, dim: int = D, centers: int = 20) -> np.ndarray:
+    """Points around a fixed set of cluster centres (the same centres for every seed)."""
+    c = np.random.default_rng(123).standard_normal((centers, dim)) * 3
+    rng = np.random.default_rng(seed)
+    return (c[rng.integers(centers, size=n)] + rng.standard_normal((n, dim))).astype(np.float32)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_auto_index_becomes_a_tuned_ivf_on_clustered_data(metric):
+    x, q = blobs(3000, 0), blobs(100, 1)
+    if metric == "ip":  # cosine
+        x, q = x / np.linalg.norm(x, axis=1, keepdims=True), q / np.linalg.norm(q, axis=1, keepdims=True)
+    mem = ExperienceMemory(D, metric=metric, exact_threshold=1000)
     for s in range(0, 3000, 500):
         mem.add(x[s : s + 500], [{"kind": "exemplar", "class": i % 10} for i in range(s, s + 500)])
-        assert mem.structures()["exemplar"] == ("flat" if s + 500 <= 1000 else "hnsw")
+        assert mem.structures()["exemplar"] == ("flat" if s + 500 <= 1000 else "ivf")
+    settings = mem.index_settings()["exemplar"]
+    assert settings["sample_recall"] >= 0.97 and settings["scan"] <= 0.5 and settings["nprobe"] < settings["nlist"]
     ids = mem.search(q, 10, kind="exemplar").ids
-    assert recall(ids, brute(x, q, 10, "l2")[1]) >= 0.95
+    assert recall(ids, brute(x, q, 10, metric)[1]) >= 0.95
     rows = np.arange(3, 3000, 10)  # class 3: 300 ids <= threshold, searched exactly
-    np.testing.assert_array_equal(mem.search(q, 10, class_=3).ids, rows[brute(x[rows], q, 10, "l2")[1]])
-    rows = np.flatnonzero(np.arange(3000) % 10 < 5)  # 1500 ids > threshold: IDSelector inside HNSW
-    assert recall(mem.search(q, 10, class_=[0, 1, 2, 3, 4]).ids, rows[brute(x[rows], q, 10, "l2")[1]]) >= 0.95
+    np.testing.assert_array_equal(mem.search(q, 10, class_=3).ids, rows[brute(x[rows], q, 10, metric)[1]])
+    rows = np.flatnonzero(np.arange(3000) % 10 < 5)  # 1500 ids > threshold: IDSelector, nprobe widened
+    assert recall(mem.search(q, 10, class_=[0, 1, 2, 3, 4]).ids, rows[brute(x[rows], q, 10, metric)[1]]) >= 0.95
+    gone = np.arange(0, 3000, 2)[:800]
+    mem.remove(gone)
+    keep = np.setdiff1d(np.arange(3000), gone)
+    assert recall(mem.search(q, 10).ids, keep[brute(x[keep], q, 10, metric)[1]]) >= 0.95
+
+
+def test_auto_index_stays_exact_where_ivf_would_scan_most_vectors():
+    dim = 64  # i.i.d. vectors: no structure for an index to use
+    x, q = data(5000, seed=0, dim=dim), data(50, seed=1, dim=dim)
+    mem = ExperienceMemory(dim, exact_threshold=1000)
+    mem.add(x[:1250], {"kind": "exemplar"})
+    ix = mem._indexes["exemplar"]
+    assert mem.structures() == {"exemplar": "flat"} and ix.tuning.next_probe == 4 * 1250  # asks again at 4x
+    flat = ix.index
+    mem.add(x[1250:4999], {"kind": "exemplar"})
+    assert ix.index is flat and ix.tuning.next_probe == 5000  # no trial below next_probe: adds went into it
+    mem.add(x[4999:], {"kind": "exemplar"})
+    assert mem.structures() == {"exemplar": "flat"} and ix.tuning.next_probe == 20_000
+    np.testing.assert_array_equal(mem.search(q, 10).ids, brute(x, q, 10, "ip")[1])
+    assert mem.index_settings()["exemplar"]["sample_recall"] == 1.0
+
+
+def test_ivf_retunes_when_doubled_and_retrains_when_quadrupled():
+    x = blobs(10_000, 0, centers=200)
+    mem = ExperienceMemory(D, metric="l2", exact_threshold=1000)
+    mem.add(x[:1600], {"kind": "exemplar"})
+    ix = mem._indexes["exemplar"]
+    first = ix.index
+    assert ix.structure == "ivf" and ix.tuning.tuned_at == ix.tuning.trained_at == 1600 and first.nlist == 32
+    mem.add(x[1600:3199], {"kind": "exemplar"})
+    assert ix.index is first and ix.tuning.tuned_at == 1600  # incremental: no tuning before twice the size
+    mem.add(x[3199:3200], {"kind": "exemplar"})
+    assert ix.index is first and ix.tuning.tuned_at == 3200 and ix.tuning.trained_at == 1600  # retuned in place
+    mem.add(x[3200:6400], {"kind": "exemplar"})  # 4x the trained size, and sqrt(n) wants more lists: retrained
+    assert ix.index is not first and ix.index.nlist == 128 and ix.tuning.trained_at == 6400
+    mem.add(x[6400:], {"kind": "exemplar"})
+    q = blobs(100, 1, centers=200)
+    assert recall(mem.search(q, 10).ids, brute(x, q, 10, "l2")[1]) >= 0.95
+
+
+def test_explicit_search_settings_are_kept_and_tuned_ones_survive_a_reload(tmp_path):
+    x = blobs(3000, 0)
+    fixed = ExperienceMemory(D, metric="l2", exact_threshold=1000, nprobe=3)
+    fixed.add(x, {"kind": "exemplar"})
+    assert fixed.index_settings()["exemplar"]["nprobe"] == 3
+    hnsw = ExperienceMemory(D, metric="l2", index="hnsw", ef_search=20)
+    hnsw.add(x, {"kind": "exemplar"})
+    assert hnsw.index_settings()["exemplar"]["ef_search"] == 20
+    mem = ExperienceMemory(D, tmp_path / "m", metric="l2", exact_threshold=1000)
+    mem.add(x[:2000], {"kind": "exemplar"})
+    tuned = mem.index_settings()
+    mem.save()
+    loaded = ExperienceMemory.load(tmp_path / "m")
+    assert loaded.index_settings() == tuned and loaded._indexes["exemplar"].tuning.tuned_at == 2000
+    loaded.add(x[2000:3999], {"kind": "exemplar"})  # below twice the tuned size: no retuning after the reload
+    assert loaded._indexes["exemplar"].tuning.tuned_at == 2000
+
+
+def test_hnsw_tombstones_compaction_and_held_out_tuning():
+    x, q = blobs(3000, 0), blobs(100, 1)
+    mem = ExperienceMemory(D, metric="l2", index="hnsw")
+    for s in range(0, 3000, 1000):
+        mem.add(x[s : s + 1000], [{"kind": "exemplar", "class": i % 10} for i in range(s, s + 1000)])
+    ix = mem._indexes["exemplar"]
+    assert ix.tuning.tuned_at == 2000 and ix.tuning.recall >= 0.97  # tuned on 300 rows held back from the batch
+    assert recall(mem.search(q, 10).ids, brute(x, q, 10, "l2")[1]) >= 0.95
     mem.remove(np.arange(0, 3000, 2)[:500])  # 500 tombstones (17%): hidden by an IDSelector
-    assert len(mem._indexes["exemplar"].removed) == 500
+    assert len(ix.removed) == 500
     assert not np.isin(mem.search(q, 10).ids, np.arange(0, 1000, 2)).any()
-    mem.remove(np.arange(0, 3000, 2)[500:800])  # 800 (27%): compacts, still HNSW above 1000
-    assert len(mem._indexes["exemplar"].removed) == 0 and mem.structures()["exemplar"] == "hnsw"
+    ef = ix.ef_search()
+    mem.remove(np.arange(0, 3000, 2)[500:800])  # 800 (27%): compacts, keeps its tuned efSearch
+    assert len(ix.removed) == 0 and mem.structures()["exemplar"] == "hnsw" and ix.ef_search() == ef
     keep = np.setdiff1d(np.arange(3000), np.arange(0, 3000, 2)[:800])
-    found = mem.search(q, 10).ids
-    assert recall(found, keep[brute(x[keep], q, 10, "l2")[1]]) >= 0.95
+    assert recall(mem.search(q, 10).ids, keep[brute(x[keep], q, 10, "l2")[1]]) >= 0.95
+
+
+def test_default_settings_recall_on_50k_random_vectors():
+    """ExperienceMemory(dim=128) with 50k i.i.d. vectors, filled as a run would: recall@10 >= 0.95 (issue 14)."""
+    dim = 128
+    x, q = data(50_000, seed=0, dim=dim), data(200, seed=1, dim=dim)
+    mem = ExperienceMemory(dim)
+    for s in range(0, 50_000, 10_000):
+        mem.add(x[s : s + 10_000], {"kind": "exemplar"})
+    truth = faiss.knn(q, x, 10, metric=faiss.METRIC_INNER_PRODUCT)[1]
+    assert recall(mem.search(q, 10).ids, truth) >= 0.95
+    assert recall(np.vstack([mem.search(v, 10).ids for v in q[:50]]), truth[:50]) >= 0.95  # one query per call
 
 
 def test_ivf_trains_once_at_threshold_and_round_trips(tmp_path):
