@@ -82,8 +82,9 @@ class WandbLogger(RunLogger):
 
     def _close(self) -> None:
         if self.run is not None:
-            self.run.finish()
-            self.run = None
+            run, self.run = self.run, None
+            run.finish()
+            _wait_for_wandb_files()
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "run_id": self.run_id}
@@ -91,6 +92,24 @@ class WandbLogger(RunLogger):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.run_id = state.get("run_id")
+
+
+def _wait_for_wandb_files() -> None:
+    """Block until wandb-core has written the finished run's files.
+
+    ``run.finish()`` returns before the service closes the run's stream, and only that close writes the
+    rows it still buffers to ``run-<id>.wandb``. Tearing the service down waits for it to exit, having
+    closed every stream; skipped while another W&B run of this process is still active.
+    """
+    import wandb
+    from wandb.sdk import wandb_setup
+
+    if wandb_setup.singleton().most_recent_active_run is not None:
+        return
+    try:
+        wandb.teardown()
+    except SystemExit as e:  # wandb exits the process when its service failed; a logger only reports it
+        raise RuntimeError(f"the W&B service exited with code {e.code}") from None
 
 
 def _event_row(e: dict[str, Any]) -> list[Any]:

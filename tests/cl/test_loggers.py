@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import zlib
 
 import pytest
 import yaml
@@ -118,31 +119,37 @@ def test_resume_continues_steps_without_repeats(tmp_path, monkeypatch):
 
 
 def wandb_records(path):
-    """Records of a W&B transaction log (``run-<id>.wandb``: LevelDB-style log of protobuf records)."""
+    """Records of a finished W&B transaction log (``run-<id>.wandb``): a 7-byte header (``:W&B``, magic, version),
+    then LevelDB log blocks of 32 KiB holding chunks (crc32 of type+data, length, type, data) of protobuf records.
+    Raises on a torn or corrupt chunk, so a file that wandb has not finished writing fails loudly."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    data, pos, chunks, buf = path.read_bytes(), 7, [], b""  # 7-byte file header ":W&B" + version
-    while pos + 7 <= len(data):
-        if 32768 - pos % 32768 < 7:  # block trailer padding
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", path
+    pos, records, buf = 7, [], b""
+    while pos < len(data):
+        if 32768 - pos % 32768 < 7:  # too little room for a chunk header: the rest of the block is padding
             pos += 32768 - pos % 32768
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind == 0:
-            break
-        buf = chunk if kind in (1, 2) else buf + chunk
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0 and length == 0:  # zero fill at the end of a block
+            pos += 32768 - pos % 32768
+            continue
+        chunk = data[pos + 7 : pos + 7 + length]
+        assert len(chunk) == length and zlib.crc32(bytes([kind]) + chunk) == crc, f"torn chunk at {pos} of {path}"
+        pos += 7 + length
+        buf = chunk if kind in (1, 2) else buf + chunk  # FULL/FIRST start a record, MIDDLE/LAST continue it
         if kind in (1, 4):
-            chunks.append(buf)
-    records = []
-    for c in chunks:
-        r = pb.Record()
-        r.ParseFromString(c)
-        records.append(r)
+            r = pb.Record()
+            r.ParseFromString(buf)
+            records.append(r)
     return records
 
 
 def wandb_history(run_dir):
     records = wandb_records(next(run_dir.glob("run-*.wandb")))
+    kinds = [r.WhichOneof("record_type") for r in records]
+    assert "exit" in kinds, f"{run_dir} has no exit record: wandb has not finished writing it"
     return [{(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
             for r in records if r.WhichOneof("record_type") == "history"]
 
