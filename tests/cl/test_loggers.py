@@ -11,6 +11,8 @@ import struct
 import subprocess
 import sys
 import textwrap
+import zlib
+from pathlib import Path
 
 import pytest
 import yaml
@@ -105,44 +107,61 @@ def test_resume_continues_steps_without_repeats(tmp_path, monkeypatch):
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     out = tmp_path / "run"
     assert [int(r["step"]) for r in read_csv(out / "csv" / "epochs.csv")] == [0, 1, 2, 3, 4]
+    assert len(journal(out)) == 5 + 2  # the killed process's rows, epoch 4 (after the checkpoint) included
     run(build_config(cfg), resume=True)
     assert [int(r["step"]) for r in read_csv(out / "csv" / "epochs.csv")] == list(range(6))
     assert [int(r["step"]) for r in read_csv(out / "csv" / "experiences.csv")] == [0, 1, 2]
     assert [s for s, _ in scalars(out / "tensorboard" / "epochs", "epoch/loss")] == list(range(6))
     assert [s for s, _ in scalars(out / "tensorboard" / "experiences", "stream/accuracy_seen")] == [0, 1, 2]
-    first, second = sorted((out / "wandb").glob("offline-run-*"))  # one W&B run id, a directory per process
-    assert first.name.rsplit("-", 1)[1] == second.name.rsplit("-", 1)[1]
-    history = wandb_history(second)
-    assert [h["experience"] for h in history if "experience/accuracy_seen" in h] == [2]
-    assert [h["epoch"] for h in history if "epoch/loss" in h] == [4, 5]
+    # one offline run left, holding the whole history: the killed process's directory is superseded by the replay
+    (current,), (killed,) = offline_runs(out / "wandb"), offline_runs(out / "wandb" / "superseded")
+    assert current.name.rsplit("-", 1)[1] == killed.name.rsplit("-", 1)[1]  # one W&B run id
+    history = wandb_history(current)
+    assert [h["experience"] for h in history if "experience/accuracy_seen" in h] == [0, 1, 2]
+    assert [h["epoch"] for h in history if "epoch/loss" in h] == list(range(6))
+    assert len(journal(out)) == 6 + 3
+
+
+def offline_runs(folder):
+    return sorted(p for p in folder.glob("offline-run-*") if p.is_dir())
+
+
+def journal(out):
+    return [json.loads(line) for line in (out / "wandb" / "history.jsonl").read_text().splitlines()]
 
 
 def wandb_records(path):
-    """Records of a W&B transaction log (``run-<id>.wandb``: LevelDB-style log of protobuf records)."""
+    """Records of a finished W&B transaction log (``run-<id>.wandb``): a 7-byte header (``:W&B``, magic, version),
+    then LevelDB log blocks of 32 KiB holding chunks (crc32 of type+data, length, type, data) of protobuf records.
+    Raises on a torn or corrupt chunk, so a file that wandb has not finished writing fails loudly."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    data, pos, chunks, buf = path.read_bytes(), 7, [], b""  # 7-byte file header ":W&B" + version
-    while pos + 7 <= len(data):
-        if 32768 - pos % 32768 < 7:  # block trailer padding
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", path
+    pos, records, buf = 7, [], b""
+    while pos < len(data):
+        if 32768 - pos % 32768 < 7:  # too little room for a chunk header: the rest of the block is padding
             pos += 32768 - pos % 32768
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind == 0:
-            break
-        buf = chunk if kind in (1, 2) else buf + chunk
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0 and length == 0:  # zero fill at the end of a block
+            pos += 32768 - pos % 32768
+            continue
+        chunk = data[pos + 7 : pos + 7 + length]
+        assert len(chunk) == length and zlib.crc32(bytes([kind]) + chunk) == crc, f"torn chunk at {pos} of {path}"
+        pos += 7 + length
+        buf = chunk if kind in (1, 2) else buf + chunk  # FULL/FIRST start a record, MIDDLE/LAST continue it
         if kind in (1, 4):
-            chunks.append(buf)
-    records = []
-    for c in chunks:
-        r = pb.Record()
-        r.ParseFromString(c)
-        records.append(r)
+            r = pb.Record()
+            r.ParseFromString(buf)
+            records.append(r)
     return records
 
 
 def wandb_history(run_dir):
     records = wandb_records(next(run_dir.glob("run-*.wandb")))
+    kinds = [r.WhichOneof("record_type") for r in records]
+    assert "exit" in kinds, f"{run_dir} has no exit record: wandb has not finished writing it"
     return [{(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
             for r in records if r.WhichOneof("record_type") == "history"]
 
@@ -154,7 +173,7 @@ def test_wandb_offline_run_holds_per_experience_metrics(tmp_path, capsys, monkey
     path.write_text(yaml.safe_dump(cfg))
     assert main(["run", str(path), "--logger", "wandb", "--no-report"]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    run_dirs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    run_dirs = offline_runs(tmp_path / "run" / "wandb")
     assert len(run_dirs) == 1
     records = wandb_records(next(run_dirs[0].glob("run-*.wandb")))
     history = wandb_history(run_dirs[0])
@@ -171,6 +190,42 @@ def test_wandb_offline_run_holds_per_experience_metrics(tmp_path, capsys, monkey
         if r.WhichOneof("record_type") == "summary":
             summary.update({u.key: u.value_json for u in r.summary.update if u.key})
     assert json.loads(summary["final_accuracy"]) == pytest.approx(metrics["final_accuracy"])
+
+
+SIGKILL_PLUGIN = Path(__file__).with_name("sigkill_plugin.py")
+
+
+def test_wandb_history_of_a_killed_process_survives_the_resume(tmp_path, monkeypatch):
+    """SIGKILL right after experience 0's checkpoint: wandb-core dies with the rows it had not yet written to the
+    offline run (it writes every 15 s); the journal has them and the resume replays them, so the W&B history of
+    the run holds each row exactly once."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    path = tmp_path / "cfg.yaml"
+    cfg = logged_config(tmp_path, ["console"])
+    cfg["strategy"]["name"] = "finetune_sigkill"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "CL_TEST_SIGKILL": "1"}
+    cmd = [sys.executable, "-m", "cl", "run", str(path), "--logger", "wandb", "--import", str(SIGKILL_PLUGIN),
+           "--no-report"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert [(r.get("experience"), r.get("epoch")) for r in journal(out)] == [(None, 0), (None, 1), (0, None)]
+    (killed,) = offline_runs(out / "wandb")
+    assert main(["run", "--resume", str(out), "--no-report"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    (current,) = offline_runs(out / "wandb")
+    assert [p.name for p in offline_runs(out / "wandb" / "superseded")] == [killed.name]
+    history = wandb_history(current)
+    per_exp = [h for h in history if "experience/accuracy_seen" in h]
+    assert [h["experience"] for h in per_exp] == [0, 1, 2]
+    assert [h["experience/accuracy_seen"] for h in per_exp] == pytest.approx(metrics["accuracy_seen"])
+    assert [h["epoch"] for h in history if "epoch/loss" in h] == list(range(6))
+    assert len(list(current.glob("files/media/table/accuracy_matrix_*.table.json"))) == 3
+    rows = journal(out)
+    assert len(rows) == 6 + 3
+    # the replayed row keeps the time the killed process logged it at
+    assert per_exp[0]["_timestamp"] == pytest.approx(rows[2]["_timestamp"], abs=1e-3)
 
 
 def test_a_backend_that_fails_warns_and_the_run_goes_on(tmp_path, monkeypatch):
