@@ -212,7 +212,7 @@ def test_wandb_history_of_a_killed_process_survives_the_resume(tmp_path, monkeyp
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert [(r.get("experience"), r.get("epoch")) for r in journal(out)] == [(None, 0), (None, 1), (0, None)]
     (killed,) = offline_runs(out / "wandb")
-    assert main(["run", "--resume", str(out), "--no-report"]) == 0
+    assert main(["run", "--resume", str(out), "--import", str(SIGKILL_PLUGIN), "--no-report"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     (current,) = offline_runs(out / "wandb")
     assert [p.name for p in offline_runs(out / "wandb" / "superseded")] == [killed.name]
