@@ -35,7 +35,7 @@ from benchmarks._common import LoadMeter, cli, median
 from benchmarks.mixture_inference import PassCounter, forward_fn, paired_times, randomise
 from cl.adapters import AdapterConfig, adapters_off, inject, routing
 from cl.backbones import Backbone, create_backbone
-from scenarios.stream import Experience
+from cl.experience import Experience
 from strategies.key_retrieval import KeyRetrieval
 from strategies.mos import MOS
 

@@ -28,16 +28,15 @@ from cl.backbones import Backbone, create_backbone
 from cl.cache import PrefixCache
 from cl.callbacks.base import Callback, CallbackList
 from cl.checkpoint import load_checkpoint, load_memory, payload_problem, save_checkpoint, save_memory
-from cl.data import ArrayDataset, iterate_batches
+from cl.data import ArrayDataset, iterate_batches, subset
 from cl.errors import CheckpointError, ConfigError, TrainingError
+from cl.experience import Experience
 from cl.journal import Journal
 from cl.memory import ExperienceMemory
 from cl.progress import Progress
 from cl.registry import STRATEGIES
 from cl.seed import resolve_device, seed_everything
 from cl.strategy import Context, Strategy
-from scenarios.builders import subset
-from scenarios.stream import Experience
 
 
 class Agent:

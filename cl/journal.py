@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from cl.callbacks.base import Callback
 from cl.data import ArrayDataset
 from cl.errors import ConfigError, DataError
-from scenarios.stream import Experience
+from cl.experience import Experience
 
 POOL_EVENTS = ("expansion", "reuse", "adapted", "merge")
 

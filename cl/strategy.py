@@ -26,13 +26,12 @@ from cl import distributed as dist
 from cl.adapters import AdapterConfig, AdapterPool, adapters_off, inject, pools, routing
 from cl.backbones.base import Backbone, State
 from cl.cache import CachedStates, PrefixCache, is_augmented
-from cl.data import iterate_batches
+from cl.data import iterate_batches, subset
 from cl.errors import CheckpointError, ConfigError, TrainingError
+from cl.experience import Experience
 from cl.heads import LinearHead, masked_cross_entropy
 from cl.interrupt import RunInterrupted
 from cl.seed import derive_seed, rng_state, set_rng_state
-from scenarios.builders import subset
-from scenarios.stream import Experience
 
 
 @dataclass

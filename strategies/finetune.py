@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 from cl.backbones.base import Backbone, State
 from cl.errors import ConfigError
+from cl.experience import Experience
 from cl.heads import LinearHead
 from cl.registry import register_strategy
 from cl.strategy import Strategy
-from scenarios.stream import Experience
 
 
 @register_strategy("finetune")

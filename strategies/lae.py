@@ -30,10 +30,10 @@ from cl.adapters import adapters_off, routes_to, routing
 from cl.adapters.ema import ema_update
 from cl.backbones.base import Backbone, State
 from cl.errors import ConfigError
+from cl.experience import Experience
 from cl.heads import Head, create_head, masked_cross_entropy
 from cl.registry import register_strategy
 from cl.strategy import AdapterStrategy
-from scenarios.stream import Experience
 
 MEMBERS = ("online", "offline")
 ENSEMBLES = ("softmax", "energy", "online", "offline")

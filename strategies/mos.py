@@ -32,11 +32,11 @@ from cl.adapters import AdapterPool, routes_to, routing
 from cl.adapters.merge import merge_pools
 from cl.backbones.base import Backbone, State
 from cl.errors import ConfigError
+from cl.experience import Experience
 from cl.heads import Head, create_head
 from cl.registry import register_strategy
 from cl.routing.keys import RouteLog, experience_of
 from cl.strategy import AdapterStrategy
-from scenarios.stream import Experience
 
 
 @register_strategy("mos")

@@ -31,10 +31,10 @@ from cl.backbones.base import Backbone, State
 from cl.cache import CachedStates, compute_states
 from cl.data import ArrayDataset, Inputs
 from cl.errors import CheckpointError, ConfigError
+from cl.experience import Experience
 from cl.memory import ExperienceMemory
 from cl.registry import register_strategy
 from cl.strategy import Strategy
-from scenarios.stream import Experience
 from strategies.finetune import Finetune
 from strategies.sema import SEMA
 

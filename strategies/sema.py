@@ -24,10 +24,10 @@ from cl.adapters import AdapterConfig, AdapterPool, capturing, routes_to, routin
 from cl.backbones.base import Backbone, State
 from cl.descriptors import ShiftDetector
 from cl.errors import ConfigError
+from cl.experience import Experience
 from cl.heads import Head, create_head, masked_cross_entropy
 from cl.registry import register_strategy
 from cl.strategy import AdapterStrategy
-from scenarios.stream import Experience
 
 
 @register_strategy("sema")

@@ -7,10 +7,10 @@ from typing import Any
 import torch
 
 from cl.backbones.base import Backbone, State
+from cl.experience import Experience
 from cl.heads import create_head
 from cl.registry import register_strategy
 from cl.strategy import Strategy
-from scenarios.stream import Experience
 
 
 @register_strategy("simplecil")

@@ -11,11 +11,11 @@ import torch
 from cl.agent import Agent
 from cl.data import ArrayDataset
 from cl.errors import ConfigError
+from cl.experience import Experience
 from cl.memory import ExperienceMemory
 from cl.registry import STRATEGIES, register_strategy
 from cl.run import run
 from scenarios import create_scenario
-from scenarios.stream import Experience
 from strategies.finetune import Finetune
 from tests.helpers import TINY_SCENARIO, one_thread, tiny_config
 
