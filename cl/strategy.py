@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
 from cl import distributed as dist
-from cl.adapters import AdapterConfig, AdapterPool, adapters_off, inject, pools, routing
+from cl.adapters import AdapterConfig, AdapterPool, inject, pools
 from cl.backbones.base import Backbone, State
 from cl.cache import CachedStates, PrefixCache, is_augmented
 from cl.data import iterate_batches, subset
@@ -31,6 +31,7 @@ from cl.errors import CheckpointError, ConfigError, TrainingError
 from cl.experience import Experience
 from cl.heads import LinearHead, masked_cross_entropy
 from cl.interrupt import RunInterrupted
+from cl.routing import adapters_off, routing
 from cl.seed import derive_seed, rng_state, set_rng_state
 
 

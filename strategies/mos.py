@@ -28,13 +28,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cl.adapters import AdapterPool, routes_to, routing
+from cl.adapters import AdapterPool
 from cl.adapters.merge import merge_pools
 from cl.backbones.base import Backbone, State
 from cl.errors import ConfigError
 from cl.experience import Experience
 from cl.heads import Head, create_head
 from cl.registry import register_strategy
+from cl.routing import routes_to, routing
 from cl.routing.keys import RouteLog, experience_of
 from cl.strategy import AdapterStrategy
 

@@ -20,13 +20,14 @@ import torch
 from torch.utils.data import Dataset
 
 from cl import distributed as dist
-from cl.adapters import AdapterConfig, AdapterPool, capturing, routes_to, routing
+from cl.adapters import AdapterConfig, AdapterPool, capturing
 from cl.backbones.base import Backbone, State
 from cl.descriptors import ShiftDetector
 from cl.errors import ConfigError
 from cl.experience import Experience
 from cl.heads import Head, create_head, masked_cross_entropy
 from cl.registry import register_strategy
+from cl.routing import routes_to, routing
 from cl.strategy import AdapterStrategy
 
 

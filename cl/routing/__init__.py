@@ -1,4 +1,5 @@
-"""Routers that mix a layer's adapters from its pooled input, and key retrieval over the experience memory."""
+"""Routing in one place: routers that mix a layer's adapters from its pooled input, key retrieval over the
+experience memory, and the routes forced over pools (``routing``, ``routes_to``, ``adapters_off``)."""
 
 from cl.routing.keys import KeyRouter, RouteLog
 from cl.routing.routers import (
@@ -10,6 +11,7 @@ from cl.routing.routers import (
     TopKRouter,
     create_router,
 )
+from cl.routing.routes import adapters_off, routes_to, routing
 
 __all__ = [
     "ROUTERS",
@@ -20,5 +22,8 @@ __all__ = [
     "Router",
     "SoftmaxRouter",
     "TopKRouter",
+    "adapters_off",
     "create_router",
+    "routes_to",
+    "routing",
 ]

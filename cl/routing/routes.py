@@ -1,0 +1,43 @@
+"""Routes over adapter pools: which adapters each input runs through, forced for the length of a ``with`` block.
+
+A route is mixture weights per pool (``{block index: [K] or [B, K]}``). ``routing(pools, weights)`` sets them,
+``routes_to(pools, target)`` builds the weights that send inputs to an experience's adapters (or the adapter of a
+name) in every pool, and ``adapters_off(pools)`` runs the backbone as if it had none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from cl.adapters.pool import AdapterPool
+
+
+@contextmanager
+def routing(pools: Mapping[int, AdapterPool], weights: Mapping[int, torch.Tensor]) -> Iterator[None]:
+    """Force the mixture weights (``[K]`` or ``[B, K]``) of the given layers inside the block."""
+    before = {i: pools[i].route_override for i in weights}
+    try:
+        for i, w in weights.items():
+            pools[i].route_override = w
+        yield
+    finally:
+        for i, w in before.items():
+            pools[i].route_override = w
+
+
+def routes_to(pools: Mapping[int, AdapterPool], target: int | str | torch.Tensor) -> dict[int, torch.Tensor]:
+    """``{layer: pool.route_to(target)}`` for every non-empty pool: the weights ``routing`` takes to send inputs
+    to an experience's adapters (or to the adapter of that name) in every adapted block."""
+    return {i: p.route_to(target) for i, p in pools.items() if len(p)}
+
+
+@contextmanager
+def adapters_off(pools: Mapping[int, AdapterPool]) -> Iterator[None]:
+    """Run the backbone as if it had no adapters (every mixture weight 0): the frozen model's features."""
+    with routing(pools, {i: torch.zeros(len(p), device=p._anchor.device) for i, p in pools.items() if len(p)}):
+        yield
