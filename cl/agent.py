@@ -115,8 +115,8 @@ class Agent:
         cb.before_experience(self, exp)
         strat.before_experience(exp)
         strat.fit(exp)
-        if strat.resume_fit is not None:
-            raise CheckpointError(f"the resume point of experience {exp.id} (training loop {strat.resume_fit['call']}) "
+        if (missed := strat.loops.resume) is not None:
+            raise CheckpointError(f"the resume point of experience {exp.id} (training loop {missed['call']}) "
                                   "was never reached when the experience ran again: delete checkpoints/partial-* "
                                   "and resume, to repeat the experience from its start")
         strat.after_experience(exp)

@@ -225,7 +225,7 @@ def _run_stream(
     if has_checkpoint(ckpt, PARTIAL):  # stopped inside an experience: continue from that step
         partial = load_checkpoint(ckpt, PARTIAL, require=("resume_point",))
         if partial["experiences_done"] == done:
-            agent.strategy.resume_fit = p = partial["resume_point"]
+            agent.strategy.loops.resume = p = partial["resume_point"]
             console.print(f"continuing experience {p['experience']} from step {p['step']} of epoch {p['epoch']}")
     try:
         agent.callbacks.before_run(agent, stream)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal
@@ -23,16 +23,17 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
 from cl import distributed as dist
-from cl.adapters import AdapterConfig, AdapterPool, inject, pools
-from cl.backbones.base import Backbone, State
+from cl.adapters import pools
+from cl.backbones.base import Backbone
+from cl.backbones.state import State, to_device
 from cl.cache import CachedStates, PrefixCache, is_augmented
 from cl.data import iterate_batches, subset
-from cl.errors import CheckpointError, ConfigError, TrainingError
+from cl.errors import CheckpointError, TrainingError
 from cl.experience import Experience
-from cl.heads import LinearHead, masked_cross_entropy
 from cl.interrupt import RunInterrupted
-from cl.routing import adapters_off, routing
-from cl.seed import derive_seed, rng_state, set_rng_state
+from cl.routing import adapters_off
+from cl.seed import derive_seed
+from cl.training import Loops, train
 
 
 @dataclass
@@ -121,8 +122,7 @@ class Strategy(nn.Module):
         # Pretrained values of the backbone entries that training or a checkpoint changed: ``embed`` runs on them.
         self._pretrained: dict[str, torch.Tensor] = {}
         self._embedded: tuple[Dataset, torch.Tensor, torch.Tensor] | None = None  # the last ``embeddings``
-        self._fit_calls, self._fit_done = 0, []  # base-loop runs in this experience, and what the finished ones did
-        self.resume_fit: dict[str, Any] | None = None  # a resume point to continue this experience from
+        self.loops = Loops()  # the base loops of this experience, and a resume point to continue it from
 
     # ---- structure --------------------------------------------------------------------------
     @property
@@ -151,140 +151,29 @@ class Strategy(nn.Module):
         """Called before training on ``exp`` (expand, add classes, reset optimiser state)."""
         self.experience = exp
         self._embedded = None
-        self._fit_calls, self._fit_done = 0, []
+        self.loops.start_experience()
         new = torch.tensor([c for c in exp.classes if c not in set(self.seen_classes.tolist())])
         self.seen_classes = torch.cat([self.seen_classes, new.to(self.seen_classes)])
 
     def fit(self, exp: Experience) -> None:
-        """Train on ``exp``: ``epochs`` passes of ``training_step`` over prefix states.
+        """Train on ``exp``: ``epochs`` passes of ``training_step`` over ``train_batches`` (``cl.training.train``).
 
-        A stop request (SIGINT/SIGTERM) ends the loop after the current step with ``RunInterrupted`` carrying a
-        resume point (``partial``); given back as ``resume_fit`` when the experience is run again, the loop (and
-        any earlier loop of the same experience, e.g. SEMA's per-layer training) continues from that step.
+        The base loop optimises every parameter with ``requires_grad`` (``configure_optimizer``), tells the callbacks
+        about epochs and steps, stops on a non-finite loss, splits each batch over the ranks of a distributed run and
+        averages their gradients, and ends after the current step on a stop request (SIGINT/SIGTERM) with a resume
+        point. Overriding ``fit``:
+
+        - each ``super().fit(exp)`` (or ``fit_alone``) is one *loop*; a strategy may run several in an experience
+          (SEMA: one per expansion), or none (it does not train then, as APER after its first experience);
+        - an experience interrupted inside a loop runs again from its start state when resumed: ``before_experience``
+          and this ``fit`` run again, the loops that had finished are fast-forwarded (their trained values, random
+          state and epoch logs restored, not trained again) and the interrupted one continues from its step. So the
+          code around the loops must decide the same when it runs again: seed it with ``self.ctx.generator``, take
+          decisions that every rank must share with ``cl.distributed.broadcast``;
+        - training done outside the loops (SEMA's descriptors) has no resume point of its own: it runs again;
+        - what a loop trains is what has ``requires_grad`` when it starts: freeze what must not change first.
         """
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params or self.epochs == 0:
-            return
-        call = self._fit_calls
-        self._fit_calls += 1
-        if self._fit_done and "names" in self._fit_done[-1]:  # a later loop: keep what the previous one trained
-            self._fit_done[-1]["state"] = self._snapshot(self._fit_done[-1].pop("names"))
-        resume = self.resume_fit
-        if resume is not None and call < resume["call"]:
-            return self._fast_forward(exp, resume["done"][call])
-        opt = self.configure_optimizer(params)
-        self.keep_pretrained({n for n, p in self.named_parameters() if p.requires_grad})
-        cb = self.ctx.callbacks
-        e0, s0, rng, logs = 0, 0, None, []
-        if resume is not None:  # the loop that was interrupted
-            e0, s0, rng, logs = resume["epoch"], resume["step"], resume["rng"], list(resume["epoch_logs"])
-            self.load_checkpoint_state(resume["state"])
-            try:
-                opt.load_state_dict(resume["optimizer"])
-            except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
-                raise CheckpointError(f"the resume point of experience {exp.id} does not fit this strategy's "
-                                      f"optimizer ({type(e).__name__}: {e}): delete checkpoints/partial-* and "
-                                      "resume, to repeat the experience from its start") from None
-            self._replay_epochs(exp, logs)
-            self.resume_fit = None
-        for epoch in range(e0, self.epochs):
-            if cb is not None:
-                cb.before_epoch(self.ctx.agent, exp, epoch)
-            self.train()
-            total, count = (resume["total"], resume["count"]) if resume is not None and epoch == e0 else (0.0, 0)
-            batches = iter(self.train_batches(exp.train, exp.id, epoch))
-            first = s0 if epoch == e0 else 0
-            for _ in range(first):  # steps done before the interruption
-                next(batches, None)
-            if rng is not None:
-                set_rng_state(rng)
-                rng = None
-            for it, (state, y) in enumerate(batches, start=first):
-                if cb is not None:
-                    cb.before_iteration(self.ctx.agent, it)
-                loss, n = self._step(opt, params, state, y, exp.id, epoch, it)
-                total += loss * n
-                count += n
-                if cb is not None:
-                    cb.after_iteration(self.ctx.agent, it, loss)
-                try:
-                    self.ctx.check_stop(f"after step {it} of epoch {epoch} of experience {exp.id}")
-                except RunInterrupted as e:
-                    e.partial = self._resume_point(exp, call, epoch, it + 1, opt, total, count, logs)
-                    raise
-                if self.ctx.resume_point_due() and self.ctx.on_resume_point is not None:
-                    self.ctx.on_resume_point(self._resume_point(exp, call, epoch, it + 1, opt, total, count, logs))
-            total, count = dist.all_sum([total, count])
-            self.eval()
-            logs.append((epoch, {"loss": total / max(count, 1)}))
-            if cb is not None:
-                cb.after_epoch(self.ctx.agent, exp, epoch, logs[-1][1])
-        self._fit_done.append({"names": {n for n, p in self.named_parameters() if p.requires_grad},
-                               "rng": rng_state(), "epoch_logs": logs})
-
-    # ---- resume points inside an experience -------------------------------------------------
-    def _snapshot(self, names: set[str]) -> dict[str, torch.Tensor]:
-        entries = dict(self.named_parameters())
-        return {n: entries[n].detach().cpu().clone() for n in names if n in entries}
-
-    def _resume_point(self, exp: Experience, call: int, epoch: int, step: int, opt: torch.optim.Optimizer,
-                      total: float, count: int, logs: list) -> dict[str, Any]:
-        """Everything needed to continue this loop after ``step`` steps of ``epoch`` (see ``fit``)."""
-        done = [d if "state" in d else {**{k: v for k, v in d.items() if k != "names"},
-                                         "state": self._snapshot(d["names"])} for d in self._fit_done]
-        return {
-            "experience": exp.id, "call": call, "epoch": epoch, "step": step, "total": total, "count": count,
-            "epoch_logs": list(logs), "done": done, "rng": rng_state(), "optimizer": opt.state_dict(),
-            "state": {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
-                      for k, v in self.checkpoint_state().items()},
-        }
-
-    def _fast_forward(self, exp: Experience, done: dict[str, Any]) -> None:
-        """Stand for a loop that had finished before the interruption: its trained values, random state and
-        epoch logs, without training again."""
-        self.keep_pretrained(set(done["state"]))
-        try:
-            _, unexpected = self.load_state_dict(done["state"], strict=False)
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
-            raise CheckpointError(f"the resume point does not fit this strategy ({type(e).__name__}: "
-                                  f"{str(e).strip().splitlines()[-1][:300]})") from None
-        if unexpected:
-            raise CheckpointError(f"the resume point does not fit this strategy (unexpected {unexpected[:5]})")
-        self._replay_epochs(exp, done["epoch_logs"])
-        set_rng_state(done["rng"])
-        self._fit_done.append(done)
-
-    def _replay_epochs(self, exp: Experience, logs: list) -> None:
-        """Tell the callbacks about epochs finished before an interruption (so logs and events stay complete)."""
-        cb = self.ctx.callbacks
-        for epoch, values in logs if cb is not None else ():
-            cb.before_epoch(self.ctx.agent, exp, epoch)
-            cb.after_epoch(self.ctx.agent, exp, epoch, values)
-
-    def _step(self, opt: torch.optim.Optimizer, params: list[nn.Parameter], state: State, y: torch.Tensor,
-              exp_id: int, epoch: int, it: int) -> tuple[float, int]:
-        """One optimiser step on a global batch; in a distributed run on this rank's rows of it, with gradients
-        averaged over ranks (the same update as one process on the whole batch). Returns this rank's loss and
-        row count."""
-        y_local = y
-        if dist.is_distributed():
-            rows = dist.local_rows(len(y))
-            state, y_local = _rows(state, rows), y[rows]
-        opt.zero_grad(set_to_none=True)
-        loss = self.training_step(state, y_local.to(self.ctx.device)) if len(y_local) else None
-        bad = loss is not None and not bool(torch.isfinite(loss))
-        if dist.any_rank(bad):
-            value = loss.item() if bad else "not finite on another rank"
-            raise TrainingError(
-                f"loss is {value} at experience {exp_id}, epoch {epoch}, batch {it}: lower the learning rate "
-                "(strategy.lr) or check the inputs for NaN; the run stopped before this step, and the last "
-                "checkpoint (the previous experience) is kept"
-            )
-        if loss is not None:
-            loss.backward()
-        dist.average_gradients(params, len(y_local) / max(len(y), 1))
-        opt.step()
-        return (loss.item() if loss is not None else 0.0), len(y_local)
+        train(self, exp)
 
     def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
         """Loss of one batch of prefix states (at ``frozen_depth``) and targets."""
@@ -403,7 +292,7 @@ class Strategy(nn.Module):
             else:
                 it = (cached.take(i) for i in torch.arange(rows.start, rows.stop).split(batch_size))
             dev = self.ctx.device
-            it = ((_to(s, dev), y) for s, y in it)
+            it = ((to_device(s, dev), y) for s, y in it)
         else:
             part = dataset if rows is None else subset(dataset, range(rows.start, rows.stop))
             it = self._fresh_states(part, depth, batch_size, shuffle, generator)
@@ -473,78 +362,3 @@ class Strategy(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return {"params_total": total, "params_trainable": trainable}
-
-
-class AdapterStrategy(Strategy):
-    """Base of the adapter methods (APER, SEMA, MOS, LAE, key retrieval): adapter pools injected into blocks
-    ``layers`` of the frozen backbone (``pools``, by block index), a masked-CE ``train_head`` that trains them,
-    and the frozen prefix up to the first adapted block.
-
-    Args:
-        layers: blocks to adapt (negative: from the end).
-        adapter: adapter kind (``bottleneck``, ``lora``, ``ssf``, ``rank1``).
-        adapter_dim: bottleneck width or rank (default: the kind's).
-        kw: the training parameters of ``Strategy`` (defaults: ``param_defaults``).
-    """
-
-    param_defaults: ClassVar[dict[str, Any]] = {"epochs": 3, "batch_size": 128}
-
-    def __init__(
-        self,
-        backbone: Backbone,
-        *,
-        layers: Sequence[int] = (-3, -2, -1),
-        adapter: str = "bottleneck",
-        adapter_dim: int | None = None,
-        **kw: Any,
-    ) -> None:
-        config = self.adapter_config(AdapterConfig(kind=adapter, dim=adapter_dim, layers=list(layers), router=None))
-        self.pools: dict[int, AdapterPool] = dict(sorted(inject(backbone, config).items()))
-        super().__init__(backbone, **{**self.param_defaults, **kw})
-        self.train_head = LinearHead(backbone.embed_dim)
-
-    def adapter_config(self, config: AdapterConfig) -> AdapterConfig:
-        """The pools' configuration (a subclass adds its router here); called before ``Strategy.__init__``."""
-        return config
-
-    @property
-    def frozen_depth(self) -> int:
-        return min(self.pools)
-
-    def fit_alone(self, exp: Experience) -> None:
-        """Train the adapters ``exp`` added (``pool.add(name, owner=exp.id)`` in every pool) with every input routed
-        to them alone, then freeze them."""
-        names = {i: p.owned_by(exp.id) for i, p in self.pools.items()}
-        if None in names.values():
-            missing = [i for i, n in names.items() if n is None]
-            raise ConfigError(f"{type(self).__name__}: experience {exp.id} added no adapter to the pools of blocks "
-                              f"{missing}: add one with pool.add(name, owner={exp.id}) before fit_alone")
-        with routing(self.pools, {i: self.pools[i].route_to(n) for i, n in names.items()}):
-            Strategy.fit(self, exp)
-        for i, name in names.items():
-            self.pools[i].freeze(name)
-
-    def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
-        """Masked cross-entropy of ``train_head`` on the features through the adapters the current routes pick."""
-        z = self.backbone.forward_from(state, self.frozen_depth)
-        return masked_cross_entropy(self.train_head(z), y, self.experience.classes)
-
-    def iterate_states(self, dataset, batch_size: int, shuffle: bool = False, generator=None, desc: str = "batches",
-                       **kw: Any):
-        """As ``Strategy``'s; during evaluation a strategy with a route log (``self.log``) records its routes."""
-        batches = super().iterate_states(dataset, batch_size, shuffle, generator, desc, **kw)
-        log = getattr(self, "log", None)
-        if self.training or log is None:
-            return batches
-        return log.watch(batches, self.emit, self.experience.id if self.experience is not None else None)
-
-
-def _rows(state: State, rows: slice) -> State:
-    return tuple(s[rows] for s in state) if isinstance(state, tuple) else state[rows]
-
-
-def _to(state: State, device: torch.device) -> State:
-    if isinstance(state, tuple):
-        return tuple(s.to(device, non_blocking=True) for s in state)
-    return state.to(device, non_blocking=True)
-

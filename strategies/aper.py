@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
+from cl.adapter_strategy import AdapterStrategy
 from cl.backbones.base import Backbone, State
 from cl.experience import Experience
 from cl.heads import create_head
 from cl.registry import register_strategy
-from cl.strategy import AdapterStrategy
 
 
 @register_strategy("aper")

@@ -18,13 +18,13 @@ from typing import Any, Literal
 
 import torch
 
+from cl.adapter_strategy import AdapterStrategy
 from cl.backbones.base import Backbone, State
 from cl.experience import Experience
 from cl.heads import Head, create_head
 from cl.registry import register_strategy
 from cl.routing import routing
 from cl.routing.keys import KeyRouter, RouteLog, experience_of
-from cl.strategy import AdapterStrategy
 
 
 @register_strategy("key_retrieval")

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from cl.adapter_strategy import AdapterStrategy
 from cl.adapters.ema import ema_update
 from cl.backbones.base import Backbone, State
 from cl.errors import ConfigError
@@ -33,7 +34,6 @@ from cl.experience import Experience
 from cl.heads import Head, create_head, masked_cross_entropy
 from cl.registry import register_strategy
 from cl.routing import adapters_off, routes_to, routing
-from cl.strategy import AdapterStrategy
 
 MEMBERS = ("online", "offline")
 ENSEMBLES = ("softmax", "energy", "online", "offline")

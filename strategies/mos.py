@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from cl.adapter_strategy import AdapterStrategy
 from cl.adapters import AdapterPool
 from cl.adapters.merge import merge_pools
 from cl.backbones.base import Backbone, State
@@ -37,7 +38,6 @@ from cl.heads import Head, create_head
 from cl.registry import register_strategy
 from cl.routing import routes_to, routing
 from cl.routing.keys import RouteLog, experience_of
-from cl.strategy import AdapterStrategy
 
 
 @register_strategy("mos")

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cl import distributed as dist
+from cl.adapter_strategy import AdapterStrategy
 from cl.adapters import AdapterConfig, AdapterPool, capturing
 from cl.backbones.base import Backbone, State
 from cl.descriptors import ShiftDetector
@@ -28,7 +29,6 @@ from cl.experience import Experience
 from cl.heads import Head, create_head, masked_cross_entropy
 from cl.registry import register_strategy
 from cl.routing import routes_to, routing
-from cl.strategy import AdapterStrategy
 
 
 @register_strategy("sema")

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from cl.backbones.preprocess import DataConfig, prepare_images
+from cl.backbones.state import State
 from cl.errors import DataError
 
-State = torch.Tensor | tuple[torch.Tensor, ...]
 F = TypeVar("F", bound=Callable[..., Any])
 
 

@@ -1,0 +1,86 @@
+"""``AdapterStrategy``: the base of the adapter methods (APER, SEMA, MOS, LAE, key retrieval).
+
+Adapter pools injected into blocks ``layers`` of the frozen backbone (``pools``, by block index), a masked
+cross-entropy ``train_head`` that trains them, the frozen prefix up to the first adapted block, and ``fit_alone``:
+train the adapters an experience added with every input routed to them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from cl.adapters import AdapterConfig, AdapterPool, inject
+from cl.backbones.base import Backbone
+from cl.backbones.state import State
+from cl.errors import ConfigError
+from cl.experience import Experience
+from cl.heads import LinearHead, masked_cross_entropy
+from cl.routing import routing
+from cl.strategy import Strategy
+
+
+class AdapterStrategy(Strategy):
+    """Base of the adapter methods (APER, SEMA, MOS, LAE, key retrieval): adapter pools injected into blocks
+    ``layers`` of the frozen backbone (``pools``, by block index), a masked-CE ``train_head`` that trains them,
+    and the frozen prefix up to the first adapted block.
+
+    Args:
+        layers: blocks to adapt (negative: from the end).
+        adapter: adapter kind (``bottleneck``, ``lora``, ``ssf``, ``rank1``).
+        adapter_dim: bottleneck width or rank (default: the kind's).
+        kw: the training parameters of ``Strategy`` (defaults: ``param_defaults``).
+    """
+
+    param_defaults: ClassVar[dict[str, Any]] = {"epochs": 3, "batch_size": 128}
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        layers: Sequence[int] = (-3, -2, -1),
+        adapter: str = "bottleneck",
+        adapter_dim: int | None = None,
+        **kw: Any,
+    ) -> None:
+        config = self.adapter_config(AdapterConfig(kind=adapter, dim=adapter_dim, layers=list(layers), router=None))
+        self.pools: dict[int, AdapterPool] = dict(sorted(inject(backbone, config).items()))
+        super().__init__(backbone, **{**self.param_defaults, **kw})
+        self.train_head = LinearHead(backbone.embed_dim)
+
+    def adapter_config(self, config: AdapterConfig) -> AdapterConfig:
+        """The pools' configuration (a subclass adds its router here); called before ``Strategy.__init__``."""
+        return config
+
+    @property
+    def frozen_depth(self) -> int:
+        return min(self.pools)
+
+    def fit_alone(self, exp: Experience) -> None:
+        """Train the adapters ``exp`` added (``pool.add(name, owner=exp.id)`` in every pool) with every input routed
+        to them alone, then freeze them."""
+        names = {i: p.owned_by(exp.id) for i, p in self.pools.items()}
+        if None in names.values():
+            missing = [i for i, n in names.items() if n is None]
+            raise ConfigError(f"{type(self).__name__}: experience {exp.id} added no adapter to the pools of blocks "
+                              f"{missing}: add one with pool.add(name, owner={exp.id}) before fit_alone")
+        with routing(self.pools, {i: self.pools[i].route_to(n) for i, n in names.items()}):
+            Strategy.fit(self, exp)
+        for i, name in names.items():
+            self.pools[i].freeze(name)
+
+    def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
+        """Masked cross-entropy of ``train_head`` on the features through the adapters the current routes pick."""
+        z = self.backbone.forward_from(state, self.frozen_depth)
+        return masked_cross_entropy(self.train_head(z), y, self.experience.classes)
+
+    def iterate_states(self, dataset, batch_size: int, shuffle: bool = False, generator=None, desc: str = "batches",
+                       **kw: Any):
+        """As ``Strategy``'s; during evaluation a strategy with a route log (``self.log``) records its routes."""
+        batches = super().iterate_states(dataset, batch_size, shuffle, generator, desc, **kw)
+        log = getattr(self, "log", None)
+        if self.training or log is None:
+            return batches
+        return log.watch(batches, self.emit, self.experience.id if self.experience is not None else None)
