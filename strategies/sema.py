@@ -28,6 +28,7 @@ from cl.errors import ConfigError
 from cl.experience import Experience
 from cl.heads import Head, create_head, masked_cross_entropy
 from cl.registry import register_strategy
+from cl.replay import with_replay
 from cl.routing import routes_to, routing
 
 
@@ -291,3 +292,6 @@ class AdapterPerTask(SEMA):
     """SEMA's parts with no shift test: every experience adds an adapter to every adaptable layer."""
 
     always_expand = True
+
+
+SEMAReplay = register_strategy("sema_replay")(with_replay(SEMA, "SEMAReplay"))  # SEMA's adapters trained with rehearsal

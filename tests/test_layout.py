@@ -68,6 +68,18 @@ def test_cl_imports_with_scenarios_and_strategies_unimportable():
     assert int(done.stdout.split()[-1]) > 40  # it did walk the whole package
 
 
+def test_no_strategy_module_imports_another():
+    """Code two strategies need lives in ``cl``; ``strategies/__init__.py`` only imports them to register them."""
+    offenders = {}
+    for f in sorted((ROOT / "strategies").glob("*.py")):
+        if f.name == "__init__.py":
+            continue
+        others = {m for m in module_imports(f) if m.split(".")[0] == "strategies"}
+        if others:
+            offenders[f.name] = sorted(others)
+    assert not offenders
+
+
 def test_the_engine_imports_no_stream_and_no_strategy_module():
     found = {name: sorted(m for m in module_imports(f) if m.split(".")[0] in ("scenarios", "strategies"))
              for name, f in modules().items() if name.split(".")[0] == "cl"}
