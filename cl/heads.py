@@ -2,8 +2,8 @@
 
 A head maps embeddings ``[B, D]`` to scores ``[B, C]`` where column ``c`` is global class id ``c``
 and ``C`` is one more than the largest id seen; columns of classes not seen yet score ``-inf``.
-Heads resize themselves when a checkpoint with more classes is loaded, so an expanded model
-rebuilds from its state dict alone.
+A checkpoint with more classes loads by value (``cl.loading``): the per-class tensors take its shape, so an
+expanded model rebuilds from its state dict alone.
 
 Statistics heads (``NCMHead``, ``LDAHead``, ``RanPACHead``) learn without gradients or stored data:
 ``update(z, y)`` adds a batch to running float64 sums. ``create_head(name, dim, **params)`` builds
@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from cl.errors import ConfigError, DataError
+from cl.loading import LoadsByValue
 from cl.registry import HEADS, register_head
 
 
-class Head(nn.Module):
+class Head(LoadsByValue):
     """Base class: tracks which class ids are known (the ``known`` mask)."""
 
     def __init__(self, dim: int) -> None:
@@ -53,12 +54,6 @@ class Head(nn.Module):
 
     def mask_unknown(self, scores: torch.Tensor) -> torch.Tensor:
         return scores.masked_fill(~self.known, float("-inf"))
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        key = prefix + "known"
-        if key in state_dict and state_dict[key].numel() != self.num_outputs:
-            self._grow(state_dict[key].numel())
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 @register_head("linear")

@@ -31,6 +31,7 @@ from cl.data import iterate_batches, subset
 from cl.errors import CheckpointError, TrainingError
 from cl.experience import Experience
 from cl.interrupt import RunInterrupted
+from cl.loading import LoadsByValue
 from cl.routing import adapters_off
 from cl.seed import derive_seed
 from cl.training import Loops, train
@@ -79,7 +80,7 @@ class Context:
         return torch.Generator().manual_seed(derive_seed(self.seed, *salt))
 
 
-class Strategy(nn.Module):
+class Strategy(LoadsByValue):
     """Base class of every method. Subclasses are registered with ``@register_strategy``.
 
     Args:
@@ -331,8 +332,9 @@ class Strategy(nn.Module):
         return {k: v for k, v in self.state_dict().items() if k not in self._pristine}
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a ``checkpoint_state``; growing modules resize themselves from it. A state that does not fit
-        (shapes, keys, extra state of another kind) raises CheckpointError."""
+        """Load a ``checkpoint_state``: tensors that grew take the saved shape (``cl.loading``), pools recreate the
+        adapters it names. A state that does not fit (shapes, keys, extra state of another kind) raises
+        CheckpointError."""
         self.keep_pretrained(set(state))
         try:
             missing, unexpected = self.load_state_dict(state, strict=False)
@@ -346,12 +348,6 @@ class Strategy(nn.Module):
             raise CheckpointError(
                 f"checkpoint does not fit this strategy: missing {bad[:5]}, unexpected {list(unexpected)[:5]}"
             )
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        key = prefix + "seen_classes"
-        if key in state_dict:  # the class list grows with the stream
-            self.seen_classes = torch.empty_like(state_dict[key], device=self.seen_classes.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_metrics(self) -> dict[str, Any]:
         """Strategy-specific figures for metrics.json (e.g. adapters per layer)."""

@@ -118,12 +118,6 @@ class KeyRetrieval(AdapterStrategy):
             self.log.record(weights.argmax(-1), self.router.names, truth, owner)
         return self.head(feats)
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        key = prefix + "class_experience"
-        if key in state_dict:  # grows with the stream
-            self.class_experience = torch.empty_like(state_dict[key], device=self.class_experience.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def extra_metrics(self) -> dict[str, Any]:
         n, d = self.backbone.num_blocks, self.frozen_depth
         return {

@@ -178,12 +178,6 @@ class MOS(AdapterStrategy):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.passes = [list(p) for p in state.get("passes", [])]
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        key = prefix + "class_experience"
-        if key in state_dict:  # grows with the stream
-            self.class_experience = torch.empty_like(state_dict[key], device=self.class_experience.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def extra_metrics(self) -> dict[str, Any]:
         n, d = self.backbone.num_blocks, self.frozen_depth
         per_exp = [s / i if i else None for i, s in self.passes]

@@ -271,12 +271,6 @@ class SEMA(AdapterStrategy):
         self.train(was)
         return {layer: torch.cat(c)[:limit] for layer, c in chunks.items()}
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        key = prefix + "pairs"
-        if key in state_dict:  # grows with the stream
-            self.pairs = torch.empty_like(state_dict[key], device=self.pairs.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def extra_metrics(self) -> dict[str, Any]:
         counts = [p.parameter_counts() for p in self.pools.values()]
         return {

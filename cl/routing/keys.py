@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from cl.errors import ConfigError, DataError
 from cl.heads import LDAHead
+from cl.loading import LoadsByValue
 from cl.memory import ExperienceMemory
 from cl.registry import ROUTERS
 from cl.routing.routers import Router
@@ -44,7 +45,7 @@ MODES = ("top1", "vote", "soft")
 
 
 @ROUTERS.register("key")
-class KeyRouter(Router):
+class KeyRouter(LoadsByValue, Router):
     """Routes each query to the adapters of its nearest keys (``forward(queries [B, dim]) -> weights [B, K]``).
 
     ``mode``: ``"top1"`` one-hot on the best key's adapter; ``"vote"`` one-hot on the adapter most of the
@@ -270,10 +271,7 @@ class KeyRouter(Router):
         self._stale = True
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        for name in ("keys", "key_expert", "key_experience", "key_class", "key_ids"):
-            if prefix + name in state_dict:  # grows with the stream
-                setattr(self, name, torch.empty_like(state_dict[prefix + name], device=getattr(self, name).device))
-        self._whiten, self._stale = None, True
+        self._whiten, self._stale = None, True  # the keys change: whiten again, refill the memory
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn: Any, recurse: bool = True) -> KeyRouter:
