@@ -28,6 +28,7 @@ from cl.backbones import Backbone, create_backbone
 from cl.cache import PrefixCache
 from cl.callbacks.base import Callback, CallbackList
 from cl.checkpoint import load_checkpoint, load_memory, payload_problem, save_checkpoint, save_memory
+from cl.context import Context
 from cl.data import ArrayDataset, iterate_batches, subset
 from cl.errors import CheckpointError, ConfigError, TrainingError
 from cl.experience import Experience
@@ -36,7 +37,7 @@ from cl.memory import ExperienceMemory
 from cl.progress import Progress
 from cl.registry import STRATEGIES
 from cl.seed import resolve_device, seed_everything
-from cl.strategy import Context, Strategy
+from cl.strategy import Strategy
 
 
 class Agent:

@@ -10,10 +10,8 @@ checkpoints) is inherited. Strategies never write files: they ``emit`` events fo
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch
@@ -26,58 +24,14 @@ from cl import distributed as dist
 from cl.adapters import pools
 from cl.backbones.base import Backbone
 from cl.backbones.state import State, to_device
-from cl.cache import CachedStates, PrefixCache, is_augmented
+from cl.cache import CachedStates, is_augmented
+from cl.context import Context
 from cl.data import iterate_batches, subset
 from cl.errors import CheckpointError, TrainingError
 from cl.experience import Experience
-from cl.interrupt import RunInterrupted
 from cl.loading import LoadsByValue
 from cl.routing import adapters_off
-from cl.seed import derive_seed
 from cl.training import Loops, train
-
-
-@dataclass
-class Context:
-    """What the engine lends a strategy: device, callbacks, progress, seeding, cache, memory, rank."""
-
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    callbacks: Any = None  # cl.callbacks.CallbackList
-    agent: Any = None
-    progress: Any = None  # cl.progress.Progress
-    cache: PrefixCache | None = field(default_factory=PrefixCache)
-    memory: Any = None  # cl.memory.ExperienceMemory of the agent (None for a strategy used without one)
-    seed: int = 0
-    rank: int = 0
-    world_size: int = 1
-    eval_batch_size: int = 256
-    stop: Any = None  # cl.interrupt.GracefulStop of the run (None: signals are not intercepted)
-    # periodic resume points: ``on_resume_point(point)`` saves one (rank 0), at most every ``resume_interval_s``
-    resume_interval_s: float | None = None
-    on_resume_point: Callable[[dict[str, Any]], None] | None = None
-    last_resume_point: float = field(default_factory=time.monotonic)
-
-    def resume_point_due(self) -> bool:
-        """Whether a periodic resume point is due (decided by rank 0's clock: every rank must call this at the
-        same points, e.g. after each training step)."""
-        if self.resume_interval_s is None:
-            return False
-        due = dist.broadcast(time.monotonic() - self.last_resume_point >= self.resume_interval_s)
-        if due:
-            self.last_resume_point = time.monotonic()
-        return due
-
-    def check_stop(self, where: str) -> None:
-        """Raise ``RunInterrupted`` if a stop was requested (on any rank: every rank must call this at the same
-        points of the run, e.g. after each training step)."""
-        requested = self.stop is not None and self.stop.requested is not None
-        if dist.any_rank(requested):
-            name = self.stop.requested if requested else "a signal on another rank"
-            raise RunInterrupted(f"stopped by {name} {where}", signal_name=name)
-
-    def generator(self, *salt: int) -> torch.Generator:
-        """A CPU generator seeded from the run seed and ``salt`` (e.g. experience, epoch)."""
-        return torch.Generator().manual_seed(derive_seed(self.seed, *salt))
 
 
 class Strategy(LoadsByValue):
