@@ -97,7 +97,7 @@ class ReplayMixin:
         if not len(self.exemplars):
             return current
         replayed = self._replay_batches(self.ctx.generator(exp_id, epoch, _SALT))  # endless: cycles the buffer
-        return ((cat_states(s, rs), torch.cat([y, ry])) for (s, y), (rs, ry) in zip(current, replayed, strict=False))
+        return ((cat_states([s, rs]), torch.cat([y, ry])) for (s, y), (rs, ry) in zip(current, replayed, strict=False))
 
     def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
         loss = super().training_step(state, y)

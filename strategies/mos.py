@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from cl.adapter_strategy import AdapterStrategy
 from cl.adapters import AdapterPool
 from cl.adapters.merge import merge_pools
-from cl.backbones.base import Backbone, State
+from cl.backbones.base import Backbone
+from cl.backbones.state import State, take_rows
 from cl.errors import ConfigError
 from cl.experience import Experience
 from cl.heads import Head, create_head
@@ -145,7 +146,7 @@ class MOS(AdapterStrategy):
             redo = ((proposed != tasks) & ~tried.gather(1, proposed[:, None]).squeeze(1)).nonzero().squeeze(1)
             if not len(redo):
                 break
-            sub = _select(state, redo)
+            sub = take_rows(state, redo)
             feats[redo] = self.adapted_features(sub, proposed[redo])
             adapted[redo] = self.head(feats[redo])
             tasks[redo] = proposed[redo]
@@ -192,9 +193,3 @@ class MOS(AdapterStrategy):
             "backbone_passes_per_image_per_experience": full,
             "public_code_passes_per_image": len(self.passes) + 1 if self.passes else None,
         }
-
-
-def _select(state: State, idx: torch.Tensor) -> State:
-    if isinstance(state, tuple):
-        return tuple(s.index_select(0, idx) for s in state)
-    return state.index_select(0, idx)

@@ -6,6 +6,8 @@ A state is a tensor with the batch first (``[B, L, D]`` tokens, ``[B, C, H, W]``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -24,15 +26,18 @@ def to_device(state: State, device: torch.device | str) -> State:
     return state.to(device, non_blocking=True)
 
 
-def cat_states(a: State, b: State) -> State:
-    """Two batches of prefix states as one (token states padded to the longer length)."""
-    if not isinstance(a, tuple):
-        return torch.cat([a, b.to(a.device)])
-    n = max(a[0].shape[1], b[0].shape[1])
-    return tuple(torch.cat([_pad(p, n), _pad(q.to(p.device), n)]) for p, q in zip(a, b, strict=True))
+def pad_cat(chunks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Tensors with the batch first as one, zero-padded along dimension 1 to the longest (token states and masks
+    of different lengths)."""
+    if chunks[0].ndim >= 2 and len({c.shape[1] for c in chunks}) > 1:
+        n = max(c.shape[1] for c in chunks)
+        chunks = [F.pad(c, (0, 0) * (c.ndim - 2) + (0, n - c.shape[1])) for c in chunks]
+    return torch.cat(list(chunks))
 
 
-def _pad(x: torch.Tensor, n: int) -> torch.Tensor:
-    if x.ndim < 2 or x.shape[1] == n:
-        return x
-    return F.pad(x, (0, 0) * (x.ndim - 2) + (0, n - x.shape[1]))
+def cat_states(states: Sequence[State]) -> State:
+    """Batches of prefix states as one, on the first one's device (token states padded to the longest)."""
+    first = states[0]
+    if not isinstance(first, tuple):
+        return pad_cat([s.to(first.device) for s in states])
+    return tuple(pad_cat([s[i].to(p.device) for s in states]) for i, p in enumerate(first))
