@@ -18,7 +18,7 @@ from cl.backbones.state import State
 from cl.errors import ConfigError
 from cl.experience import Experience
 from cl.heads import LinearHead, masked_cross_entropy
-from cl.routing import routing
+from cl.routing import OFF, Routes, routing
 from cl.strategy import Strategy
 
 
@@ -35,6 +35,7 @@ class AdapterStrategy(Strategy):
     """
 
     param_defaults: ClassVar[dict[str, Any]] = {"epochs": 3, "batch_size": 128}
+    concat = True  # the head sees [frozen, adapted] embeddings (``routed_features``)
 
     def __init__(
         self,
@@ -71,10 +72,17 @@ class AdapterStrategy(Strategy):
         for i, name in names.items():
             self.pools[i].freeze(name)
 
+    def routed_features(self, state: State, routes: Routes = None, frozen: torch.Tensor | None = None) -> torch.Tensor:
+        """What the head sees with the adapters under ``routes`` (see ``embedding``): the adapted embedding, or with
+        ``concat`` ``[frozen, adapted]`` (``frozen``: the frozen embedding, when already computed)."""
+        adapted = self.embedding(state, routes)
+        if not self.concat:
+            return adapted
+        return torch.cat([self.embedding(state, OFF) if frozen is None else frozen, adapted], 1)
+
     def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
         """Masked cross-entropy of ``train_head`` on the features through the adapters the current routes pick."""
-        z = self.backbone.forward_from(state, self.frozen_depth)
-        return masked_cross_entropy(self.train_head(z), y, self.experience.classes)
+        return masked_cross_entropy(self.train_head(self.embedding(state)), y, self.experience.classes)
 
     def iterate_states(self, dataset, batch_size: int, shuffle: bool = False, generator=None, desc: str = "batches",
                        **kw: Any):

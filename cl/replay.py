@@ -115,7 +115,7 @@ class ReplayMixin:
     @torch.no_grad()
     def update_buffer(self, exp: Experience) -> None:
         """Select exemplars of ``exp``'s classes, then shrink every class to its share of the budget."""
-        z, y = self.embeddings(exp.train, desc=f"exp {exp.id} exemplars")
+        z, y = self.memory_embeddings(exp.train, desc=f"exp {exp.id} exemplars")
         quotas = class_quotas(self.seen_classes.tolist(), self.budget)
         store, added = self.exemplars, 0
         for c in sorted(set(y.tolist())):

@@ -30,7 +30,7 @@ from cl.data import iterate_batches, subset
 from cl.errors import CheckpointError, TrainingError
 from cl.experience import Experience
 from cl.loading import LoadsByValue
-from cl.routing import adapters_off
+from cl.routing import Routes, adapters_off, routed
 from cl.training import Loops, train
 
 
@@ -74,9 +74,9 @@ class Strategy(LoadsByValue):
         # Backbone entries that construction restores (pretrained weights): left out of checkpoints
         # until something trains them.
         self._pristine = {f"backbone.{k}" for k in backbone.state_dict() if not k.endswith("_extra_state")}
-        # Pretrained values of the backbone entries that training or a checkpoint changed: ``embed`` runs on them.
+        # Pretrained values of the backbone entries that training or a checkpoint changed (``memory_embedding``)
         self._pretrained: dict[str, torch.Tensor] = {}
-        self._embedded: tuple[Dataset, torch.Tensor, torch.Tensor] | None = None  # the last ``embeddings``
+        self._embedded: tuple[Dataset, torch.Tensor, torch.Tensor] | None = None  # the last ``memory_embeddings``
         self.loops = Loops()  # the base loops of this experience, and a resume point to continue it from
 
     # ---- structure --------------------------------------------------------------------------
@@ -141,15 +141,25 @@ class Strategy(LoadsByValue):
         """Class scores ``[B, C]`` (column = global class id) for prefix states at ``frozen_depth``."""
         raise NotImplementedError
 
-    # ---- helpers shared by strategies -------------------------------------------------------
+    # ---- features: what the head sees; the backbone's embedding under routes ---------------------
     def features(self, state: State) -> torch.Tensor:
-        """Embedding of prefix states (runs the unfrozen suffix of the backbone)."""
-        return self.backbone.forward_from(state, self.frozen_depth)
+        """What the head sees for prefix states (default: ``embedding(state)``)."""
+        return self.embedding(state)
+
+    def embedding(self, state: State, routes: Routes = None) -> torch.Tensor:
+        """The backbone's embedding ``[B, embed_dim]`` of prefix states (the blocks from ``frozen_depth`` on) under
+        ``routes`` (``cl.routing.Routes``): None as the pools route now, ``OFF`` with every adapter off (the frozen
+        model's), ``{layer: weights}``, or an experience id, ids ``[B]`` or adapter name to route to in every pool."""
+        if routes is None:  # no route to force (and no pools to look up)
+            return self.backbone.forward_from(state, self.frozen_depth)
+        with routed(pools(self.backbone), routes):
+            return self.backbone.forward_from(state, self.frozen_depth)
 
     # ---- the memory's embedding --------------------------------------------------------------
     def keep_pretrained(self, names: set[str]) -> None:
         """Record that the entries ``names`` of the state dict are about to change (training, a merge into the
-        weights, a checkpoint): checkpoints keep them, and ``embed`` keeps running on their pretrained values."""
+        weights, a checkpoint): checkpoints keep them, and ``memory_embedding`` keeps running on their pretrained
+        values."""
         if names & self._pristine:
             entries = {**dict(self.named_parameters()), **dict(self.named_buffers())}
             for n in names & self._pristine:
@@ -173,13 +183,8 @@ class Strategy(LoadsByValue):
             for name, data in swapped.items():
                 entries[name].data = data
 
-    def frozen_features(self, state: State) -> torch.Tensor:
-        """The embedding of prefix states with every adapter pool off (the current backbone weights otherwise)."""
-        with adapters_off(pools(self.backbone)):
-            return self.backbone.forward_from(state, self.frozen_depth)
-
     @torch.no_grad()
-    def embed(self, state: State) -> torch.Tensor:
+    def memory_embedding(self, state: State) -> torch.Tensor:
         """The memory's embedding ``[B, embed_dim]`` of prefix states: the pretrained backbone's, L2-normalised.
 
         Frozen by construction, so vectors written to the experience memory at different experiences (task
@@ -189,8 +194,8 @@ class Strategy(LoadsByValue):
             return F.normalize(self.backbone.forward_from(state, self.frozen_depth).float(), dim=1)
 
     @torch.no_grad()
-    def embeddings(self, dataset: Dataset, desc: str = "embeddings") -> tuple[torch.Tensor, torch.Tensor]:
-        """``embed`` of every item of ``dataset`` ``[N, D]`` (CPU, in order) and its targets ``[N]``.
+    def memory_embeddings(self, dataset: Dataset, desc: str = "embeddings") -> tuple[torch.Tensor, torch.Tensor]:
+        """``memory_embedding`` of every item of ``dataset`` ``[N, D]`` (CPU, in order) and its targets ``[N]``.
 
         The last dataset's are kept until the next experience, so the replay buffer and the journal share one pass.
         In a distributed run each rank embeds its shard and every rank gets all rows.
@@ -202,7 +207,7 @@ class Strategy(LoadsByValue):
         z, y = [], []
         rows = dist.local_rows(len(dataset)) if dist.is_distributed() else None
         for state, target in self.iterate_states(dataset, self.ctx.eval_batch_size, desc=desc, rows=rows):
-            z.append(self.embed(state).cpu())
+            z.append(self.memory_embedding(state).cpu())
             y.append(target.cpu())
         self.train(was)
         dim = self.backbone.embed_dim

@@ -53,8 +53,7 @@ class APER(AdapterStrategy):
 
     def features(self, state: State) -> torch.Tensor:
         """``[frozen, adapted]`` embeddings (frozen: adapters switched off)."""
-        adapted = self.backbone.forward_from(state, self.frozen_depth)
-        return torch.cat([self.frozen_features(state), adapted], 1)
+        return self.routed_features(state)
 
     @torch.no_grad()
     def after_experience(self, exp: Experience) -> None:

@@ -23,7 +23,7 @@ from cl.backbones.base import Backbone, State
 from cl.experience import Experience
 from cl.heads import Head, create_head
 from cl.registry import register_strategy
-from cl.routing import routing
+from cl.routing import OFF
 from cl.routing.keys import KeyRouter, RouteLog, experience_of
 
 
@@ -88,7 +88,7 @@ class KeyRetrieval(AdapterStrategy):
         bs = self.ctx.eval_batch_size
         frozen, labels = [], []
         for state, y in self.iterate_states(exp.train, bs, desc=f"exp {exp.id} keys"):
-            frozen.append(self.frozen_features(state))
+            frozen.append(self.embedding(state, OFF))
             labels.append(y)
         keys = self.router.add_keys(torch.cat(frozen), torch.cat(labels), self.router.names.index(f"e{exp.id}"),
                                     experience=exp.id)
@@ -100,12 +100,10 @@ class KeyRetrieval(AdapterStrategy):
     # ---- inference ----------------------------------------------------------------------------
     def _embed(self, state: State, frozen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(head features, routing weights ``[B, K]``): adapters chosen by key retrieval on the frozen feature."""
-        frozen = self.frozen_features(state) if frozen is None else frozen
+        frozen = self.embedding(state, OFF) if frozen is None else frozen
         self.router.attach(getattr(self.ctx, "memory", None))  # the engine may have swapped it (resume)
         weights = self.router(frozen)
-        with routing(self.pools, dict.fromkeys(self.pools, weights)):
-            adapted = self.backbone.forward_from(state, self.frozen_depth)
-        return (torch.cat([frozen, adapted], 1) if self.concat else adapted), weights
+        return self.routed_features(state, dict.fromkeys(self.pools, weights), frozen), weights
 
     def features(self, state: State) -> torch.Tensor:
         return self._embed(state)[0]

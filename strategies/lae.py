@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
 import torch
@@ -33,7 +32,7 @@ from cl.errors import ConfigError
 from cl.experience import Experience
 from cl.heads import Head, create_head, masked_cross_entropy
 from cl.registry import register_strategy
-from cl.routing import adapters_off, routes_to, routing
+from cl.routing import OFF
 
 MEMBERS = ("online", "offline")
 ENSEMBLES = ("softmax", "energy", "online", "offline")
@@ -146,7 +145,7 @@ class LAE(AdapterStrategy):
         self.ema_steps += 1
 
     def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
-        return masked_cross_entropy(self.train_head(self.member_embedding(state, "online")), y, self.experience.classes)
+        return masked_cross_entropy(self.train_head(self.embedding(state, "online")), y, self.experience.classes)
 
     @torch.no_grad()
     def after_experience(self, exp: Experience) -> None:
@@ -158,31 +157,19 @@ class LAE(AdapterStrategy):
         if self.heads is None:
             return
         for state, y in self.iterate_states(exp.train, self.ctx.eval_batch_size, desc=f"exp {exp.id} head"):
-            frozen = self.member_embedding(state, None) if self.concat else None
+            frozen = self.embedding(state, OFF) if self.concat else None
             for m in self.members:
-                self.heads[m].update(self.member_features(state, m, frozen), y.to(self.ctx.device))
+                self.heads[m].update(self.routed_features(state, m, frozen), y.to(self.ctx.device))
 
     # ---- inference --------------------------------------------------------------------------
-    def member_embedding(self, state: State, member: str | None) -> torch.Tensor:
-        """Backbone embedding through the ``member``'s adapters (``None``: the frozen backbone)."""
-        with self.route(member):
-            return self.backbone.forward_from(state, self.frozen_depth)
-
-    def member_features(self, state: State, member: str, frozen: torch.Tensor | None = None) -> torch.Tensor:
-        """What the member's head sees: its embedding, or ``[frozen, embedding]`` with ``head_features="concat"``."""
-        z = self.member_embedding(state, member)
-        if not self.concat:
-            return z
-        return torch.cat([self.member_embedding(state, None) if frozen is None else frozen, z], 1)
-
     def member_scores(self, state: State) -> dict[str, torch.Tensor]:
-        """Class scores ``[B, C]`` of each predicting member (its head over its features)."""
-        frozen = self.member_embedding(state, None) if self.concat else None
-        return {m: self.head_of(m)(self.member_features(state, m, frozen)) for m in self.members}
+        """Class scores ``[B, C]`` of each predicting member: its head over ``routed_features(state, member)``."""
+        frozen = self.embedding(state, OFF) if self.concat else None
+        return {m: self.head_of(m)(self.routed_features(state, m, frozen)) for m in self.members}
 
     def features(self, state: State) -> torch.Tensor:
         """The offline member's head features (the stable one)."""
-        return self.member_features(state, "offline")
+        return self.routed_features(state, "offline")
 
     def scores(self, state: State) -> torch.Tensor:
         scores = list(self.member_scores(state).values())
@@ -191,12 +178,6 @@ class LAE(AdapterStrategy):
     # ---- helpers ----------------------------------------------------------------------------
     def head_of(self, member: str) -> Head:
         return self.train_head if self.heads is None else self.heads[member]
-
-    def route(self, member: str | None) -> AbstractContextManager[None]:
-        """Context in which every adapted block runs only the ``member``'s adapter (``None``: none)."""
-        if member is None:
-            return adapters_off(self.pools)
-        return routing(self.pools, routes_to(self.pools, member))
 
     def member_modules(self, member: str) -> nn.ModuleList:
         """The ``member``'s adapters of every adapted block, in block order (a view, not registered)."""

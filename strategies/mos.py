@@ -37,7 +37,7 @@ from cl.errors import ConfigError
 from cl.experience import Experience
 from cl.heads import Head, create_head
 from cl.registry import register_strategy
-from cl.routing import routes_to, routing
+from cl.routing import OFF
 from cl.routing.keys import RouteLog, experience_of
 
 
@@ -116,15 +116,10 @@ class MOS(AdapterStrategy):
                       layers=layers)
         for state, y in self.iterate_states(exp.train, self.ctx.eval_batch_size, desc=f"exp {exp.id} prototypes"):
             y = y.to(self.ctx.device)
-            self.frozen_head.update(self.frozen_features(state), y)
-            self.head.update(self.adapted_features(state, torch.full_like(y, exp.id)), y)
+            self.frozen_head.update(self.embedding(state, OFF), y)
+            self.head.update(self.embedding(state, torch.full_like(y, exp.id)), y)
 
     # ---- inference ----------------------------------------------------------------------------
-    def adapted_features(self, state: State, tasks: torch.Tensor) -> torch.Tensor:
-        """Embedding of each input through its task's (merged) adapters (``tasks``: experience ids ``[B]``)."""
-        with routing(self.pools, routes_to(self.pools, tasks)):
-            return self.backbone.forward_from(state, self.frozen_depth)
-
     def features(self, state: State) -> torch.Tensor:
         """The adapted embedding after self-refined retrieval (what the adapted head scores)."""
         return self._retrieve(state)[1]
@@ -132,11 +127,11 @@ class MOS(AdapterStrategy):
     @torch.no_grad()
     def _retrieve(self, state: State) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, int]]:
         """(original scores, adapted features, adapted scores, final task, counts) of a batch of prefix states."""
-        frozen = self.frozen_features(state)
+        frozen = self.embedding(state, OFF)
         original = self.frozen_head(frozen)
         tasks = self.class_experience[original.argmax(-1)]  # 1. the likely task
         first = tasks.clone()
-        feats = self.adapted_features(state, tasks)  # 2. its adapter
+        feats = self.embedding(state, tasks)  # 2. its adapter (each input through its task's merged adapters)
         adapted = self.head(feats)
         b = len(tasks)
         tried = F.one_hot(tasks, int(self.class_experience.max()) + 1).bool()
@@ -147,7 +142,7 @@ class MOS(AdapterStrategy):
             if not len(redo):
                 break
             sub = take_rows(state, redo)
-            feats[redo] = self.adapted_features(sub, proposed[redo])
+            feats[redo] = self.embedding(sub, proposed[redo])
             adapted[redo] = self.head(feats[redo])
             tasks[redo] = proposed[redo]
             tried[redo, proposed[redo]] = True

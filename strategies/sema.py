@@ -29,7 +29,7 @@ from cl.experience import Experience
 from cl.heads import Head, create_head, masked_cross_entropy
 from cl.registry import register_strategy
 from cl.replay import with_replay
-from cl.routing import routes_to, routing
+from cl.routing import OFF, Routes, routes_to, routing
 
 
 @register_strategy("sema")
@@ -189,22 +189,21 @@ class SEMA(AdapterStrategy):
             d.record(d.losses(x[-self.buffer_size :]))
 
     def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
-        return masked_cross_entropy(self.train_head(self.mixture(state)), y, self.experience.classes)
+        return masked_cross_entropy(self.train_head(self.embedding(state, self.routes(state))), y,
+                                    self.experience.classes)
 
     @torch.no_grad()
     def after_experience(self, exp: Experience) -> None:
         if self.task_head is not None:  # first: the statistics head below sees this experience's routes
             for state, y in self.iterate_states(exp.train, self.ctx.eval_batch_size, desc=f"exp {exp.id} routes"):
-                self.task_head.update(self.frozen_features(state), self.pair_labels(exp.id, y.to(self.ctx.device)))
+                self.task_head.update(self.embedding(state, OFF), self.pair_labels(exp.id, y.to(self.ctx.device)))
         if self.head is not self.train_head:
             self.update_statistics(self.head, exp.train, desc=f"exp {exp.id} head")
 
-    def mixture(self, state: State, frozen: torch.Tensor | None = None) -> torch.Tensor:
-        """Embedding through the routed adapter mixtures (``frozen``: the frozen embedding, if already known)."""
-        if self.route_by == "layer":
-            return self.backbone.forward_from(state, self.frozen_depth)
-        with routing(self.pools, self.task_routes(state, frozen)):
-            return self.backbone.forward_from(state, self.frozen_depth)
+    def routes(self, state: State, frozen: torch.Tensor | None = None) -> Routes:
+        """The routes of the mixture embedding: each layer's router (``route_by="layer"``), else ``task_routes``
+        (``frozen``: the frozen embedding, if already known)."""
+        return None if self.route_by == "layer" else self.task_routes(state, frozen)
 
     @torch.no_grad()
     def route_experiences(self, state: State, frozen: torch.Tensor | None = None) -> torch.Tensor:
@@ -213,7 +212,7 @@ class SEMA(AdapterStrategy):
         if self._training_exp is not None:
             return torch.full((x.shape[0],), self._training_exp, dtype=torch.long, device=x.device)
         if self.task_head is not None:
-            frozen = self.frozen_features(state) if frozen is None else frozen
+            frozen = self.embedding(state, OFF) if frozen is None else frozen
             return self.pairs[self.task_head(frozen).argmax(-1), 0]
         first = self.pools[self.frozen_depth]
         chosen = first.descriptors.zscores(first.pool_input(x, mask)).argmin(-1)  # index into first.names
@@ -239,11 +238,8 @@ class SEMA(AdapterStrategy):
 
     def features(self, state: State) -> torch.Tensor:
         """What the head sees: the mixture embedding, or ``[frozen, mixture]`` with ``head_features="concat"``."""
-        if not self.concat and self.task_head is None:
-            return self.mixture(state)
-        frozen = self.frozen_features(state)
-        mixed = self.mixture(state, frozen)
-        return torch.cat([frozen, mixed], 1) if self.concat else mixed
+        frozen = self.embedding(state, OFF) if self.concat or self.task_head is not None else None
+        return self.routed_features(state, self.routes(state, frozen), frozen)
 
     def scores(self, state: State) -> torch.Tensor:
         return self.head(self.features(state))
@@ -262,7 +258,7 @@ class SEMA(AdapterStrategy):
                                  generator=generator, desc="descriptor inputs")
         for state, _ in it:
             with capturing({layer: self.pools[layer] for layer in layers}) as found:
-                self.mixture(state)
+                self.embedding(state, self.routes(state))
             for layer in layers:
                 chunks[layer].append(found[layer])
             seen += len(found[layers[0]])

@@ -11,19 +11,22 @@ from cl.routing.routers import (
     TopKRouter,
     create_router,
 )
-from cl.routing.routes import adapters_off, routes_to, routing
+from cl.routing.routes import OFF, Routes, adapters_off, routed, routes_to, routing
 
 __all__ = [
+    "OFF",
     "ROUTERS",
     "DescriptorRouter",
     "FixedRouter",
     "KeyRouter",
     "RouteLog",
     "Router",
+    "Routes",
     "SoftmaxRouter",
     "TopKRouter",
     "adapters_off",
     "create_router",
+    "routed",
     "routes_to",
     "routing",
 ]
