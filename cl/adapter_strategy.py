@@ -8,34 +8,41 @@ train the adapters an experience added with every input routed to them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import PositiveInt
 
 from cl.adapters import AdapterConfig, AdapterPool, inject
 from cl.backbones.base import Backbone
 from cl.backbones.state import State
 from cl.errors import ConfigError
 from cl.experience import Experience
-from cl.heads import LinearHead, masked_cross_entropy
+from cl.heads import HeadChoice, LinearHead, masked_cross_entropy
 from cl.routing import OFF, Routes, routing
 from cl.strategy import Strategy
 
+#: what the head of an adapter strategy sees: ``[frozen, adapted]`` embeddings, or the adapted one alone ("mixture":
+#: SEMA's word for it)
+HeadFeatures = Literal["concat", "adapted", "mixture"]
 
-class AdapterStrategy(Strategy):
+
+class AdapterStrategy(HeadChoice, Strategy):
     """Base of the adapter methods (APER, SEMA, MOS, LAE, key retrieval): adapter pools injected into blocks
     ``layers`` of the frozen backbone (``pools``, by block index), a masked-CE ``train_head`` that trains them,
-    and the frozen prefix up to the first adapted block.
+    the frozen prefix up to the first adapted block, and a head chosen by name over ``routed_features``.
 
     Args:
         layers: blocks to adapt (negative: from the end).
         adapter: adapter kind (``bottleneck``, ``lora``, ``ssf``, ``rank1``).
         adapter_dim: bottleneck width or rank (default: the kind's).
-        kw: the training parameters of ``Strategy`` (defaults: ``param_defaults``).
+        head_features: what the head sees: ``"concat"`` ``[frozen, adapted]`` embeddings, ``"adapted"`` (or
+            ``"mixture"``) the adapted one alone (None: the class's ``param_defaults``).
+        kw: ``head`` and ``head_kw`` (``HeadChoice``) and the training parameters of ``Strategy``.
     """
 
-    param_defaults: ClassVar[dict[str, Any]] = {"epochs": 3, "batch_size": 128}
-    concat = True  # the head sees [frozen, adapted] embeddings (``routed_features``)
+    param_defaults: ClassVar[dict[str, Any]] = {"epochs": 3, "batch_size": 128, "head": "lda",
+                                                "head_features": "concat"}
 
     def __init__(
         self,
@@ -43,13 +50,28 @@ class AdapterStrategy(Strategy):
         *,
         layers: Sequence[int] = (-3, -2, -1),
         adapter: str = "bottleneck",
-        adapter_dim: int | None = None,
+        adapter_dim: PositiveInt | None = None,
+        head_features: HeadFeatures | None = None,
         **kw: Any,
     ) -> None:
         config = self.adapter_config(AdapterConfig(kind=adapter, dim=adapter_dim, layers=list(layers), router=None))
         self.pools: dict[int, AdapterPool] = dict(sorted(inject(backbone, config).items()))
-        super().__init__(backbone, **{**self.param_defaults, **kw})
+        super().__init__(backbone, **{**self.base_defaults(), **kw})
+        self.head_features = self.defaults()["head_features"] if head_features is None else head_features
+        self.concat = self.head_features == "concat"  # the head sees [frozen, adapted] (``routed_features``)
         self.train_head = LinearHead(backbone.embed_dim)
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        """Parameters that do not go together (the registry calls this after checking each one)."""
+        if params.get("head") == "linear" and params.get("head_features") == "concat":
+            raise ValueError("head='linear' is the training head, over the adapted embedding alone: use "
+                             "head_features='adapted'")
+
+    @property
+    def head_dim(self) -> int:
+        """The width of what the head sees (``routed_features``)."""
+        return self.backbone.embed_dim * (2 if self.concat else 1)
 
     def adapter_config(self, config: AdapterConfig) -> AdapterConfig:
         """The pools' configuration (a subclass adds its router here); called before ``Strategy.__init__``."""
@@ -74,7 +96,7 @@ class AdapterStrategy(Strategy):
 
     def routed_features(self, state: State, routes: Routes = None, frozen: torch.Tensor | None = None) -> torch.Tensor:
         """What the head sees with the adapters under ``routes`` (see ``embedding``): the adapted embedding, or with
-        ``concat`` ``[frozen, adapted]`` (``frozen``: the frozen embedding, when already computed)."""
+        ``head_features="concat"`` ``[frozen, adapted]`` (``frozen``: the frozen embedding, when already computed)."""
         adapted = self.embedding(state, routes)
         if not self.concat:
             return adapted

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import NonNegativeInt
 
 from cl.backbones.base import Backbone
 from cl.backbones.state import State
@@ -24,12 +25,12 @@ class FinetuneBase(Strategy):
         self,
         backbone: Backbone,
         *,
-        train_blocks: int = 2,
+        train_blocks: NonNegativeInt = 2,
         **kw: Any,
     ) -> None:
         """``kw``: the training parameters of ``Strategy`` (epochs, lr, batch_size, optimizer, ...)."""
         super().__init__(backbone, **kw)
-        if not 0 <= train_blocks <= backbone.num_blocks:
+        if train_blocks > backbone.num_blocks:  # the one bound the parameters cannot know: the backbone's depth
             raise ConfigError(f"train_blocks must be in 0..{backbone.num_blocks}, got {train_blocks}")
         self.train_blocks = train_blocks
         for block in backbone.blocks[backbone.num_blocks - train_blocks :]:

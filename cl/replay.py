@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import NonNegativeInt, PositiveInt
 from torch.utils.data import Dataset
 
 from cl.backbones.base import Backbone
@@ -23,7 +24,7 @@ from cl.cache import CachedStates, compute_states
 from cl.errors import CheckpointError, ConfigError
 from cl.experience import Experience
 from cl.memory import ExperienceMemory
-from cl.memory.exemplars import SELECTIONS, ExemplarStore, class_quotas
+from cl.memory.exemplars import ExemplarStore, Selection, class_quotas
 from cl.strategy import Strategy
 
 _SALT = 7_001  # seeds replay sampling apart from the current data's shuffles
@@ -49,19 +50,13 @@ class ReplayMixin:
         self,
         backbone: Backbone,
         *,
-        budget: int = 2000,
-        selection: str = "herding",
-        replay_batch_size: int | None = None,
+        budget: NonNegativeInt = 2000,
+        selection: Selection = "herding",
+        replay_batch_size: PositiveInt | None = None,
         **kw: Any,
     ) -> None:
         """``kw``: the parameters of the strategy replay is added to."""
-        super().__init__(backbone, **{**self.param_defaults, **kw})
-        if budget < 0:
-            raise ConfigError(f"replay budget must be >= 0 exemplars, got {budget}")
-        if selection not in SELECTIONS:
-            raise ConfigError(f"unknown replay selection {selection!r} (available: {', '.join(SELECTIONS)})")
-        if replay_batch_size is not None and replay_batch_size < 1:
-            raise ConfigError(f"replay_batch_size must be >= 1 or None (= batch_size), got {replay_batch_size}")
+        super().__init__(backbone, **{**self.defaults(), **kw})
         self.budget, self.selection, self.replay_batch_size = budget, selection, replay_batch_size
         self.exemplars = ExemplarStore()
         self._buffer_states: CachedStates | None = None  # the buffer's prefix states during one experience

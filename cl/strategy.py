@@ -9,6 +9,7 @@ checkpoints) is inherited. Strategies never write files: they ``emit`` events fo
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,8 +31,12 @@ from cl.data import iterate_batches, subset
 from cl.errors import CheckpointError, TrainingError
 from cl.experience import Experience
 from cl.loading import LoadsByValue
+from cl.registry import param_defaults_of
 from cl.routing import Routes, adapters_off, routed
 from cl.training import Loops, train
+
+#: what a strategy that does not train (``trains = False``) fixes: neither shown nor taken by the registry
+TRAINING_PARAMS = ("epochs", "lr", "optimizer", "weight_decay")
 
 
 class Strategy(LoadsByValue):
@@ -47,9 +52,28 @@ class Strategy(LoadsByValue):
         cache_prefix: reuse outputs of frozen blocks across epochs and experiences.
     """
 
-    #: a subclass's own defaults for the training parameters below (the registry shows them; subclasses that
-    #: take ``**kw`` pass ``{**self.param_defaults, **kw}`` on to this ``__init__``)
+    #: a subclass's own defaults for parameters of its bases, merged over theirs (``defaults()``); the registry
+    #: shows them, and a subclass that takes ``**kw`` passes ``{**self.defaults(), **kw}`` on to its base
     param_defaults: ClassVar[dict[str, Any]] = {}
+    #: False: the strategy never trains (statistics only); ``epochs`` is 0 and the registry neither shows nor
+    #: takes the training parameters (``hidden_params``)
+    trains: ClassVar[bool] = True
+    hidden_params: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        cls.hidden_params = () if cls.trains else TRAINING_PARAMS
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """The class's ``param_defaults`` over its bases' (what the registry fills in)."""
+        return param_defaults_of(cls)
+
+    @classmethod
+    def base_defaults(cls) -> dict[str, Any]:
+        """``defaults()`` of this ``__init__``'s own parameters (what a base class taking ``**kw`` passes on)."""
+        own = inspect.signature(Strategy.__init__).parameters
+        return {k: v for k, v in cls.defaults().items() if k in own}
 
     def __init__(
         self,
@@ -64,7 +88,7 @@ class Strategy(LoadsByValue):
     ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
+        self.epochs, self.lr, self.batch_size = (epochs if self.trains else 0), lr, batch_size
         self.optimizer_name, self.weight_decay = optimizer, weight_decay
         self.cache_prefix = cache_prefix
         self.ctx = Context()

@@ -14,14 +14,15 @@ streams too (the same class in several experiences gets a key per experience).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field, PositiveFloat, PositiveInt
 
 from cl.adapter_strategy import AdapterStrategy
 from cl.backbones.base import Backbone, State
 from cl.experience import Experience
-from cl.heads import Head, create_head
+from cl.heads import Head
 from cl.registry import register_strategy
 from cl.routing import OFF
 from cl.routing.keys import KeyRouter, RouteLog, experience_of
@@ -37,22 +38,17 @@ class KeyRetrieval(AdapterStrategy):
         *,
         metric: Literal["cosine", "whitened", "mahalanobis"] = "whitened",
         mode: Literal["top1", "vote", "soft"] = "top1",
-        top_k: int = 1,
-        temperature: float | None = None,
-        keys_per_class: int = 1,
-        shrinkage: float = 0.01,
-        head: str = "lda",
-        head_kw: dict[str, Any] | None = None,
-        head_features: Literal["concat", "adapted"] = "concat",
+        top_k: PositiveInt = 1,
+        temperature: PositiveFloat | None = None,
+        keys_per_class: PositiveInt = 1,
+        shrinkage: Annotated[float, Field(ge=0, le=1)] = 0.01,
         **kw: Any,
     ) -> None:
-        """``kw``: ``AdapterStrategy``'s (adapter layers and kind, training parameters for the adapters)."""
+        """``kw``: ``AdapterStrategy``'s (adapter layers and kind, head, training parameters for the adapters)."""
         super().__init__(backbone, **kw)
-        d = backbone.embed_dim
-        self.router = KeyRouter(d, metric=metric, mode=mode, top_k=top_k, temperature=temperature,
+        self.router = KeyRouter(backbone.embed_dim, metric=metric, mode=mode, top_k=top_k, temperature=temperature,
                                 keys_per_class=keys_per_class, shrinkage=shrinkage)
-        self.concat = head_features == "concat"
-        self.head: Head = create_head(head, d * (2 if self.concat else 1), **(head_kw or {}))
+        self.head: Head = self.make_head(self.head_dim)
         self.register_buffer("class_experience", torch.zeros(0, dtype=torch.long))  # diagnostics only
         self.log = RouteLog()
 

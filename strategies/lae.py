@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
+from pydantic import Field, NonNegativeFloat, NonNegativeInt
 from torch import nn
 
 from cl.adapter_strategy import AdapterStrategy
@@ -30,12 +31,11 @@ from cl.adapters.ema import ema_update
 from cl.backbones.base import Backbone, State
 from cl.errors import ConfigError
 from cl.experience import Experience
-from cl.heads import Head, create_head, masked_cross_entropy
+from cl.heads import Head, masked_cross_entropy
 from cl.registry import register_strategy
 from cl.routing import OFF
 
 MEMBERS = ("online", "offline")
-ENSEMBLES = ("softmax", "energy", "online", "offline")
 
 
 def ensemble_scores(scores: Sequence[torch.Tensor], rule: str = "softmax") -> torch.Tensor:
@@ -57,40 +57,27 @@ def ensemble_scores(scores: Sequence[torch.Tensor], rule: str = "softmax") -> to
 class LAE(AdapterStrategy):
     """Online adapters learn, offline EMA adapters accumulate; LDA on [frozen, offline] or a max-softmax ensemble."""
 
-    param_defaults: ClassVar[dict[str, Any]] = {"epochs": 3, "lr": 1e-3, "batch_size": 128, "optimizer": "adam"}
+    param_defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3, "optimizer": "adam"}
 
     def __init__(
         self,
         backbone: Backbone,
         *,
-        momentum: float = 0.9999,
-        adapter_lr_scale: float = 0.1,
-        freeze_epochs: int = 0,
-        ensemble: str = "offline",
-        head: str = "lda",
-        head_kw: dict[str, Any] | None = None,
-        head_features: str = "concat",
+        momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9999,
+        adapter_lr_scale: NonNegativeFloat = 0.1,
+        freeze_epochs: NonNegativeInt = 0,
+        ensemble: Literal["softmax", "energy", "online", "offline"] = "offline",
         **kw: Any,
     ) -> None:
-        """``kw``: ``AdapterStrategy``'s (adapter layers and kind, training parameters for the adapters)."""
-        if not 0.0 <= momentum < 1.0:
-            raise ConfigError(f"momentum must be in [0, 1) (per optimiser step; the paper used 0.9999), got {momentum}")
-        if adapter_lr_scale < 0 or freeze_epochs < 0:
-            raise ConfigError(f"adapter_lr_scale, freeze_epochs must be >= 0, got {adapter_lr_scale}, {freeze_epochs}")
-        if ensemble not in ENSEMBLES:
-            raise ConfigError(f"unknown ensemble {ensemble!r} (available: {', '.join(ENSEMBLES)})")
-        if head_features not in ("adapted", "concat"):
-            raise ConfigError(f"head_features must be 'adapted' or 'concat' (frozen + adapted), got {head_features!r}")
-        if head == "linear" and head_features == "concat":
-            raise ConfigError("head='linear' classifies the adapted features alone; use head_features='adapted'")
+        """``momentum``: per optimiser step (the paper: 0.9999). ``kw``: ``AdapterStrategy``'s (adapter layers and
+        kind, head, training parameters for the adapters)."""
         super().__init__(backbone, **kw)
         self.momentum, self.adapter_lr_scale, self.freeze_epochs = momentum, adapter_lr_scale, freeze_epochs
-        self.rule, self.concat = ensemble, head_features == "concat"
+        self.rule = ensemble
         self.members = (ensemble,) if ensemble in MEMBERS else MEMBERS  # the members that predict
         self.heads: nn.ModuleDict | None = None  # statistics heads, one per predicting member
-        if head != "linear":
-            dim = backbone.embed_dim * (2 if self.concat else 1)
-            self.heads = nn.ModuleDict({m: create_head(head, dim, **(head_kw or {})) for m in self.members})
+        if self.head_name != "linear":
+            self.heads = nn.ModuleDict({m: self.make_head(self.head_dim) for m in self.members})
         self.register_buffer("experiences_done", torch.zeros((), dtype=torch.long))
         self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
         for pool in self.pools.values():  # a bare backbone forward takes the online adapters

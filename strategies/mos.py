@@ -23,10 +23,11 @@ the adapted head, so the frozen first guess decides the task (0.880 right), and 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, NonNegativeFloat, NonNegativeInt
 
 from cl.adapter_strategy import AdapterStrategy
 from cl.adapters import AdapterPool
@@ -35,7 +36,7 @@ from cl.backbones.base import Backbone
 from cl.backbones.state import State, take_rows
 from cl.errors import ConfigError
 from cl.experience import Experience
-from cl.heads import Head, create_head
+from cl.heads import Head
 from cl.registry import register_strategy
 from cl.routing import OFF
 from cl.routing.keys import RouteLog, experience_of
@@ -45,28 +46,23 @@ from cl.routing.keys import RouteLog, experience_of
 class MOS(AdapterStrategy):
     """An adapter set per task merged once at its end; self-refined task retrieval; ensemble with the frozen model."""
 
+    param_defaults: ClassVar[dict[str, Any]] = {"head_features": "adapted"}
+
     def __init__(
         self,
         backbone: Backbone,
         *,
-        merge_momentum: float = 0.1,
-        refine_steps: int = 1,
-        ensemble_weight: float = 1.0,
-        head: str = "lda",
-        head_kw: dict[str, Any] | None = None,
+        merge_momentum: Annotated[float, Field(ge=0, le=1)] = 0.1,
+        refine_steps: NonNegativeInt = 1,
+        ensemble_weight: NonNegativeFloat = 1.0,
         **kw: Any,
     ) -> None:
-        """``kw``: ``AdapterStrategy``'s (adapter layers and kind, training parameters for the adapters)."""
-        if not 0.0 <= merge_momentum <= 1.0:
-            raise ConfigError(f"mos: merge_momentum must be in [0, 1] (0: no merging), got {merge_momentum}")
-        if refine_steps < 0 or ensemble_weight < 0:
-            raise ConfigError(f"mos: refine_steps and ensemble_weight must be >= 0, got {refine_steps}, "
-                              f"{ensemble_weight}")
+        """``merge_momentum`` 0: no merging. ``kw``: ``AdapterStrategy``'s (adapter layers and kind, head, training
+        parameters for the adapters)."""
         super().__init__(backbone, **kw)
         self.merge_momentum, self.refine_steps, self.ensemble_weight = merge_momentum, refine_steps, ensemble_weight
-        d = backbone.embed_dim
-        self.frozen_head: Head = create_head(head, d, **(head_kw or {}))  # the original model's prototypes
-        self.head: Head = create_head(head, d, **(head_kw or {}))  # each class through its own task's adapter
+        self.frozen_head: Head = self.make_head(backbone.embed_dim)  # the original model's prototypes
+        self.head: Head = self.make_head(self.head_dim)  # each class through its own task's adapter
         self.register_buffer("class_experience", torch.zeros(0, dtype=torch.long))
         self.register_buffer("merges", torch.zeros((), dtype=torch.long))
         self.passes: list[list[int]] = []  # per experience: [images scored, suffix passes run for them]
@@ -116,8 +112,9 @@ class MOS(AdapterStrategy):
                       layers=layers)
         for state, y in self.iterate_states(exp.train, self.ctx.eval_batch_size, desc=f"exp {exp.id} prototypes"):
             y = y.to(self.ctx.device)
-            self.frozen_head.update(self.embedding(state, OFF), y)
-            self.head.update(self.embedding(state, torch.full_like(y, exp.id)), y)
+            frozen = self.embedding(state, OFF)
+            self.frozen_head.update(frozen, y)
+            self.head.update(self.routed_features(state, torch.full_like(y, exp.id), frozen), y)
 
     # ---- inference ----------------------------------------------------------------------------
     def features(self, state: State) -> torch.Tensor:
@@ -131,7 +128,7 @@ class MOS(AdapterStrategy):
         original = self.frozen_head(frozen)
         tasks = self.class_experience[original.argmax(-1)]  # 1. the likely task
         first = tasks.clone()
-        feats = self.embedding(state, tasks)  # 2. its adapter (each input through its task's merged adapters)
+        feats = self.routed_features(state, tasks, frozen)  # 2. its adapter (each input through its task's)
         adapted = self.head(feats)
         b = len(tasks)
         tried = F.one_hot(tasks, int(self.class_experience.max()) + 1).bool()
@@ -142,7 +139,7 @@ class MOS(AdapterStrategy):
             if not len(redo):
                 break
             sub = take_rows(state, redo)
-            feats[redo] = self.embedding(sub, proposed[redo])
+            feats[redo] = self.routed_features(sub, proposed[redo], frozen[redo])
             adapted[redo] = self.head(feats[redo])
             tasks[redo] = proposed[redo]
             tried[redo, proposed[redo]] = True

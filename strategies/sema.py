@@ -14,9 +14,10 @@ paper's masked-CE linear classifier.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 from torch.utils.data import Dataset
 
 from cl import distributed as dist
@@ -24,7 +25,6 @@ from cl.adapter_strategy import AdapterStrategy
 from cl.adapters import AdapterConfig, AdapterPool, capturing
 from cl.backbones.base import Backbone, State
 from cl.descriptors import ShiftDetector
-from cl.errors import ConfigError
 from cl.experience import Experience
 from cl.heads import Head, create_head, masked_cross_entropy
 from cl.registry import register_strategy
@@ -44,52 +44,42 @@ class SEMA(AdapterStrategy):
         *,
         router: str = "descriptor",
         router_kw: dict[str, Any] | None = None,
-        head: str = "lda",
-        head_kw: dict[str, Any] | None = None,
-        head_features: str = "concat",
-        route_by: str = "head",
+        route_by: Literal["layer", "task", "head"] = "head",
         tau: float = 2.0,
-        descriptor_hidden: int = 128,
-        buffer_size: int = 500,
-        descriptor_epochs: int = 20,
-        descriptor_lr: float = 1e-2,
-        scan_samples: int = 1024,
+        descriptor_hidden: PositiveInt = 128,
+        buffer_size: PositiveInt = 500,
+        descriptor_epochs: NonNegativeInt = 20,
+        descriptor_lr: PositiveFloat = 1e-2,
+        scan_samples: PositiveInt = 1024,
         rescan: bool = True,
         warm_start: bool = False,
         **kw: Any,
     ) -> None:
-        """``kw``: ``AdapterStrategy``'s (adapter layers and kind, training parameters for the adapters)."""
+        """``route_by``: what picks the adapters of an input: each layer's router (``layer``), the first layer's
+        descriptors (``task``: one experience's adapters everywhere) or an LDA head on frozen features (``head``).
+        ``kw``: ``AdapterStrategy``'s (adapter layers and kind, head, training parameters for the adapters)."""
         if router_kw is None:  # hard descriptor routes keep old inputs on exactly their old adapters
             router_kw = {"hard": True} if router == "descriptor" else {}
         self._pool_options = {"router": router, "router_kw": dict(router_kw), "descriptor_hidden": descriptor_hidden}
         super().__init__(backbone, **kw)
-        self.router_name, self.head_name = router, head
+        self.router_name, self.route_by = router, route_by
         self.detector = ShiftDetector(tau)
         self.buffer_size, self.descriptor_epochs, self.descriptor_lr = buffer_size, descriptor_epochs, descriptor_lr
         self.scan_samples, self.rescan, self.warm_start = scan_samples, rescan, warm_start
-        if head_features not in ("mixture", "concat"):
-            raise ConfigError(f"head_features must be 'mixture' or 'concat' (frozen + mixture), got {head_features!r}")
-        self.concat = head_features == "concat"
-        if route_by not in ("layer", "task", "head"):
-            raise ConfigError(
-                f"route_by must be 'layer' (each layer's router), 'task' (the first layer's descriptors pick one "
-                f"experience's adapters everywhere) or 'head' (an LDA head on frozen features picks it), "
-                f"got {route_by!r}"
-            )
-        if route_by == "task" and router != "descriptor":
-            raise ConfigError("route_by='task' picks the experience with the first layer's descriptors: "
-                              "use router='descriptor'")
-        self.route_by = route_by
         # route_by="head": which experience a frozen embedding belongs to, via its predicted class
         self.task_head: Head | None = create_head("lda", backbone.embed_dim) if route_by == "head" else None
         # its labels are (experience, class) pairs, so a class met in several experiences (domain shifts) stays apart
         self.register_buffer("pairs", torch.zeros(0, 2, dtype=torch.long))  # row = task-head label: (exp, class)
         self._training_exp: int | None = None  # inside fit: the current experience routes every layer
         self._nearest: tuple[int, int, float] | None = None  # (experience, nearest past one, similarity)
-        if self.concat and head == "linear":
-            raise ConfigError("head='linear' is the training head over the mixture; use head_features='mixture'")
-        dim = backbone.embed_dim * (2 if self.concat else 1)
-        self.head: Head = self.train_head if head == "linear" else create_head(head, dim, **(head_kw or {}))
+        self.head: Head = self.train_head if self.head_name == "linear" else self.make_head(self.head_dim)
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        super().check_params(params)
+        if params.get("route_by") == "task" and params.get("router") != "descriptor":
+            raise ValueError("route_by='task' picks the experience with the first layer's descriptors: use "
+                             "router='descriptor'")
 
     def adapter_config(self, config: AdapterConfig) -> AdapterConfig:
         """The pools get SEMA's router and representation descriptors."""

@@ -12,7 +12,7 @@ changes. ``cl.replay.ReplayMixin`` mixes the buffer into training.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from cl.data import ArrayDataset, Inputs
 from cl.memory.memory import ExperienceMemory
 
-SELECTIONS = ("herding", "reservoir")
+Selection = Literal["herding", "reservoir"]  # how exemplars are chosen (``ExemplarStore.select``)
 
 
 def herding(vectors: torch.Tensor, m: int) -> torch.Tensor:
