@@ -12,16 +12,13 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
-from cl import distributed as dist
 from cl.adapters import pools
 from cl.backbones.base import Backbone
 from cl.backbones.state import State, to_device
@@ -31,15 +28,16 @@ from cl.data import iterate_batches, subset
 from cl.errors import CheckpointError, TrainingError
 from cl.experience import Experience
 from cl.loading import LoadsByValue
+from cl.memory_embedding import MemoryEmbedding
 from cl.registry import param_defaults_of
-from cl.routing import Routes, adapters_off, routed
+from cl.routing import Routes, routed
 from cl.training import Loops, train
 
 #: what a strategy that does not train (``trains = False``) fixes: neither shown nor taken by the registry
 TRAINING_PARAMS = ("epochs", "lr", "optimizer", "weight_decay")
 
 
-class Strategy(LoadsByValue):
+class Strategy(MemoryEmbedding, LoadsByValue):
     """Base class of every method. Subclasses are registered with ``@register_strategy``.
 
     Args:
@@ -178,67 +176,6 @@ class Strategy(LoadsByValue):
             return self.backbone.forward_from(state, self.frozen_depth)
         with routed(pools(self.backbone), routes):
             return self.backbone.forward_from(state, self.frozen_depth)
-
-    # ---- the memory's embedding --------------------------------------------------------------
-    def keep_pretrained(self, names: set[str]) -> None:
-        """Record that the entries ``names`` of the state dict are about to change (training, a merge into the
-        weights, a checkpoint): checkpoints keep them, and ``memory_embedding`` keeps running on their pretrained
-        values."""
-        if names & self._pristine:
-            entries = {**dict(self.named_parameters()), **dict(self.named_buffers())}
-            for n in names & self._pristine:
-                if n in entries:
-                    self._pretrained[n] = entries[n].detach().clone()
-            self._pristine -= names
-
-    @contextmanager
-    def pretrained(self) -> Iterator[None]:
-        """Run the backbone as constructed: adapters off, trained entries swapped back to their pretrained values."""
-        entries = {**dict(self.named_parameters()), **dict(self.named_buffers())}
-        swapped: dict[str, torch.Tensor] = {}
-        try:
-            for name, value in self._pretrained.items():
-                t = entries[name]
-                swapped[name] = t.data
-                t.data = value.to(t.device, t.dtype)
-            with adapters_off(pools(self.backbone)):
-                yield
-        finally:
-            for name, data in swapped.items():
-                entries[name].data = data
-
-    @torch.no_grad()
-    def memory_embedding(self, state: State) -> torch.Tensor:
-        """The memory's embedding ``[B, embed_dim]`` of prefix states: the pretrained backbone's, L2-normalised.
-
-        Frozen by construction, so vectors written to the experience memory at different experiences (task
-        summaries, prototypes, exemplars) stay comparable whatever the strategy trained since.
-        """
-        with self.pretrained():
-            return F.normalize(self.backbone.forward_from(state, self.frozen_depth).float(), dim=1)
-
-    @torch.no_grad()
-    def memory_embeddings(self, dataset: Dataset, desc: str = "embeddings") -> tuple[torch.Tensor, torch.Tensor]:
-        """``memory_embedding`` of every item of ``dataset`` ``[N, D]`` (CPU, in order) and its targets ``[N]``.
-
-        The last dataset's are kept until the next experience, so the replay buffer and the journal share one pass.
-        In a distributed run each rank embeds its shard and every rank gets all rows.
-        """
-        if self._embedded is not None and self._embedded[0] is dataset:
-            return self._embedded[1], self._embedded[2]
-        was = self.training
-        self.eval()
-        z, y = [], []
-        rows = dist.local_rows(len(dataset)) if dist.is_distributed() else None
-        for state, target in self.iterate_states(dataset, self.ctx.eval_batch_size, desc=desc, rows=rows):
-            z.append(self.memory_embedding(state).cpu())
-            y.append(target.cpu())
-        self.train(was)
-        dim = self.backbone.embed_dim
-        out = (torch.cat(z) if z else torch.zeros(0, dim), torch.cat(y) if y else torch.zeros(0, dtype=torch.long))
-        out = (dist.gather_rows(out[0]), dist.gather_rows(out[1]))
-        self._embedded = (dataset, *out)
-        return out
 
     def configure_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         name = self.optimizer_name.lower()
