@@ -23,7 +23,6 @@ from cl.backbones.state import State, cat_states, to_device
 from cl.cache import CachedStates, compute_states
 from cl.errors import CheckpointError, ConfigError
 from cl.experience import Experience
-from cl.memory import ExperienceMemory
 from cl.memory.exemplars import ExemplarStore, Selection, class_quotas
 from cl.strategy import Strategy
 
@@ -60,13 +59,6 @@ class ReplayMixin:
         self.budget, self.selection, self.replay_batch_size = budget, selection, replay_batch_size
         self.exemplars = ExemplarStore()
         self._buffer_states: CachedStates | None = None  # the buffer's prefix states during one experience
-
-    @property
-    def memory(self) -> ExperienceMemory:
-        """The agent's experience memory (one of the strategy's own when used without an agent)."""
-        if self.ctx.memory is None:
-            self.ctx.memory = ExperienceMemory(dim=self.backbone.embed_dim)
-        return self.ctx.memory
 
     # ---- hooks ----------------------------------------------------------------------------------
     def before_experience(self, exp: Experience) -> None:

@@ -28,6 +28,7 @@ from cl.data import iterate_batches, subset
 from cl.errors import CheckpointError, TrainingError
 from cl.experience import Experience
 from cl.loading import LoadsByValue
+from cl.memory import ExperienceMemory, MemoryConfig
 from cl.memory_embedding import MemoryEmbedding
 from cl.registry import param_defaults_of
 from cl.routing import Routes, routed
@@ -108,9 +109,25 @@ class Strategy(MemoryEmbedding, LoadsByValue):
         return self.backbone.num_blocks
 
     def bind(self, ctx: Context) -> None:
-        """Attach the engine's context and move to its device."""
+        """Attach the engine's context (and its memory: ``use_memory``) and move to its device."""
         self.ctx = ctx
         self.to(ctx.device).eval()
+        if ctx.memory is not None:
+            self.use_memory(ctx.memory)
+
+    @property
+    def memory(self) -> ExperienceMemory:
+        """The experience memory, the one way in for a strategy: the agent's (``ctx.memory``, built from the run
+        config's ``memory:`` section); a strategy used on its own gets one with the default settings on first use."""
+        if self.ctx.memory is None:
+            self.use_memory(MemoryConfig().build(self.backbone.embed_dim))
+        return self.ctx.memory
+
+    def use_memory(self, memory: ExperienceMemory) -> None:
+        """Lend ``memory`` to the strategy: the agent does when it binds the strategy and again when it replaces its
+        memory (a loaded one). A strategy that hands it on (key retrieval, to its router) overrides this and calls
+        ``super()``."""
+        self.ctx.memory = memory
 
     def train(self, mode: bool = True) -> Strategy:
         """Train mode for the strategy's own modules; the backbone stays in eval mode (frozen BN)."""
@@ -128,6 +145,7 @@ class Strategy(MemoryEmbedding, LoadsByValue):
         """Called before training on ``exp`` (expand, add classes, reset optimiser state)."""
         self.experience = exp
         self._embedded = None
+        self.use_memory(self.memory)  # lent before every experience: the agent's, or the strategy's own
         self.loops.start_experience()
         new = torch.tensor([c for c in exp.classes if c not in set(self.seen_classes.tolist())])
         self.seen_classes = torch.cat([self.seen_classes, new.to(self.seen_classes)])

@@ -23,6 +23,7 @@ from cl.adapter_strategy import AdapterStrategy
 from cl.backbones.base import Backbone, State
 from cl.experience import Experience
 from cl.heads import Head
+from cl.memory import ExperienceMemory
 from cl.registry import register_strategy
 from cl.routing import OFF
 from cl.routing.keys import KeyRouter, RouteLog, experience_of
@@ -52,9 +53,10 @@ class KeyRetrieval(AdapterStrategy):
         self.register_buffer("class_experience", torch.zeros(0, dtype=torch.long))  # diagnostics only
         self.log = RouteLog()
 
-    def bind(self, ctx: Any) -> None:
-        super().bind(ctx)
-        self.router.attach(getattr(ctx, "memory", None))
+    def use_memory(self, memory: ExperienceMemory) -> None:
+        """The router keeps the keys in the strategy's memory (its own if that one does not fit)."""
+        super().use_memory(memory)
+        self.router.attach(memory)
 
     # ---- hooks ------------------------------------------------------------------------------
     def before_experience(self, exp: Experience) -> None:
@@ -80,7 +82,6 @@ class KeyRetrieval(AdapterStrategy):
     @torch.no_grad()
     def after_experience(self, exp: Experience) -> None:
         """Keys from this experience's frozen features, then the head from the routed features (frozen reused)."""
-        self.router.attach(getattr(self.ctx, "memory", None))
         bs = self.ctx.eval_batch_size
         frozen, labels = [], []
         for state, y in self.iterate_states(exp.train, bs, desc=f"exp {exp.id} keys"):
@@ -97,7 +98,6 @@ class KeyRetrieval(AdapterStrategy):
     def _embed(self, state: State, frozen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(head features, routing weights ``[B, K]``): adapters chosen by key retrieval on the frozen feature."""
         frozen = self.embedding(state, OFF) if frozen is None else frozen
-        self.router.attach(getattr(self.ctx, "memory", None))  # the engine may have swapped it (resume)
         weights = self.router(frozen)
         return self.routed_features(state, dict.fromkeys(self.pools, weights), frozen), weights
 

@@ -134,8 +134,8 @@ class SEMA(AdapterStrategy):
     def _warm_start(self, exp: Experience, layer: int, pool: AdapterPool, name: str) -> None:
         """Start adapter ``name`` as a copy of the adapter the nearest past experience (the agent's journal) used
         in this layer, instead of from zero."""
-        journal = getattr(self.ctx.agent, "journal", None)
-        if journal is None or not len(journal.agent.memory.ids(kind="task")):
+        journal = self.ctx.agent.journal if self.ctx.agent is not None else None
+        if journal is None or not len(self.memory.ids(kind="task")):
             return
         if self._nearest is None or self._nearest[0] != exp.id:  # one journal query per experience
             match = dist.broadcast(journal.nearest_experience(exp, k=1)[0])
