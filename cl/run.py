@@ -1,6 +1,6 @@
 """``run``: one continual-learning run from a config, with its run directory and resume.
 
-Run directory contract (DESIGN.md): ``config.yaml`` (fully resolved), ``metrics.json``,
+Run directory contract (docs/run-directory.md): ``config.yaml`` (fully resolved), ``metrics.json``,
 ``events.jsonl``, ``memory/`` (the agent's experience memory; the config's ``memory.path``), ``checkpoints/``.
 ``run(cfg, resume=True)`` continues from the last finished experience and ends with the same metrics as an
 uninterrupted run. The directory is claimed, marked and locked by ``cl.rundir`` (no run deletes what it did not

@@ -2,14 +2,14 @@
 
 Each experience trains its own adapters on the last blocks (routed to them alone), then writes keys for
 them: class prototypes of its frozen features (``keys_per_class`` > 1: k-means centroids per class) as
-``adapter_key`` entries of an ``ExperienceMemory``, the engine's ``ctx.memory`` when it has one that fits,
-else the router's own. At inference the frozen feature of each input queries the keys (one FAISS search per
-batch) and the input runs through the adapters of its best key (``cl.routing.keys.KeyRouter``; by default
-keys and queries are whitened by the shared within-class covariance and compared by cosine, which routed
-0.878 of Split-FashionMNIST test images to their own experience, against 0.785 for plain cosine). The
-classifier is a statistics head (LDA by default) over ``[frozen, adapted]`` features, so misrouted inputs
-keep the frozen half. Routing by keys needs no class-to-experience map: it works on domain-incremental
-streams too (the same class in several experiences gets a key per experience).
+``adapter_key`` entries of the strategy's experience memory (``strategy.memory``, the agent's) when it fits the
+metric, else of the router's own. At inference the frozen feature of each input queries the keys (one FAISS
+search per batch) and the input runs through the adapters of its best key (``cl.routing.keys.KeyRouter``; by
+default keys and queries are whitened by the shared within-class covariance and compared by cosine, which routes
+more inputs to their own experience than plain cosine: benchmarks/RESULTS.md). The classifier is a statistics
+head (LDA by default) over ``[frozen, adapted]`` features, so misrouted inputs keep the frozen half. Routing by
+keys needs no class-to-experience map: it works on domain-incremental streams too (the same class in several
+experiences gets a key per experience).
 """
 
 from __future__ import annotations

@@ -9,11 +9,10 @@ of their softmax (``ensemble="softmax"``, the official code) or, per input, the 
 energy ``-logsumexp(logits)`` (``"energy"``); ``"online"`` / ``"offline"`` use one member alone.
 
 The paper's classifier is a linear head shared by both members, trained with cross-entropy over the current
-task's classes only: ``head="linear", head_features="adapted", ensemble="softmax"``. On Split-FashionMNIST it
-cannot separate old classes from similar new ones (final accuracy 0.45, README). Our default is a statistics
-head (LDA) over ``[frozen, offline]`` features, the offline member alone (0.88): the online adapters keep
-moving, so class statistics collected through them go stale (0.49 alone; the max-softmax ensemble of both
-members' LDA heads: 0.69), and a lower momentum lets the offline ones drift too (0.80 at 0.9995, 0.61 at 0.999).
+task's classes only: ``head="linear", head_features="adapted", ensemble="softmax"``; it cannot separate old
+classes from similar new ones. Our default is a statistics head (LDA) over ``[frozen, offline]`` features, the
+offline member alone: the online adapters keep moving, so class statistics collected through them go stale, and
+a lower momentum lets the offline ones drift too (figures: README, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

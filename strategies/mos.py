@@ -14,11 +14,8 @@ Inference, per batch of prefix states (the prefix is computed once and shared by
 The public code runs all T task adapters plus the original model, T + 1 full passes per image; here it is
 one prefix and 2 + (refined share) suffix passes, reported as ``backbone_passes_per_image``.
 
-Measured on Split-FashionMNIST (EfficientNet-Lite0 64 px, defaults) before issue 14's fix, when each new
-adapter learned from the first row of every batch only (a ``[1, K]`` route the pools did not broadcast); not
-rerun since: final accuracy 0.861 (frozen LDA head alone: 0.860), 0.862 without the ensemble. Refinement
-changed the task of 1 test image in 10,000: an adapter's features always look like its own task's classes to
-the adapted head, so the frozen first guess decides the task (0.880 right), and that bounds the accuracy.
+Refinement rarely changes the task: an adapter's features look like its own task's classes to the adapted head,
+so the frozen first guess decides the task, and that bounds the accuracy (figures: README, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -18,6 +18,5 @@ from cl.replay import ReplayMixin
 class Replay(ReplayMixin, FinetuneBase):
     """Finetune + class-balanced exemplar replay (Avalanche's Replay): 2,000 exemplars by herding by default."""
 
-    # pinned, not inherited: on Split-FashionMNIST at 1/5 of the data a second epoch moved final accuracy
-    # +2.2 points and average incremental accuracy -0.3 for 12% more time (docs/memory.md)
+    # pinned, not inherited: why one epoch, docs/memory.md
     param_defaults: ClassVar[dict[str, Any]] = {"epochs": 1, "lr": 1e-3}

@@ -5,11 +5,10 @@ flag the new data as shifted (loss z-score > tau) gets one new adapter (at most 
 experience), which is trained before the following layers are scanned. Descriptors are then
 trained on the adapter's inputs; old adapters, router columns and descriptors stay frozen.
 
-Defaults follow what we measured on Split-FashionMNIST (README): hard routing by descriptors needs
-no training on current data, so most old inputs keep their routes and features; the classifier is
-an LDA head over ``[frozen, mixture]`` features (``head_features="concat"``: final accuracy 0.807;
-0.696 with soft routing over the mixture alone). ``head="linear"`` with ``head_features="mixture"`` gives the
-paper's masked-CE linear classifier.
+The defaults follow what we measured (README): hard routing by descriptors needs no training on current
+data, so most old inputs keep their routes and features; the classifier is an LDA head over ``[frozen,
+mixture]`` features (``head_features="concat"``). ``head="linear"`` with ``head_features="mixture"`` gives the
+paper's masked-CE linear classifier. ``sema_replay`` (below) is SEMA trained with exemplar replay.
 """
 
 from __future__ import annotations

@@ -10,10 +10,8 @@ class mean per class (``keys_per_class=1``), or that many spherical k-means cent
 (shrunk as in ``LDAHead``); ``"mahalanobis"`` then ranks by Euclidean distance, which with class-mean keys
 is the LDA decision under equal priors (an ``l2`` memory), ``"whitened"`` by cosine (an ``ip`` memory, like
 the engine's). Their keys in the memory are rewritten whenever the covariance changes (once per
-``add_keys``: a few keys per class). On Split-FashionMNIST (EfficientNet-Lite0 64 px, 2000 images per
-class, 5 experiences) the share of test images routed to their own experience after the last one is 0.785
-(cosine), 0.823 (cosine, 16 k-means keys per class), 0.878 (whitened) and 0.877 (mahalanobis; an LDA
-head's task accuracy: 0.877).
+``add_keys``: a few keys per class). How often each metric routes inputs to their own experience:
+benchmarks/RESULTS.md.
 
 The keys' raw vectors live in the router's state dict (the checkpoint); the memory is the search structure,
 filled from them when the router is attached to a fresh one. ``RouteLog`` counts, during evaluation, which
