@@ -69,6 +69,12 @@ class AdapterStrategy(HeadChoice, Strategy):
                              "head_features='adapted'")
 
     @property
+    def pool(self) -> AdapterPool:
+        """The first adapted block's pool: where a strategy that adds the same adapters to every pool (one per
+        experience) reads their names and owners."""
+        return self.pools[min(self.pools)]
+
+    @property
     def head_dim(self) -> int:
         """The width of what the head sees (``routed_features``)."""
         return self.backbone.embed_dim * (2 if self.concat else 1)

@@ -87,9 +87,10 @@ class KeyRetrieval(AdapterStrategy):
         for state, y in self.iterate_states(exp.train, bs, desc=f"exp {exp.id} keys"):
             frozen.append(self.embedding(state, OFF))
             labels.append(y)
-        keys = self.router.add_keys(torch.cat(frozen), torch.cat(labels), self.router.names.index(f"e{exp.id}"),
+        name = self.pool.owned_by(exp.id)  # the adapter this experience added (the same name in every pool)
+        keys = self.router.add_keys(torch.cat(frozen), torch.cat(labels), self.router.names.index(name),
                                     experience=exp.id)
-        self.emit("keys", experience=exp.id, adapter=f"e{exp.id}", keys=len(keys), total_keys=len(self.router.keys),
+        self.emit("keys", experience=exp.id, adapter=name, keys=len(keys), total_keys=len(self.router.keys),
                   metric=self.router.metric)
         for (state, y), z in zip(self.iterate_states(exp.train, bs, desc=f"exp {exp.id} head"), frozen, strict=True):
             self.head.update(self._embed(state, z)[0], y.to(self.ctx.device))
@@ -108,7 +109,7 @@ class KeyRetrieval(AdapterStrategy):
         feats, weights = self._embed(state)
         if self.log.targets is not None:
             truth = experience_of(self.log.targets, self.class_experience)
-            owner = torch.tensor(next(iter(self.pools.values())).owners)  # router experts = pool adapters, in order
+            owner = torch.tensor(self.pool.owners)  # router experts = pool adapters, in order
             self.log.record(weights.argmax(-1), self.router.names, truth, owner)
         return self.head(feats)
 

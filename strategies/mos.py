@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from pydantic import Field, NonNegativeFloat, NonNegativeInt
 
 from cl.adapter_strategy import AdapterStrategy
-from cl.adapters import AdapterPool
 from cl.adapters.merge import merge_pools
 from cl.backbones.base import Backbone
 from cl.backbones.state import State, take_rows
@@ -64,11 +63,6 @@ class MOS(AdapterStrategy):
         self.register_buffer("merges", torch.zeros((), dtype=torch.long))
         self.passes: list[list[int]] = []  # per experience: [images scored, suffix passes run for them]
         self.log = RouteLog()
-
-    @property
-    def pool(self) -> AdapterPool:
-        """The first adapted block's pool (every pool holds the same adapters: one per task)."""
-        return next(iter(self.pools.values()))
 
     @property
     def names(self) -> list[str]:
