@@ -1,10 +1,13 @@
-"""The strategy base class: the hooks a continual-learning method overrides.
+"""The strategy base class: the surface a continual-learning method is written against.
 
-A strategy wraps a backbone. The engine calls, per experience: ``before_experience`` ->
-``fit`` (epochs of ``training_step`` over prefix states) -> ``after_experience``; evaluation calls
-``scores``. A new method usually overrides ``before_experience``, ``training_step``,
-``after_experience`` and ``scores``; everything else (loop, optimiser, prefix cache, events,
-checkpoints) is inherited. Strategies never write files: they ``emit`` events for callbacks.
+A strategy wraps a backbone. The engine calls, per experience: ``before_experience`` -> ``fit`` (epochs of
+``training_step`` over prefix states) -> ``after_experience``; evaluation calls ``scores``. A new method usually
+overrides ``before_experience``, ``training_step``, ``after_experience`` and ``scores``, reads features with
+``features`` / ``embedding`` and the experience memory as ``self.memory``; everything else is inherited: the
+resumable training loop (``cl.training``; ``fit``'s docstring says what overriding it means), the prefix cache,
+the memory's embedding (``cl.memory_embedding``), checkpoints that load growing state by value (``cl.loading``)
+and events. Strategies never write files: they ``emit`` events for callbacks. Adapter methods build on
+``cl.adapter_strategy.AdapterStrategy``.
 """
 
 from __future__ import annotations
