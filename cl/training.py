@@ -20,6 +20,7 @@ from torch import nn
 
 from cl import distributed as dist
 from cl.backbones.state import State, take_rows
+from cl.context import Context
 from cl.errors import CheckpointError, TrainingError
 from cl.experience import Experience
 from cl.interrupt import RunInterrupted
@@ -45,7 +46,7 @@ class Trainee(Protocol):
 
     epochs: int
     loops: Loops
-    ctx: Any  # cl.strategy.Context
+    ctx: Context
 
     def parameters(self) -> Iterator[nn.Parameter]: ...
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]: ...

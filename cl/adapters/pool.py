@@ -55,6 +55,11 @@ class AdapterPool(nn.Module):
         self._sink: tuple[dict[int, torch.Tensor], int] | None = None  # set by ``capturing``
 
     @property
+    def device(self) -> torch.device:
+        """Where the pool's adapters (and the weights it builds) live."""
+        return self._anchor.device
+
+    @property
     def names(self) -> list[str]:
         return list(self.adapters.keys())
 

@@ -40,7 +40,7 @@ def routes_to(pools: Mapping[int, AdapterPool], target: int | str | torch.Tensor
 @contextmanager
 def adapters_off(pools: Mapping[int, AdapterPool]) -> Iterator[None]:
     """Run the backbone as if it had no adapters (every mixture weight 0): the frozen model's features."""
-    with routing(pools, {i: torch.zeros(len(p), device=p._anchor.device) for i, p in pools.items() if len(p)}):
+    with routing(pools, {i: torch.zeros(len(p), device=p.device) for i, p in pools.items() if len(p)}):
         yield
 
 
