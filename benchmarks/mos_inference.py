@@ -33,9 +33,10 @@ import torch
 
 from benchmarks._common import LoadMeter, cli, median
 from benchmarks.mixture_inference import PassCounter, forward_fn, paired_times, randomise
-from cl.adapters import AdapterConfig, adapters_off, inject, routing
+from cl.adapters import AdapterConfig, inject
 from cl.backbones import Backbone, create_backbone
-from scenarios.stream import Experience
+from cl.experience import Experience
+from cl.routing import adapters_off, routing
 from strategies.key_retrieval import KeyRetrieval
 from strategies.mos import MOS
 

@@ -8,9 +8,10 @@
     agent.predict(images)
     agent.journal.nearest_experience(new_exp)   # which past experience is closest to this one?
 
-The agent owns one ``ExperienceMemory`` (``agent.memory``, lent to the strategy as ``ctx.memory``): the
-journal writes a task summary and class prototypes into it after each experience, strategies may add
-their own entries (e.g. replay exemplars), and ``cl run`` saves it to ``RUN/memory`` with each checkpoint.
+The agent owns one ``ExperienceMemory`` (``agent.memory``, built from ``memory=``, the run config's ``memory:``
+section, and lent to the strategy: ``strategy.memory``): the journal writes a task summary and class prototypes
+into it after each experience, strategies may add their own entries (e.g. replay exemplars, adapter keys), and
+``cl run`` saves it to ``RUN/memory`` (``memory.path``) with each checkpoint.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import torch
 
 from cl import distributed as dist
@@ -28,16 +30,16 @@ from cl.backbones import Backbone, create_backbone
 from cl.cache import PrefixCache
 from cl.callbacks.base import Callback, CallbackList
 from cl.checkpoint import load_checkpoint, load_memory, payload_problem, save_checkpoint, save_memory
-from cl.data import ArrayDataset, iterate_batches
+from cl.context import Context
+from cl.data import ArrayDataset, iterate_batches, subset
 from cl.errors import CheckpointError, ConfigError, TrainingError
+from cl.experience import Experience
 from cl.journal import Journal
-from cl.memory import ExperienceMemory
+from cl.memory import ExperienceMemory, MemoryConfig
 from cl.progress import Progress
-from cl.registry import STRATEGIES
+from cl.registry import STRATEGIES, format_validation_error
 from cl.seed import resolve_device, seed_everything
-from cl.strategy import Context, Strategy
-from scenarios.builders import subset
-from scenarios.stream import Experience
+from cl.strategy import Strategy
 
 
 class Agent:
@@ -54,6 +56,7 @@ class Agent:
         task_aware: evaluate with the task label known (task-incremental streams).
         rank / world_size: this process's place in a distributed run (``cl.distributed``; ``cl run`` sets them).
         journal: write a summary of each experience into ``memory`` (``agent.journal``).
+        memory: the experience memory's settings (``MemoryConfig`` or its dict: index, metric, budget, path).
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class Agent:
         rank: int = 0,
         world_size: int = 1,
         journal: bool = True,
+        memory: MemoryConfig | dict[str, Any] | None = None,
     ) -> None:
         self.spec = {
             "backbone": backbone if isinstance(backbone, str) else None,
@@ -89,7 +93,8 @@ class Agent:
             bb = create_backbone(backbone, **(backbone_params or {})) if isinstance(backbone, str) else backbone
             self.strategy = STRATEGIES.create(strategy, bb, **(strategy_params or {}))
         self.backbone: Backbone = self.strategy.backbone
-        self.memory = ExperienceMemory(dim=self.backbone.embed_dim)
+        self.memory_config = memory_config(memory)
+        self.memory = self.memory_config.build(self.backbone.embed_dim)
         self.journal: Journal | None = Journal(self) if journal else None
         # the journal goes last: earlier callbacks keep their positions (and checkpointed state keys)
         self.callbacks = CallbackList([*(callbacks or []), *([self.journal] if self.journal else [])])
@@ -116,8 +121,8 @@ class Agent:
         cb.before_experience(self, exp)
         strat.before_experience(exp)
         strat.fit(exp)
-        if strat.resume_fit is not None:
-            raise CheckpointError(f"the resume point of experience {exp.id} (training loop {strat.resume_fit['call']}) "
+        if (missed := strat.loops.resume) is not None:
+            raise CheckpointError(f"the resume point of experience {exp.id} (training loop {missed['call']}) "
                                   "was never reached when the experience ran again: delete checkpoints/partial-* "
                                   "and resume, to repeat the experience from its start")
         strat.after_experience(exp)
@@ -240,11 +245,14 @@ class Agent:
         return done
 
     def use_memory(self, memory: ExperienceMemory) -> None:
-        """Replace the agent's experience memory (e.g. by a loaded one); the strategy sees it as ``ctx.memory``."""
+        """Replace the agent's experience memory (e.g. by a loaded one, which takes the agent's budget) and lend it to
+        the strategy (``Strategy.use_memory``)."""
         if memory.dim != self.backbone.embed_dim:
             raise CheckpointError(f"the experience memory holds {memory.dim}-d vectors, this agent's backbone "
                                   f"embeds to {self.backbone.embed_dim}: it belongs to another backbone")
-        self.memory = self.ctx.memory = memory
+        memory.budget = self.memory_config.budget
+        self.memory = memory
+        self.strategy.use_memory(memory)
 
     def save_memory(self, directory: str | Path) -> dict[str, Any]:
         """Save ``memory`` atomically to ``directory``; returns what a checkpoint records to find it again."""
@@ -257,7 +265,8 @@ class Agent:
         path = Path(path)
         memory = self.save_memory(path / "memory")
         save_checkpoint(path, {**self.checkpoint_payload(), "callbacks": {}, "memory": memory}, name="agent")
-        (path / "agent_spec.json").write_text(json.dumps({**self.spec, "seed": self.seed}, indent=2))
+        spec = {**self.spec, "seed": self.seed, "memory": self.memory_config.model_dump()}
+        (path / "agent_spec.json").write_text(json.dumps(spec, indent=2))
         return path
 
     @classmethod
@@ -274,7 +283,8 @@ class Agent:
         payload = load_checkpoint(path, name="agent", require=("strategy",))
         agent = cls(
             spec["backbone"], spec["strategy"], backbone_params=spec["backbone_params"],
-            strategy_params=spec["strategy_params"], device=device, seed=spec["seed"], **kwargs,
+            strategy_params=spec["strategy_params"], device=device, seed=spec["seed"],
+            **{"memory": spec.get("memory"), **kwargs},  # an agent saved before the memory had settings: defaults
         )
         if payload.get("memory") is not None:
             agent.use_memory(load_memory(path / "memory", payload["memory"]))
@@ -286,6 +296,16 @@ class Agent:
 
 
 _SPEC_TYPES = {"backbone": str, "strategy": str, "backbone_params": dict, "strategy_params": dict, "seed": int}
+
+
+def memory_config(memory: MemoryConfig | dict[str, Any] | None) -> MemoryConfig:
+    """The memory settings ``Agent(memory=...)`` takes, checked (ConfigError naming the bad key)."""
+    if isinstance(memory, MemoryConfig):
+        return memory
+    try:
+        return MemoryConfig(**(memory or {}))
+    except pydantic.ValidationError as e:
+        raise ConfigError(format_validation_error(e, "the memory settings", MemoryConfig)) from None
 
 
 def _read_spec(spec_file: Path) -> dict[str, Any]:

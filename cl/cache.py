@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from cl.backbones.base import Backbone, State
+from cl.backbones.base import Backbone
+from cl.backbones.state import State, pad_cat, take_rows
 from cl.data import iterate_batches, num_batches, targets_of
 from cl.errors import DataError
 
@@ -38,11 +38,11 @@ class CachedStates(Dataset):
     @staticmethod
     def cat(items: list[CachedStates]) -> CachedStates:
         """One set of states over several (e.g. the cached experiences of a joint run)."""
-        parts = tuple(_pad_cat([it.parts[i] for it in items]) for i in range(len(items[0].parts)))
+        parts = tuple(pad_cat([it.parts[i] for it in items]) for i in range(len(items[0].parts)))
         return CachedStates(parts, torch.cat([it.targets for it in items]), items[0].is_tuple)
 
     def take(self, index: torch.Tensor) -> tuple[State, torch.Tensor]:
-        parts = tuple(p[index] for p in self.parts)
+        parts = take_rows(self.parts, index)
         if self.is_tuple:
             length = int(parts[1].sum(1).max().item()) if len(parts) > 1 else parts[0].shape[1]
             parts = tuple(p[:, :length] if p.ndim >= 2 else p for p in parts)
@@ -55,13 +55,6 @@ class CachedStates(Dataset):
         order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
         for s in range(0, len(self), batch_size):
             yield self.take(order[s : s + batch_size])
-
-
-def _pad_cat(chunks: list[torch.Tensor]) -> torch.Tensor:
-    if chunks[0].ndim >= 2 and len({c.shape[1] for c in chunks}) > 1:
-        n = max(c.shape[1] for c in chunks)
-        chunks = [F.pad(c, (0, 0) * (c.ndim - 2) + (0, n - c.shape[1])) for c in chunks]
-    return torch.cat(chunks)
 
 
 @torch.no_grad()
@@ -88,7 +81,7 @@ def compute_states(
         parts = state if is_tuple else (state,)
         chunks.append(tuple(p.to("cpu", dtype if p.is_floating_point() else p.dtype) for p in parts))
     backbone.train(was_training)
-    parts = tuple(_pad_cat([c[i] for c in chunks]) for i in range(len(chunks[0])))
+    parts = tuple(pad_cat([c[i] for c in chunks]) for i in range(len(chunks[0])))
     return CachedStates(parts, targets_of(dataset), is_tuple)
 
 

@@ -15,6 +15,7 @@ import pydantic
 import yaml
 
 from cl.errors import ConfigError
+from cl.memory.config import MemoryConfig
 from cl.plugins import import_plugins
 from cl.registry import BACKBONES, SCENARIOS, STRATEGIES, Registry, format_validation_error
 
@@ -61,6 +62,7 @@ class RunConfig(pydantic.BaseModel):
     backbone: Component = Component(name="efficientnet_lite0")
     strategy: Component = Component(name="simplecil")
     eval: EvalConfig = EvalConfig()
+    memory: MemoryConfig = MemoryConfig()  # the agent's experience memory (cl.memory.config)
 
     @pydantic.field_validator("device")
     @classmethod

@@ -12,11 +12,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from cl.errors import DataError
 
 Inputs = torch.Tensor | list[str]
+Index = Sequence[int] | np.ndarray | torch.Tensor
 
 
 class ArrayDataset(Dataset):
@@ -93,6 +94,16 @@ def targets_of(dataset: Dataset) -> torch.Tensor:
     if t is not None:
         return t
     return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
+
+
+def subset(dataset: Dataset, index: Index) -> Dataset:
+    """The items of ``dataset`` at ``index``; keeps a ``targets`` attribute so ``targets_of`` is fast."""
+    idx = np.asarray(index, dtype=np.int64)
+    if isinstance(dataset, ArrayDataset):
+        return dataset.subset(idx)
+    sub = Subset(dataset, idx.tolist())
+    sub.targets = targets_of(dataset)[torch.from_numpy(idx)]  # type: ignore[attr-defined]
+    return sub
 
 
 def _collate(items: list[tuple[Any, int]]) -> tuple[Inputs, torch.Tensor]:

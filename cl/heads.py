@@ -2,12 +2,12 @@
 
 A head maps embeddings ``[B, D]`` to scores ``[B, C]`` where column ``c`` is global class id ``c``
 and ``C`` is one more than the largest id seen; columns of classes not seen yet score ``-inf``.
-Heads resize themselves when a checkpoint with more classes is loaded, so an expanded model
-rebuilds from its state dict alone.
+A checkpoint with more classes loads by value (``cl.loading``): the per-class tensors take its shape, so an
+expanded model rebuilds from its state dict alone.
 
 Statistics heads (``NCMHead``, ``LDAHead``, ``RanPACHead``) learn without gradients or stored data:
 ``update(z, y)`` adds a batch to running float64 sums. ``create_head(name, dim, **params)`` builds
-any head by its registered name.
+any head by its registered name; ``HeadChoice`` gives a strategy its ``head`` / ``head_kw`` parameters.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from cl.errors import ConfigError, DataError
-from cl.registry import HEADS, register_head
+from cl.loading import LoadsByValue
+from cl.registry import HEADS, param_defaults_of, register_head
 
 
-class Head(nn.Module):
+class Head(LoadsByValue):
     """Base class: tracks which class ids are known (the ``known`` mask)."""
 
     def __init__(self, dim: int) -> None:
@@ -53,12 +54,6 @@ class Head(nn.Module):
 
     def mask_unknown(self, scores: torch.Tensor) -> torch.Tensor:
         return scores.masked_fill(~self.known, float("-inf"))
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        key = prefix + "known"
-        if key in state_dict and state_dict[key].numel() != self.num_outputs:
-            self._grow(state_dict[key].numel())
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 @register_head("linear")
@@ -324,3 +319,23 @@ def masked_cross_entropy(logits: torch.Tensor, y: torch.Tensor, classes: list[in
     mask = torch.full_like(logits[0], float("-inf"))
     mask[classes] = 0
     return F.cross_entropy(logits + mask, y)
+
+
+class HeadChoice:
+    """Strategy mixin: the classifier head chosen by registered name, declared once for every strategy that offers
+    the choice (``class Mine(HeadChoice, Strategy)``; ``AdapterStrategy`` has it).
+
+    Args:
+        head: a registered head (``linear``, ``ncm``, ``lda``, ``ranpac``; None: the class's ``param_defaults``
+            ``head``, else ``lda``).
+        head_kw: the head's own parameters (e.g. ``{"shrinkage": 0.1}`` for ``lda``).
+    """
+
+    def __init__(self, *args: Any, head: str | None = None, head_kw: dict[str, Any] | None = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.head_name = param_defaults_of(type(self)).get("head", "lda") if head is None else head
+        self.head_kw = dict(head_kw or {})
+
+    def make_head(self, dim: int) -> Head:
+        """A new head of the chosen kind over ``dim``-wide features."""
+        return create_head(self.head_name, dim, **self.head_kw)

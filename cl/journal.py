@@ -3,7 +3,7 @@
 After each experience, once its evaluation is known, the journal writes one ``task`` entry (the
 experience's mean embedding, with its classes, the adapters it created or reused, routing statistics
 and the accuracy on everything seen) and one ``prototype`` entry per class, then emits a ``journal``
-event. Vectors are the strategy's ``embed`` (the pretrained backbone's, L2-normalised; task and
+event. Vectors are the strategy's ``memory_embedding`` (the pretrained backbone's, L2-normalised; task and
 prototype vectors are normalised means), so entries written at different experiences stay comparable.
 
     agent.journal.nearest_experience(exp.train)   # -> [TaskMatch(experience=0, score=0.99, summary={...})]
@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from cl.callbacks.base import Callback
 from cl.data import ArrayDataset
 from cl.errors import ConfigError, DataError
-from scenarios.stream import Experience
+from cl.experience import Experience
 
 POOL_EVENTS = ("expansion", "reuse", "adapted", "merge")
 
@@ -66,7 +66,7 @@ class Journal(Callback):
     def record(self, exp: Experience, results: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write ``exp``'s task summary and class prototypes to the memory; emit and return the summary."""
         agent = self.agent
-        z, y = agent.strategy.embeddings(exp.train, desc=f"exp {exp.id} journal")
+        z, y = agent.strategy.memory_embeddings(exp.train, desc=f"exp {exp.id} journal")
         if not len(z):
             raise DataError(f"experience {exp.id} has no training data to summarise")
         classes = sorted(int(c) for c in torch.unique(y))
@@ -122,7 +122,8 @@ class Journal(Callback):
         """The ``k`` past experiences whose mean embedding is closest (cosine) to ``query``, best first.
 
         ``query``: an ``Experience`` (its training data), a dataset, raw inputs (images ``[N, C, H, W]`` or
-        strings), embeddings ``[N, D]`` (averaged) or one embedding ``[D]`` in the memory's space (``embed``).
+        strings), embeddings ``[N, D]`` (averaged) or one embedding ``[D]`` in the memory's space
+        (``memory_embedding``).
         """
         vec = self.query_vector(query)
         hits = self.agent.memory.search(vec[None], k, kind="task")[0]
@@ -136,7 +137,7 @@ class Journal(Callback):
         if isinstance(query, list) or (isinstance(query, torch.Tensor) and query.ndim >= 3):
             query = ArrayDataset(query, torch.zeros(len(query), dtype=torch.long))
         if isinstance(query, Dataset):
-            z, _ = self.agent.strategy.embeddings(query, desc="journal query")
+            z, _ = self.agent.strategy.memory_embeddings(query, desc="journal query")
         else:
             z = torch.as_tensor(np.asarray(query, dtype=np.float32))
             if z.ndim == 1:

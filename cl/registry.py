@@ -2,7 +2,9 @@
 
 Each registry maps a name to a callable. ``create(name, *args, **params)`` validates ``params``
 against the callable's signature (via pydantic), so unknown keys and wrong types fail with a
-message that lists the valid keys.
+message that lists the valid keys. A class entry that takes ``**kwargs`` also takes its bases' keyword parameters,
+with its ``param_defaults`` as their defaults, less the ``hidden_params`` it fixes; a ``check_params(params)``
+attribute checks parameters together.
 """
 
 from __future__ import annotations
@@ -96,6 +98,8 @@ class Registry:
                 fields[p.name] = (ann, default)
             if inspect.isclass(fn) and any(p.kind == p.VAR_KEYWORD for p in params):
                 fields.update({k: v for k, v in inherited_params(fn).items() if k not in fields})
+            for hidden in getattr(fn, "hidden_params", ()):  # parameters the entry fixes: neither shown nor taken
+                fields.pop(hidden, None)
             self._models[name] = pydantic.create_model(
                 f"{self.kind}_{name}_params",
                 # NaN and inf are no setting of any entry: every float parameter must be finite
@@ -129,7 +133,8 @@ class Registry:
 
 def inherited_params(cls: type) -> dict[str, tuple[Any, Any]]:
     """Keyword parameters a class forwards with ``**kwargs`` to its bases' ``__init__`` (nearest base first),
-    as ``{name: (annotation, default)}``; a class's ``param_defaults`` dict overrides the bases' defaults."""
+    as ``{name: (annotation, default)}``; ``param_defaults`` dicts (``param_defaults_of``) override the bases'
+    defaults."""
     out: dict[str, tuple[Any, Any]] = {}
     for base in cls.__mro__[1:]:
         if "__init__" not in vars(base) or base is object:
@@ -141,8 +146,16 @@ def inherited_params(cls: type) -> dict[str, tuple[Any, Any]]:
                 out[p.name] = (ann, p.default)
         if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
             break
-    defaults = getattr(cls, "param_defaults", {})
+    defaults = param_defaults_of(cls)
     return {k: (ann, defaults.get(k, d)) for k, (ann, d) in out.items()}
+
+
+def param_defaults_of(cls: type) -> dict[str, Any]:
+    """The ``param_defaults`` of a class and its bases, merged (a class's own win over its bases')."""
+    out: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        out.update(vars(klass).get("param_defaults", {}))
+    return out
 
 
 def _fields_at(model: type[pydantic.BaseModel], loc: tuple[Any, ...]) -> list[str]:

@@ -1,10 +1,11 @@
 """``run``: one continual-learning run from a config, with its run directory and resume.
 
-Run directory contract (DESIGN.md): ``config.yaml`` (fully resolved), ``metrics.json``,
-``events.jsonl``, ``memory/`` (the agent's experience memory), ``checkpoints/``. ``run(cfg, resume=True)``
-continues from the last finished experience and ends with the same metrics as an uninterrupted run.
-The directory is claimed, marked and locked by ``cl.rundir`` (no run deletes what it did not create); the run is
-built before anything in it is written, so a config that cannot run leaves it as it was (docs/run-directory.md).
+Run directory contract (docs/run-directory.md): ``config.yaml`` (fully resolved), ``metrics.json``,
+``events.jsonl``, ``memory/`` (the agent's experience memory; the config's ``memory.path``), ``checkpoints/``.
+``run(cfg, resume=True)`` continues from the last finished experience and ends with the same metrics as an
+uninterrupted run. The directory is claimed, marked and locked by ``cl.rundir`` (no run deletes what it did not
+create); the run is built before anything in it is written, so a config that cannot run leaves it as it was
+(docs/run-directory.md).
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def begin(cfg: RunConfig, plan: Plan) -> None:
     if plan.replace:
         clear(out)
     elif not plan.resuming:  # a memory saved before the first checkpoint of an interrupted run is stale
-        shutil.rmtree(out / "memory", ignore_errors=True)
+        shutil.rmtree(out / cfg.memory.path, ignore_errors=True)
     if plan.fresh:
         write_atomic(out / "config.yaml", dump_yaml(cfg).encode())  # a killed run never leaves half a config
     if not (out / MARKER).exists():
@@ -222,12 +223,12 @@ def _run_stream(
     done: list[int] = []
     if resuming:
         payload = load_checkpoint(ckpt, require=("strategy", "callbacks"))
-        done = agent.restore(payload, stream, memory_dir=out / "memory", source=newest_checkpoint(ckpt))
+        done = agent.restore(payload, stream, memory_dir=out / cfg.memory.path, source=newest_checkpoint(ckpt))
         console.print(f"resuming {escape(str(out))}: experiences {done} already done")
     if has_checkpoint(ckpt, PARTIAL):  # stopped inside an experience: continue from that step
         partial = load_checkpoint(ckpt, PARTIAL, require=("resume_point",))
         if partial["experiences_done"] == done:
-            agent.strategy.resume_fit = p = partial["resume_point"]
+            agent.strategy.loops.resume = p = partial["resume_point"]
             console.print(f"continuing experience {p['experience']} from step {p['step']} of epoch {p['epoch']}")
     try:
         agent.callbacks.before_run(agent, stream)
@@ -262,13 +263,14 @@ def _build(
         callbacks += [
             EventLog(out / "events.jsonl"),
             *make_loggers([*cfg.loggers, *(["report"] if report else [])], out, to_dict(cfg)),
-            *(extra_callbacks or []), Checkpointer(out / "checkpoints", memory_dir=out / "memory"),
+            *(extra_callbacks or []), Checkpointer(out / "checkpoints", memory_dir=out / cfg.memory.path),
         ]
     agent = Agent(
         cfg.backbone.name, cfg.strategy.name, backbone_params=cfg.backbone.params,
         strategy_params=cfg.strategy.params, callbacks=callbacks, device=device, seed=cfg.seed,
         deterministic=cfg.deterministic, task_aware=stream.task_aware, eval_batch_size=cfg.eval.batch_size,
         progress=cfg.progress and rank == 0, cache_max_gb=cfg.cache_max_gb, rank=rank, world_size=dist.world_size(),
+        memory=cfg.memory,
     )
     return stream, agent, metrics_cb
 

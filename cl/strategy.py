@@ -1,84 +1,47 @@
-"""The strategy base class: the hooks a continual-learning method overrides.
+"""The strategy base class: the surface a continual-learning method is written against.
 
-A strategy wraps a backbone. The engine calls, per experience: ``before_experience`` ->
-``fit`` (epochs of ``training_step`` over prefix states) -> ``after_experience``; evaluation calls
-``scores``. A new method usually overrides ``before_experience``, ``training_step``,
-``after_experience`` and ``scores``; everything else (loop, optimiser, prefix cache, events,
-checkpoints) is inherited. Strategies never write files: they ``emit`` events for callbacks.
+A strategy wraps a backbone. The engine calls, per experience: ``before_experience`` -> ``fit`` (epochs of
+``training_step`` over prefix states) -> ``after_experience``; evaluation calls ``scores``. A new method usually
+overrides ``before_experience``, ``training_step``, ``after_experience`` and ``scores``, reads features with
+``features`` / ``embedding`` and the experience memory as ``self.memory``; everything else is inherited: the
+resumable training loop (``cl.training``; ``fit``'s docstring says what overriding it means), the prefix cache,
+the memory's embedding (``cl.memory_embedding``), checkpoints that load growing state by value (``cl.loading``)
+and events. Strategies never write files: they ``emit`` events for callbacks. Adapter methods build on
+``cl.adapter_strategy.AdapterStrategy``.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Annotated, Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
-from cl import distributed as dist
-from cl.adapters import AdapterConfig, AdapterPool, adapters_off, inject, pools, routing
-from cl.backbones.base import Backbone, State
-from cl.cache import CachedStates, PrefixCache, is_augmented
-from cl.data import iterate_batches
-from cl.errors import CheckpointError, ConfigError, TrainingError
-from cl.heads import LinearHead, masked_cross_entropy
-from cl.interrupt import RunInterrupted
-from cl.seed import derive_seed, rng_state, set_rng_state
-from scenarios.builders import subset
-from scenarios.stream import Experience
+from cl.adapters import pools
+from cl.backbones.base import Backbone
+from cl.backbones.state import State, to_device
+from cl.cache import CachedStates, is_augmented
+from cl.context import Context
+from cl.data import iterate_batches, subset
+from cl.errors import CheckpointError, TrainingError
+from cl.experience import Experience
+from cl.loading import LoadsByValue
+from cl.memory import ExperienceMemory, MemoryConfig
+from cl.memory_embedding import MemoryEmbedding
+from cl.registry import param_defaults_of
+from cl.routing import Routes, routed
+from cl.training import Loops, train
+
+#: what a strategy that does not train (``trains = False``) fixes: neither shown nor taken by the registry
+TRAINING_PARAMS = ("epochs", "lr", "optimizer", "weight_decay")
 
 
-@dataclass
-class Context:
-    """What the engine lends a strategy: device, callbacks, progress, seeding, cache, memory, rank."""
-
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    callbacks: Any = None  # cl.callbacks.CallbackList
-    agent: Any = None
-    progress: Any = None  # cl.progress.Progress
-    cache: PrefixCache | None = field(default_factory=PrefixCache)
-    memory: Any = None  # cl.memory.ExperienceMemory of the agent (None for a strategy used without one)
-    seed: int = 0
-    rank: int = 0
-    world_size: int = 1
-    eval_batch_size: int = 256
-    stop: Any = None  # cl.interrupt.GracefulStop of the run (None: signals are not intercepted)
-    # periodic resume points: ``on_resume_point(point)`` saves one (rank 0), at most every ``resume_interval_s``
-    resume_interval_s: float | None = None
-    on_resume_point: Callable[[dict[str, Any]], None] | None = None
-    last_resume_point: float = field(default_factory=time.monotonic)
-
-    def resume_point_due(self) -> bool:
-        """Whether a periodic resume point is due (decided by rank 0's clock: every rank must call this at the
-        same points, e.g. after each training step)."""
-        if self.resume_interval_s is None:
-            return False
-        due = dist.broadcast(time.monotonic() - self.last_resume_point >= self.resume_interval_s)
-        if due:
-            self.last_resume_point = time.monotonic()
-        return due
-
-    def check_stop(self, where: str) -> None:
-        """Raise ``RunInterrupted`` if a stop was requested (on any rank: every rank must call this at the same
-        points of the run, e.g. after each training step)."""
-        requested = self.stop is not None and self.stop.requested is not None
-        if dist.any_rank(requested):
-            name = self.stop.requested if requested else "a signal on another rank"
-            raise RunInterrupted(f"stopped by {name} {where}", signal_name=name)
-
-    def generator(self, *salt: int) -> torch.Generator:
-        """A CPU generator seeded from the run seed and ``salt`` (e.g. experience, epoch)."""
-        return torch.Generator().manual_seed(derive_seed(self.seed, *salt))
-
-
-class Strategy(nn.Module):
+class Strategy(MemoryEmbedding, LoadsByValue):
     """Base class of every method. Subclasses are registered with ``@register_strategy``.
 
     Args:
@@ -91,9 +54,28 @@ class Strategy(nn.Module):
         cache_prefix: reuse outputs of frozen blocks across epochs and experiences.
     """
 
-    #: a subclass's own defaults for the training parameters below (the registry shows them; subclasses that
-    #: take ``**kw`` pass ``{**self.param_defaults, **kw}`` on to this ``__init__``)
+    #: a subclass's own defaults for parameters of its bases, merged over theirs (``defaults()``); the registry
+    #: shows them, and a subclass that takes ``**kw`` passes ``{**self.defaults(), **kw}`` on to its base
     param_defaults: ClassVar[dict[str, Any]] = {}
+    #: False: the strategy never trains (statistics only); ``epochs`` is 0 and the registry neither shows nor
+    #: takes the training parameters (``hidden_params``)
+    trains: ClassVar[bool] = True
+    hidden_params: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        cls.hidden_params = () if cls.trains else TRAINING_PARAMS
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """The class's ``param_defaults`` over its bases' (what the registry fills in)."""
+        return param_defaults_of(cls)
+
+    @classmethod
+    def base_defaults(cls) -> dict[str, Any]:
+        """``defaults()`` of this ``__init__``'s own parameters (what a base class taking ``**kw`` passes on)."""
+        own = inspect.signature(Strategy.__init__).parameters
+        return {k: v for k, v in cls.defaults().items() if k in own}
 
     def __init__(
         self,
@@ -108,7 +90,7 @@ class Strategy(nn.Module):
     ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
+        self.epochs, self.lr, self.batch_size = (epochs if self.trains else 0), lr, batch_size
         self.optimizer_name, self.weight_decay = optimizer, weight_decay
         self.cache_prefix = cache_prefix
         self.ctx = Context()
@@ -118,11 +100,10 @@ class Strategy(nn.Module):
         # Backbone entries that construction restores (pretrained weights): left out of checkpoints
         # until something trains them.
         self._pristine = {f"backbone.{k}" for k in backbone.state_dict() if not k.endswith("_extra_state")}
-        # Pretrained values of the backbone entries that training or a checkpoint changed: ``embed`` runs on them.
+        # Pretrained values of the backbone entries that training or a checkpoint changed (``memory_embedding``)
         self._pretrained: dict[str, torch.Tensor] = {}
-        self._embedded: tuple[Dataset, torch.Tensor, torch.Tensor] | None = None  # the last ``embeddings``
-        self._fit_calls, self._fit_done = 0, []  # base-loop runs in this experience, and what the finished ones did
-        self.resume_fit: dict[str, Any] | None = None  # a resume point to continue this experience from
+        self._embedded: tuple[Dataset, torch.Tensor, torch.Tensor] | None = None  # the last ``memory_embeddings``
+        self.loops = Loops()  # the base loops of this experience, and a resume point to continue it from
 
     # ---- structure --------------------------------------------------------------------------
     @property
@@ -131,9 +112,25 @@ class Strategy(nn.Module):
         return self.backbone.num_blocks
 
     def bind(self, ctx: Context) -> None:
-        """Attach the engine's context and move to its device."""
+        """Attach the engine's context (and its memory: ``use_memory``) and move to its device."""
         self.ctx = ctx
         self.to(ctx.device).eval()
+        if ctx.memory is not None:
+            self.use_memory(ctx.memory)
+
+    @property
+    def memory(self) -> ExperienceMemory:
+        """The experience memory, the one way in for a strategy: the agent's (``ctx.memory``, built from the run
+        config's ``memory:`` section); a strategy used on its own gets one with the default settings on first use."""
+        if self.ctx.memory is None:
+            self.use_memory(MemoryConfig().build(self.backbone.embed_dim))
+        return self.ctx.memory
+
+    def use_memory(self, memory: ExperienceMemory) -> None:
+        """Lend ``memory`` to the strategy: the agent does when it binds the strategy and again when it replaces its
+        memory (a loaded one). A strategy that hands it on (key retrieval, to its router) overrides this and calls
+        ``super()``."""
+        self.ctx.memory = memory
 
     def train(self, mode: bool = True) -> Strategy:
         """Train mode for the strategy's own modules; the backbone stays in eval mode (frozen BN)."""
@@ -151,140 +148,30 @@ class Strategy(nn.Module):
         """Called before training on ``exp`` (expand, add classes, reset optimiser state)."""
         self.experience = exp
         self._embedded = None
-        self._fit_calls, self._fit_done = 0, []
+        self.use_memory(self.memory)  # lent before every experience: the agent's, or the strategy's own
+        self.loops.start_experience()
         new = torch.tensor([c for c in exp.classes if c not in set(self.seen_classes.tolist())])
         self.seen_classes = torch.cat([self.seen_classes, new.to(self.seen_classes)])
 
     def fit(self, exp: Experience) -> None:
-        """Train on ``exp``: ``epochs`` passes of ``training_step`` over prefix states.
+        """Train on ``exp``: ``epochs`` passes of ``training_step`` over ``train_batches`` (``cl.training.train``).
 
-        A stop request (SIGINT/SIGTERM) ends the loop after the current step with ``RunInterrupted`` carrying a
-        resume point (``partial``); given back as ``resume_fit`` when the experience is run again, the loop (and
-        any earlier loop of the same experience, e.g. SEMA's per-layer training) continues from that step.
+        The base loop optimises every parameter with ``requires_grad`` (``configure_optimizer``), tells the callbacks
+        about epochs and steps, stops on a non-finite loss, splits each batch over the ranks of a distributed run and
+        averages their gradients, and ends after the current step on a stop request (SIGINT/SIGTERM) with a resume
+        point. Overriding ``fit``:
+
+        - each ``super().fit(exp)`` (or ``fit_alone``) is one *loop*; a strategy may run several in an experience
+          (SEMA: one per expansion), or none (it does not train then, as APER after its first experience);
+        - an experience interrupted inside a loop runs again from its start state when resumed: ``before_experience``
+          and this ``fit`` run again, the loops that had finished are fast-forwarded (their trained values, random
+          state and epoch logs restored, not trained again) and the interrupted one continues from its step. So the
+          code around the loops must decide the same when it runs again: seed it with ``self.ctx.generator``, take
+          decisions that every rank must share with ``cl.distributed.broadcast``;
+        - training done outside the loops (SEMA's descriptors) has no resume point of its own: it runs again;
+        - what a loop trains is what has ``requires_grad`` when it starts: freeze what must not change first.
         """
-        params = [p for p in self.parameters() if p.requires_grad]
-        if not params or self.epochs == 0:
-            return
-        call = self._fit_calls
-        self._fit_calls += 1
-        if self._fit_done and "names" in self._fit_done[-1]:  # a later loop: keep what the previous one trained
-            self._fit_done[-1]["state"] = self._snapshot(self._fit_done[-1].pop("names"))
-        resume = self.resume_fit
-        if resume is not None and call < resume["call"]:
-            return self._fast_forward(exp, resume["done"][call])
-        opt = self.configure_optimizer(params)
-        self.keep_pretrained({n for n, p in self.named_parameters() if p.requires_grad})
-        cb = self.ctx.callbacks
-        e0, s0, rng, logs = 0, 0, None, []
-        if resume is not None:  # the loop that was interrupted
-            e0, s0, rng, logs = resume["epoch"], resume["step"], resume["rng"], list(resume["epoch_logs"])
-            self.load_checkpoint_state(resume["state"])
-            try:
-                opt.load_state_dict(resume["optimizer"])
-            except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
-                raise CheckpointError(f"the resume point of experience {exp.id} does not fit this strategy's "
-                                      f"optimizer ({type(e).__name__}: {e}): delete checkpoints/partial-* and "
-                                      "resume, to repeat the experience from its start") from None
-            self._replay_epochs(exp, logs)
-            self.resume_fit = None
-        for epoch in range(e0, self.epochs):
-            if cb is not None:
-                cb.before_epoch(self.ctx.agent, exp, epoch)
-            self.train()
-            total, count = (resume["total"], resume["count"]) if resume is not None and epoch == e0 else (0.0, 0)
-            batches = iter(self.train_batches(exp.train, exp.id, epoch))
-            first = s0 if epoch == e0 else 0
-            for _ in range(first):  # steps done before the interruption
-                next(batches, None)
-            if rng is not None:
-                set_rng_state(rng)
-                rng = None
-            for it, (state, y) in enumerate(batches, start=first):
-                if cb is not None:
-                    cb.before_iteration(self.ctx.agent, it)
-                loss, n = self._step(opt, params, state, y, exp.id, epoch, it)
-                total += loss * n
-                count += n
-                if cb is not None:
-                    cb.after_iteration(self.ctx.agent, it, loss)
-                try:
-                    self.ctx.check_stop(f"after step {it} of epoch {epoch} of experience {exp.id}")
-                except RunInterrupted as e:
-                    e.partial = self._resume_point(exp, call, epoch, it + 1, opt, total, count, logs)
-                    raise
-                if self.ctx.resume_point_due() and self.ctx.on_resume_point is not None:
-                    self.ctx.on_resume_point(self._resume_point(exp, call, epoch, it + 1, opt, total, count, logs))
-            total, count = dist.all_sum([total, count])
-            self.eval()
-            logs.append((epoch, {"loss": total / max(count, 1)}))
-            if cb is not None:
-                cb.after_epoch(self.ctx.agent, exp, epoch, logs[-1][1])
-        self._fit_done.append({"names": {n for n, p in self.named_parameters() if p.requires_grad},
-                               "rng": rng_state(), "epoch_logs": logs})
-
-    # ---- resume points inside an experience -------------------------------------------------
-    def _snapshot(self, names: set[str]) -> dict[str, torch.Tensor]:
-        entries = dict(self.named_parameters())
-        return {n: entries[n].detach().cpu().clone() for n in names if n in entries}
-
-    def _resume_point(self, exp: Experience, call: int, epoch: int, step: int, opt: torch.optim.Optimizer,
-                      total: float, count: int, logs: list) -> dict[str, Any]:
-        """Everything needed to continue this loop after ``step`` steps of ``epoch`` (see ``fit``)."""
-        done = [d if "state" in d else {**{k: v for k, v in d.items() if k != "names"},
-                                         "state": self._snapshot(d["names"])} for d in self._fit_done]
-        return {
-            "experience": exp.id, "call": call, "epoch": epoch, "step": step, "total": total, "count": count,
-            "epoch_logs": list(logs), "done": done, "rng": rng_state(), "optimizer": opt.state_dict(),
-            "state": {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
-                      for k, v in self.checkpoint_state().items()},
-        }
-
-    def _fast_forward(self, exp: Experience, done: dict[str, Any]) -> None:
-        """Stand for a loop that had finished before the interruption: its trained values, random state and
-        epoch logs, without training again."""
-        self.keep_pretrained(set(done["state"]))
-        try:
-            _, unexpected = self.load_state_dict(done["state"], strict=False)
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
-            raise CheckpointError(f"the resume point does not fit this strategy ({type(e).__name__}: "
-                                  f"{str(e).strip().splitlines()[-1][:300]})") from None
-        if unexpected:
-            raise CheckpointError(f"the resume point does not fit this strategy (unexpected {unexpected[:5]})")
-        self._replay_epochs(exp, done["epoch_logs"])
-        set_rng_state(done["rng"])
-        self._fit_done.append(done)
-
-    def _replay_epochs(self, exp: Experience, logs: list) -> None:
-        """Tell the callbacks about epochs finished before an interruption (so logs and events stay complete)."""
-        cb = self.ctx.callbacks
-        for epoch, values in logs if cb is not None else ():
-            cb.before_epoch(self.ctx.agent, exp, epoch)
-            cb.after_epoch(self.ctx.agent, exp, epoch, values)
-
-    def _step(self, opt: torch.optim.Optimizer, params: list[nn.Parameter], state: State, y: torch.Tensor,
-              exp_id: int, epoch: int, it: int) -> tuple[float, int]:
-        """One optimiser step on a global batch; in a distributed run on this rank's rows of it, with gradients
-        averaged over ranks (the same update as one process on the whole batch). Returns this rank's loss and
-        row count."""
-        y_local = y
-        if dist.is_distributed():
-            rows = dist.local_rows(len(y))
-            state, y_local = _rows(state, rows), y[rows]
-        opt.zero_grad(set_to_none=True)
-        loss = self.training_step(state, y_local.to(self.ctx.device)) if len(y_local) else None
-        bad = loss is not None and not bool(torch.isfinite(loss))
-        if dist.any_rank(bad):
-            value = loss.item() if bad else "not finite on another rank"
-            raise TrainingError(
-                f"loss is {value} at experience {exp_id}, epoch {epoch}, batch {it}: lower the learning rate "
-                "(strategy.lr) or check the inputs for NaN; the run stopped before this step, and the last "
-                "checkpoint (the previous experience) is kept"
-            )
-        if loss is not None:
-            loss.backward()
-        dist.average_gradients(params, len(y_local) / max(len(y), 1))
-        opt.step()
-        return (loss.item() if loss is not None else 0.0), len(y_local)
+        train(self, exp)
 
     def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
         """Loss of one batch of prefix states (at ``frozen_depth``) and targets."""
@@ -297,75 +184,19 @@ class Strategy(nn.Module):
         """Class scores ``[B, C]`` (column = global class id) for prefix states at ``frozen_depth``."""
         raise NotImplementedError
 
-    # ---- helpers shared by strategies -------------------------------------------------------
+    # ---- features: what the head sees; the backbone's embedding under routes ---------------------
     def features(self, state: State) -> torch.Tensor:
-        """Embedding of prefix states (runs the unfrozen suffix of the backbone)."""
-        return self.backbone.forward_from(state, self.frozen_depth)
+        """What the head sees for prefix states (default: ``embedding(state)``)."""
+        return self.embedding(state)
 
-    # ---- the memory's embedding --------------------------------------------------------------
-    def keep_pretrained(self, names: set[str]) -> None:
-        """Record that the entries ``names`` of the state dict are about to change (training, a merge into the
-        weights, a checkpoint): checkpoints keep them, and ``embed`` keeps running on their pretrained values."""
-        if names & self._pristine:
-            entries = {**dict(self.named_parameters()), **dict(self.named_buffers())}
-            for n in names & self._pristine:
-                if n in entries:
-                    self._pretrained[n] = entries[n].detach().clone()
-            self._pristine -= names
-
-    @contextmanager
-    def pretrained(self) -> Iterator[None]:
-        """Run the backbone as constructed: adapters off, trained entries swapped back to their pretrained values."""
-        entries = {**dict(self.named_parameters()), **dict(self.named_buffers())}
-        swapped: dict[str, torch.Tensor] = {}
-        try:
-            for name, value in self._pretrained.items():
-                t = entries[name]
-                swapped[name] = t.data
-                t.data = value.to(t.device, t.dtype)
-            with adapters_off(pools(self.backbone)):
-                yield
-        finally:
-            for name, data in swapped.items():
-                entries[name].data = data
-
-    def frozen_features(self, state: State) -> torch.Tensor:
-        """The embedding of prefix states with every adapter pool off (the current backbone weights otherwise)."""
-        with adapters_off(pools(self.backbone)):
+    def embedding(self, state: State, routes: Routes = None) -> torch.Tensor:
+        """The backbone's embedding ``[B, embed_dim]`` of prefix states (the blocks from ``frozen_depth`` on) under
+        ``routes`` (``cl.routing.Routes``): None as the pools route now, ``OFF`` with every adapter off (the frozen
+        model's), ``{layer: weights}``, or an experience id, ids ``[B]`` or adapter name to route to in every pool."""
+        if routes is None:  # no route to force (and no pools to look up)
             return self.backbone.forward_from(state, self.frozen_depth)
-
-    @torch.no_grad()
-    def embed(self, state: State) -> torch.Tensor:
-        """The memory's embedding ``[B, embed_dim]`` of prefix states: the pretrained backbone's, L2-normalised.
-
-        Frozen by construction, so vectors written to the experience memory at different experiences (task
-        summaries, prototypes, exemplars) stay comparable whatever the strategy trained since.
-        """
-        with self.pretrained():
-            return F.normalize(self.backbone.forward_from(state, self.frozen_depth).float(), dim=1)
-
-    @torch.no_grad()
-    def embeddings(self, dataset: Dataset, desc: str = "embeddings") -> tuple[torch.Tensor, torch.Tensor]:
-        """``embed`` of every item of ``dataset`` ``[N, D]`` (CPU, in order) and its targets ``[N]``.
-
-        The last dataset's are kept until the next experience, so the replay buffer and the journal share one pass.
-        In a distributed run each rank embeds its shard and every rank gets all rows.
-        """
-        if self._embedded is not None and self._embedded[0] is dataset:
-            return self._embedded[1], self._embedded[2]
-        was = self.training
-        self.eval()
-        z, y = [], []
-        rows = dist.local_rows(len(dataset)) if dist.is_distributed() else None
-        for state, target in self.iterate_states(dataset, self.ctx.eval_batch_size, desc=desc, rows=rows):
-            z.append(self.embed(state).cpu())
-            y.append(target.cpu())
-        self.train(was)
-        dim = self.backbone.embed_dim
-        out = (torch.cat(z) if z else torch.zeros(0, dim), torch.cat(y) if y else torch.zeros(0, dtype=torch.long))
-        out = (dist.gather_rows(out[0]), dist.gather_rows(out[1]))
-        self._embedded = (dataset, *out)
-        return out
+        with routed(pools(self.backbone), routes):
+            return self.backbone.forward_from(state, self.frozen_depth)
 
     def configure_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         name = self.optimizer_name.lower()
@@ -403,7 +234,7 @@ class Strategy(nn.Module):
             else:
                 it = (cached.take(i) for i in torch.arange(rows.start, rows.stop).split(batch_size))
             dev = self.ctx.device
-            it = ((_to(s, dev), y) for s, y in it)
+            it = ((to_device(s, dev), y) for s, y in it)
         else:
             part = dataset if rows is None else subset(dataset, range(rows.start, rows.stop))
             it = self._fresh_states(part, depth, batch_size, shuffle, generator)
@@ -442,8 +273,9 @@ class Strategy(nn.Module):
         return {k: v for k, v in self.state_dict().items() if k not in self._pristine}
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a ``checkpoint_state``; growing modules resize themselves from it. A state that does not fit
-        (shapes, keys, extra state of another kind) raises CheckpointError."""
+        """Load a ``checkpoint_state``: tensors that grew take the saved shape (``cl.loading``), pools recreate the
+        adapters it names. A state that does not fit (shapes, keys, extra state of another kind) raises
+        CheckpointError."""
         self.keep_pretrained(set(state))
         try:
             missing, unexpected = self.load_state_dict(state, strict=False)
@@ -458,12 +290,6 @@ class Strategy(nn.Module):
                 f"checkpoint does not fit this strategy: missing {bad[:5]}, unexpected {list(unexpected)[:5]}"
             )
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        key = prefix + "seen_classes"
-        if key in state_dict:  # the class list grows with the stream
-            self.seen_classes = torch.empty_like(state_dict[key], device=self.seen_classes.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def extra_metrics(self) -> dict[str, Any]:
         """Strategy-specific figures for metrics.json (e.g. adapters per layer)."""
         return {}
@@ -473,78 +299,3 @@ class Strategy(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return {"params_total": total, "params_trainable": trainable}
-
-
-class AdapterStrategy(Strategy):
-    """Base of the adapter methods (APER, SEMA, MOS, LAE, key retrieval): adapter pools injected into blocks
-    ``layers`` of the frozen backbone (``pools``, by block index), a masked-CE ``train_head`` that trains them,
-    and the frozen prefix up to the first adapted block.
-
-    Args:
-        layers: blocks to adapt (negative: from the end).
-        adapter: adapter kind (``bottleneck``, ``lora``, ``ssf``, ``rank1``).
-        adapter_dim: bottleneck width or rank (default: the kind's).
-        kw: the training parameters of ``Strategy`` (defaults: ``param_defaults``).
-    """
-
-    param_defaults: ClassVar[dict[str, Any]] = {"epochs": 3, "batch_size": 128}
-
-    def __init__(
-        self,
-        backbone: Backbone,
-        *,
-        layers: Sequence[int] = (-3, -2, -1),
-        adapter: str = "bottleneck",
-        adapter_dim: int | None = None,
-        **kw: Any,
-    ) -> None:
-        config = self.adapter_config(AdapterConfig(kind=adapter, dim=adapter_dim, layers=list(layers), router=None))
-        self.pools: dict[int, AdapterPool] = dict(sorted(inject(backbone, config).items()))
-        super().__init__(backbone, **{**self.param_defaults, **kw})
-        self.train_head = LinearHead(backbone.embed_dim)
-
-    def adapter_config(self, config: AdapterConfig) -> AdapterConfig:
-        """The pools' configuration (a subclass adds its router here); called before ``Strategy.__init__``."""
-        return config
-
-    @property
-    def frozen_depth(self) -> int:
-        return min(self.pools)
-
-    def fit_alone(self, exp: Experience) -> None:
-        """Train the adapters ``exp`` added (``pool.add(name, owner=exp.id)`` in every pool) with every input routed
-        to them alone, then freeze them."""
-        names = {i: p.owned_by(exp.id) for i, p in self.pools.items()}
-        if None in names.values():
-            missing = [i for i, n in names.items() if n is None]
-            raise ConfigError(f"{type(self).__name__}: experience {exp.id} added no adapter to the pools of blocks "
-                              f"{missing}: add one with pool.add(name, owner={exp.id}) before fit_alone")
-        with routing(self.pools, {i: self.pools[i].route_to(n) for i, n in names.items()}):
-            Strategy.fit(self, exp)
-        for i, name in names.items():
-            self.pools[i].freeze(name)
-
-    def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
-        """Masked cross-entropy of ``train_head`` on the features through the adapters the current routes pick."""
-        z = self.backbone.forward_from(state, self.frozen_depth)
-        return masked_cross_entropy(self.train_head(z), y, self.experience.classes)
-
-    def iterate_states(self, dataset, batch_size: int, shuffle: bool = False, generator=None, desc: str = "batches",
-                       **kw: Any):
-        """As ``Strategy``'s; during evaluation a strategy with a route log (``self.log``) records its routes."""
-        batches = super().iterate_states(dataset, batch_size, shuffle, generator, desc, **kw)
-        log = getattr(self, "log", None)
-        if self.training or log is None:
-            return batches
-        return log.watch(batches, self.emit, self.experience.id if self.experience is not None else None)
-
-
-def _rows(state: State, rows: slice) -> State:
-    return tuple(s[rows] for s in state) if isinstance(state, tuple) else state[rows]
-
-
-def _to(state: State, device: torch.device) -> State:
-    if isinstance(state, tuple):
-        return tuple(s.to(device, non_blocking=True) for s in state)
-    return state.to(device, non_blocking=True)
-

@@ -1,14 +1,19 @@
 """Streams of experiences: builders, dataset sources and the registered scenarios.
 
+The data contract they are built from (``Experience``, ``Stream``, ``ArrayDataset``, ``subset``, ``Index``) lives in
+``cl`` (``cl.experience``, ``cl.data``) and is re-exported here.
+
 ``create_scenario("split_fmnist", n_experiences=5)`` builds a registered scenario by name with
 its parameters validated; ``list_scenarios()`` lists the names.
 """
 
 from typing import Any
 
+from cl.data import ArrayDataset, Index, subset
+from cl.experience import Experience, Stream
 from cl.registry import SCENARIOS
 from scenarios import paper, zoo  # noqa: F401  (paper: imported for its registrations)
-from scenarios.builders import class_incremental, domain_incremental, head_per_class, subset, task_incremental
+from scenarios.builders import class_incremental, domain_incremental, head_per_class, task_incremental
 from scenarios.sources import (
     ImageFolderDataset,
     from_avalanche,
@@ -18,7 +23,6 @@ from scenarios.sources import (
     load_fortunes,
     to_avalanche,
 )
-from scenarios.stream import Experience, Stream
 from scenarios.zoo import image_folder, rotated_digits, split_digits, split_fmnist, split_fortunes, synthetic
 
 assert zoo  # imported for its registrations
@@ -35,8 +39,10 @@ def list_scenarios(pattern: str = "*") -> list[str]:
 
 
 __all__ = [
+    "ArrayDataset",
     "Experience",
     "ImageFolderDataset",
+    "Index",
     "Stream",
     "class_incremental",
     "create_scenario",

@@ -11,23 +11,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
-from cl.data import ArrayDataset, targets_of
+from cl.data import Index, subset, targets_of  # noqa: F401  (Index, subset: the data contract's, re-exported)
 from cl.errors import ConfigError, DataError
-from scenarios.stream import Experience, Stream
-
-Index = Sequence[int] | np.ndarray | torch.Tensor
-
-
-def subset(dataset: Dataset, index: Index) -> Dataset:
-    """The items of ``dataset`` at ``index``; keeps a ``targets`` attribute so ``targets_of`` is fast."""
-    idx = np.asarray(index, dtype=np.int64)
-    if isinstance(dataset, ArrayDataset):
-        return dataset.subset(idx)
-    sub = Subset(dataset, idx.tolist())
-    sub.targets = targets_of(dataset)[torch.from_numpy(idx)]  # type: ignore[attr-defined]
-    return sub
+from cl.experience import Experience, Stream
 
 
 def head_per_class(dataset: Dataset, n: int | None) -> Dataset:

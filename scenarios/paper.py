@@ -19,6 +19,7 @@ from collections.abc import Callable
 from torch.utils.data import Dataset
 
 from cl.config import Seed
+from cl.experience import Stream
 from cl.registry import register_scenario
 from scenarios.builders import class_incremental, head_per_class
 from scenarios.sources.paper import (
@@ -30,7 +31,6 @@ from scenarios.sources.paper import (
     pilot_folders,
 )
 from scenarios.sources.views import ImageView
-from scenarios.stream import Stream
 from scenarios.zoo import image_folder
 
 #: the class-order seed of PILOT, SEMA and MOS

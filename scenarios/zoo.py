@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 from cl.config import Seed
 from cl.data import ArrayDataset
 from cl.errors import ConfigError
+from cl.experience import Stream
 from cl.registry import register_scenario
 from scenarios.builders import class_incremental, domain_incremental, head_per_class, task_incremental
 from scenarios.sources.digits import load_digits
@@ -19,7 +20,6 @@ from scenarios.sources.fashion_mnist import load_fashion_mnist
 from scenarios.sources.fortunes import DEBIAN_ROOT as FORTUNES_ROOT
 from scenarios.sources.fortunes import load_fortunes, read_fortunes, select_categories
 from scenarios.sources.image_folder import ImageFolderDataset
-from scenarios.stream import Stream
 
 Kind = Literal["class", "task"]
 

@@ -1,5 +1,6 @@
 """Continual-learning methods, one module each, registered by name (``cl list strategies``)."""
 
+from cl.replay import ReplayMixin, with_replay  # re-exported: replay composes with any strategy
 from strategies import aper, finetune, joint, key_retrieval, lae, mos, replay, sema, simplecil  # noqa: F401
 from strategies.aper import APER
 from strategies.finetune import Finetune
@@ -7,8 +8,8 @@ from strategies.joint import Joint
 from strategies.key_retrieval import KeyRetrieval
 from strategies.lae import LAE
 from strategies.mos import MOS
-from strategies.replay import Replay, ReplayMixin, SEMAReplay, with_replay
-from strategies.sema import SEMA, AdapterPerTask
+from strategies.replay import Replay
+from strategies.sema import SEMA, AdapterPerTask, SEMAReplay
 from strategies.simplecil import SimpleCIL
 
 __all__ = ["APER", "LAE", "MOS", "SEMA", "AdapterPerTask", "Finetune", "Joint", "KeyRetrieval", "Replay", "ReplayMixin",

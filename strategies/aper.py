@@ -4,32 +4,26 @@ concatenation of frozen and adapted features, so later experiences need no train
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from cl.adapter_strategy import AdapterStrategy
 from cl.backbones.base import Backbone, State
-from cl.heads import create_head
+from cl.experience import Experience
 from cl.registry import register_strategy
-from cl.strategy import AdapterStrategy
-from scenarios.stream import Experience
 
 
 @register_strategy("aper")
 class APER(AdapterStrategy):
     """First-experience adapters + prototypes (``head``: ncm, lda, ranpac) over [frozen, adapted] features."""
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        *,
-        head: str = "ncm",
-        head_kw: dict[str, Any] | None = None,
-        **kw: Any,
-    ) -> None:
-        """``kw``: ``AdapterStrategy``'s (adapter layers and kind, training parameters for the adapters)."""
+    param_defaults: ClassVar[dict[str, Any]] = {"head": "ncm"}
+
+    def __init__(self, backbone: Backbone, **kw: Any) -> None:
+        """``kw``: ``AdapterStrategy``'s (adapter layers and kind, head, training parameters for the adapters)."""
         super().__init__(backbone, **kw)
-        self.head = create_head(head, 2 * backbone.embed_dim, **(head_kw or {}))
+        self.head = self.make_head(self.head_dim)
 
     @property
     def adapted(self) -> bool:
@@ -53,8 +47,7 @@ class APER(AdapterStrategy):
 
     def features(self, state: State) -> torch.Tensor:
         """``[frozen, adapted]`` embeddings (frozen: adapters switched off)."""
-        adapted = self.backbone.forward_from(state, self.frozen_depth)
-        return torch.cat([self.frozen_features(state), adapted], 1)
+        return self.routed_features(state)
 
     @torch.no_grad()
     def after_experience(self, exp: Experience) -> None:

@@ -5,49 +5,10 @@ The lower bound of a stream: nothing protects old classes, so it shows forgettin
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-import torch.nn.functional as F
-
-from cl.backbones.base import Backbone, State
-from cl.errors import ConfigError
-from cl.heads import LinearHead
+from cl.finetune import FinetuneBase
 from cl.registry import register_strategy
-from cl.strategy import Strategy
-from scenarios.stream import Experience
 
 
 @register_strategy("finetune")
-class Finetune(Strategy):
+class Finetune(FinetuneBase):
     """Naive sequential fine-tuning of the last ``train_blocks`` blocks and a linear head."""
-
-    def __init__(
-        self,
-        backbone: Backbone,
-        *,
-        train_blocks: int = 2,
-        **kw: Any,
-    ) -> None:
-        """``kw``: the training parameters of ``Strategy`` (epochs, lr, batch_size, optimizer, ...)."""
-        super().__init__(backbone, **kw)
-        if not 0 <= train_blocks <= backbone.num_blocks:
-            raise ConfigError(f"train_blocks must be in 0..{backbone.num_blocks}, got {train_blocks}")
-        self.train_blocks = train_blocks
-        for block in backbone.blocks[backbone.num_blocks - train_blocks :]:
-            block.requires_grad_(True)
-        self.head = LinearHead(backbone.embed_dim)
-
-    @property
-    def frozen_depth(self) -> int:
-        return self.backbone.num_blocks - self.train_blocks
-
-    def before_experience(self, exp: Experience) -> None:
-        super().before_experience(exp)
-        self.head.add_classes(exp.classes)
-
-    def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.scores(state), y)
-
-    def scores(self, state: State) -> torch.Tensor:
-        return self.head(self.features(state))

@@ -11,12 +11,12 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from cl.backbones.base import State
+from cl.finetune import FinetuneBase
 from cl.registry import register_strategy
-from strategies.finetune import Finetune
 
 
 @register_strategy("joint")
-class Joint(Finetune):
+class Joint(FinetuneBase):
     """Upper bound: fine-tunes like ``finetune`` but on all data seen so far at every experience."""
 
     def train_batches(self, dataset: Dataset, exp_id: int, epoch: int) -> Iterator[tuple[State, torch.Tensor]]:

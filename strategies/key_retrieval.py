@@ -2,29 +2,31 @@
 
 Each experience trains its own adapters on the last blocks (routed to them alone), then writes keys for
 them: class prototypes of its frozen features (``keys_per_class`` > 1: k-means centroids per class) as
-``adapter_key`` entries of an ``ExperienceMemory``, the engine's ``ctx.memory`` when it has one that fits,
-else the router's own. At inference the frozen feature of each input queries the keys (one FAISS search per
-batch) and the input runs through the adapters of its best key (``cl.routing.keys.KeyRouter``; by default
-keys and queries are whitened by the shared within-class covariance and compared by cosine, which routed
-0.878 of Split-FashionMNIST test images to their own experience, against 0.785 for plain cosine). The
-classifier is a statistics head (LDA by default) over ``[frozen, adapted]`` features, so misrouted inputs
-keep the frozen half. Routing by keys needs no class-to-experience map: it works on domain-incremental
-streams too (the same class in several experiences gets a key per experience).
+``adapter_key`` entries of the strategy's experience memory (``strategy.memory``, the agent's) when it fits the
+metric, else of the router's own. At inference the frozen feature of each input queries the keys (one FAISS
+search per batch) and the input runs through the adapters of its best key (``cl.routing.keys.KeyRouter``; by
+default keys and queries are whitened by the shared within-class covariance and compared by cosine, which routes
+more inputs to their own experience than plain cosine: benchmarks/RESULTS.md). The classifier is a statistics
+head (LDA by default) over ``[frozen, adapted]`` features, so misrouted inputs keep the frozen half. Routing by
+keys needs no class-to-experience map: it works on domain-incremental streams too (the same class in several
+experiences gets a key per experience).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field, PositiveFloat, PositiveInt
 
-from cl.adapters import routing
+from cl.adapter_strategy import AdapterStrategy
 from cl.backbones.base import Backbone, State
-from cl.heads import Head, create_head
+from cl.experience import Experience
+from cl.heads import Head
+from cl.memory import ExperienceMemory
 from cl.registry import register_strategy
+from cl.routing import OFF
 from cl.routing.keys import KeyRouter, RouteLog, experience_of
-from cl.strategy import AdapterStrategy
-from scenarios.stream import Experience
 
 
 @register_strategy("key_retrieval")
@@ -37,28 +39,24 @@ class KeyRetrieval(AdapterStrategy):
         *,
         metric: Literal["cosine", "whitened", "mahalanobis"] = "whitened",
         mode: Literal["top1", "vote", "soft"] = "top1",
-        top_k: int = 1,
-        temperature: float | None = None,
-        keys_per_class: int = 1,
-        shrinkage: float = 0.01,
-        head: str = "lda",
-        head_kw: dict[str, Any] | None = None,
-        head_features: Literal["concat", "adapted"] = "concat",
+        top_k: PositiveInt = 1,
+        temperature: PositiveFloat | None = None,
+        keys_per_class: PositiveInt = 1,
+        shrinkage: Annotated[float, Field(ge=0, le=1)] = 0.01,
         **kw: Any,
     ) -> None:
-        """``kw``: ``AdapterStrategy``'s (adapter layers and kind, training parameters for the adapters)."""
+        """``kw``: ``AdapterStrategy``'s (adapter layers and kind, head, training parameters for the adapters)."""
         super().__init__(backbone, **kw)
-        d = backbone.embed_dim
-        self.router = KeyRouter(d, metric=metric, mode=mode, top_k=top_k, temperature=temperature,
+        self.router = KeyRouter(backbone.embed_dim, metric=metric, mode=mode, top_k=top_k, temperature=temperature,
                                 keys_per_class=keys_per_class, shrinkage=shrinkage)
-        self.concat = head_features == "concat"
-        self.head: Head = create_head(head, d * (2 if self.concat else 1), **(head_kw or {}))
+        self.head: Head = self.make_head(self.head_dim)
         self.register_buffer("class_experience", torch.zeros(0, dtype=torch.long))  # diagnostics only
         self.log = RouteLog()
 
-    def bind(self, ctx: Any) -> None:
-        super().bind(ctx)
-        self.router.attach(getattr(ctx, "memory", None))
+    def use_memory(self, memory: ExperienceMemory) -> None:
+        """The router keeps the keys in the strategy's memory (its own if that one does not fit)."""
+        super().use_memory(memory)
+        self.router.attach(memory)
 
     # ---- hooks ------------------------------------------------------------------------------
     def before_experience(self, exp: Experience) -> None:
@@ -84,15 +82,15 @@ class KeyRetrieval(AdapterStrategy):
     @torch.no_grad()
     def after_experience(self, exp: Experience) -> None:
         """Keys from this experience's frozen features, then the head from the routed features (frozen reused)."""
-        self.router.attach(getattr(self.ctx, "memory", None))
         bs = self.ctx.eval_batch_size
         frozen, labels = [], []
         for state, y in self.iterate_states(exp.train, bs, desc=f"exp {exp.id} keys"):
-            frozen.append(self.frozen_features(state))
+            frozen.append(self.embedding(state, OFF))
             labels.append(y)
-        keys = self.router.add_keys(torch.cat(frozen), torch.cat(labels), self.router.names.index(f"e{exp.id}"),
+        name = self.pool.owned_by(exp.id)  # the adapter this experience added (the same name in every pool)
+        keys = self.router.add_keys(torch.cat(frozen), torch.cat(labels), self.router.names.index(name),
                                     experience=exp.id)
-        self.emit("keys", experience=exp.id, adapter=f"e{exp.id}", keys=len(keys), total_keys=len(self.router.keys),
+        self.emit("keys", experience=exp.id, adapter=name, keys=len(keys), total_keys=len(self.router.keys),
                   metric=self.router.metric)
         for (state, y), z in zip(self.iterate_states(exp.train, bs, desc=f"exp {exp.id} head"), frozen, strict=True):
             self.head.update(self._embed(state, z)[0], y.to(self.ctx.device))
@@ -100,12 +98,9 @@ class KeyRetrieval(AdapterStrategy):
     # ---- inference ----------------------------------------------------------------------------
     def _embed(self, state: State, frozen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(head features, routing weights ``[B, K]``): adapters chosen by key retrieval on the frozen feature."""
-        frozen = self.frozen_features(state) if frozen is None else frozen
-        self.router.attach(getattr(self.ctx, "memory", None))  # the engine may have swapped it (resume)
+        frozen = self.embedding(state, OFF) if frozen is None else frozen
         weights = self.router(frozen)
-        with routing(self.pools, dict.fromkeys(self.pools, weights)):
-            adapted = self.backbone.forward_from(state, self.frozen_depth)
-        return (torch.cat([frozen, adapted], 1) if self.concat else adapted), weights
+        return self.routed_features(state, dict.fromkeys(self.pools, weights), frozen), weights
 
     def features(self, state: State) -> torch.Tensor:
         return self._embed(state)[0]
@@ -114,15 +109,9 @@ class KeyRetrieval(AdapterStrategy):
         feats, weights = self._embed(state)
         if self.log.targets is not None:
             truth = experience_of(self.log.targets, self.class_experience)
-            owner = torch.tensor(next(iter(self.pools.values())).owners)  # router experts = pool adapters, in order
+            owner = torch.tensor(self.pool.owners)  # router experts = pool adapters, in order
             self.log.record(weights.argmax(-1), self.router.names, truth, owner)
         return self.head(feats)
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        key = prefix + "class_experience"
-        if key in state_dict:  # grows with the stream
-            self.class_experience = torch.empty_like(state_dict[key], device=self.class_experience.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_metrics(self) -> dict[str, Any]:
         n, d = self.backbone.num_blocks, self.frozen_depth

@@ -9,34 +9,32 @@ of their softmax (``ensemble="softmax"``, the official code) or, per input, the 
 energy ``-logsumexp(logits)`` (``"energy"``); ``"online"`` / ``"offline"`` use one member alone.
 
 The paper's classifier is a linear head shared by both members, trained with cross-entropy over the current
-task's classes only: ``head="linear", head_features="adapted", ensemble="softmax"``. On Split-FashionMNIST it
-cannot separate old classes from similar new ones (final accuracy 0.45, README). Our default is a statistics
-head (LDA) over ``[frozen, offline]`` features, the offline member alone (0.88): the online adapters keep
-moving, so class statistics collected through them go stale (0.49 alone; the max-softmax ensemble of both
-members' LDA heads: 0.69), and a lower momentum lets the offline ones drift too (0.80 at 0.9995, 0.61 at 0.999).
+task's classes only: ``head="linear", head_features="adapted", ensemble="softmax"``; it cannot separate old
+classes from similar new ones. Our default is a statistics head (LDA) over ``[frozen, offline]`` features, the
+offline member alone: the online adapters keep moving, so class statistics collected through them go stale, and
+a lower momentum lets the offline ones drift too (figures: README, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
+from pydantic import Field, NonNegativeFloat, NonNegativeInt
 from torch import nn
 
-from cl.adapters import adapters_off, routes_to, routing
+from cl.adapter_strategy import AdapterStrategy
 from cl.adapters.ema import ema_update
 from cl.backbones.base import Backbone, State
 from cl.errors import ConfigError
-from cl.heads import Head, create_head, masked_cross_entropy
+from cl.experience import Experience
+from cl.heads import Head, masked_cross_entropy
 from cl.registry import register_strategy
-from cl.strategy import AdapterStrategy
-from scenarios.stream import Experience
+from cl.routing import OFF
 
 MEMBERS = ("online", "offline")
-ENSEMBLES = ("softmax", "energy", "online", "offline")
 
 
 def ensemble_scores(scores: Sequence[torch.Tensor], rule: str = "softmax") -> torch.Tensor:
@@ -58,40 +56,27 @@ def ensemble_scores(scores: Sequence[torch.Tensor], rule: str = "softmax") -> to
 class LAE(AdapterStrategy):
     """Online adapters learn, offline EMA adapters accumulate; LDA on [frozen, offline] or a max-softmax ensemble."""
 
-    param_defaults: ClassVar[dict[str, Any]] = {"epochs": 3, "lr": 1e-3, "batch_size": 128, "optimizer": "adam"}
+    param_defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3, "optimizer": "adam"}
 
     def __init__(
         self,
         backbone: Backbone,
         *,
-        momentum: float = 0.9999,
-        adapter_lr_scale: float = 0.1,
-        freeze_epochs: int = 0,
-        ensemble: str = "offline",
-        head: str = "lda",
-        head_kw: dict[str, Any] | None = None,
-        head_features: str = "concat",
+        momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9999,
+        adapter_lr_scale: NonNegativeFloat = 0.1,
+        freeze_epochs: NonNegativeInt = 0,
+        ensemble: Literal["softmax", "energy", "online", "offline"] = "offline",
         **kw: Any,
     ) -> None:
-        """``kw``: ``AdapterStrategy``'s (adapter layers and kind, training parameters for the adapters)."""
-        if not 0.0 <= momentum < 1.0:
-            raise ConfigError(f"momentum must be in [0, 1) (per optimiser step; the paper used 0.9999), got {momentum}")
-        if adapter_lr_scale < 0 or freeze_epochs < 0:
-            raise ConfigError(f"adapter_lr_scale, freeze_epochs must be >= 0, got {adapter_lr_scale}, {freeze_epochs}")
-        if ensemble not in ENSEMBLES:
-            raise ConfigError(f"unknown ensemble {ensemble!r} (available: {', '.join(ENSEMBLES)})")
-        if head_features not in ("adapted", "concat"):
-            raise ConfigError(f"head_features must be 'adapted' or 'concat' (frozen + adapted), got {head_features!r}")
-        if head == "linear" and head_features == "concat":
-            raise ConfigError("head='linear' classifies the adapted features alone; use head_features='adapted'")
+        """``momentum``: per optimiser step (the paper: 0.9999). ``kw``: ``AdapterStrategy``'s (adapter layers and
+        kind, head, training parameters for the adapters)."""
         super().__init__(backbone, **kw)
         self.momentum, self.adapter_lr_scale, self.freeze_epochs = momentum, adapter_lr_scale, freeze_epochs
-        self.rule, self.concat = ensemble, head_features == "concat"
+        self.rule = ensemble
         self.members = (ensemble,) if ensemble in MEMBERS else MEMBERS  # the members that predict
         self.heads: nn.ModuleDict | None = None  # statistics heads, one per predicting member
-        if head != "linear":
-            dim = backbone.embed_dim * (2 if self.concat else 1)
-            self.heads = nn.ModuleDict({m: create_head(head, dim, **(head_kw or {})) for m in self.members})
+        if self.head_name != "linear":
+            self.heads = nn.ModuleDict({m: self.make_head(self.head_dim) for m in self.members})
         self.register_buffer("experiences_done", torch.zeros((), dtype=torch.long))
         self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
         for pool in self.pools.values():  # a bare backbone forward takes the online adapters
@@ -146,7 +131,7 @@ class LAE(AdapterStrategy):
         self.ema_steps += 1
 
     def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
-        return masked_cross_entropy(self.train_head(self.member_embedding(state, "online")), y, self.experience.classes)
+        return masked_cross_entropy(self.train_head(self.embedding(state, "online")), y, self.experience.classes)
 
     @torch.no_grad()
     def after_experience(self, exp: Experience) -> None:
@@ -158,31 +143,19 @@ class LAE(AdapterStrategy):
         if self.heads is None:
             return
         for state, y in self.iterate_states(exp.train, self.ctx.eval_batch_size, desc=f"exp {exp.id} head"):
-            frozen = self.member_embedding(state, None) if self.concat else None
+            frozen = self.embedding(state, OFF) if self.concat else None
             for m in self.members:
-                self.heads[m].update(self.member_features(state, m, frozen), y.to(self.ctx.device))
+                self.heads[m].update(self.routed_features(state, m, frozen), y.to(self.ctx.device))
 
     # ---- inference --------------------------------------------------------------------------
-    def member_embedding(self, state: State, member: str | None) -> torch.Tensor:
-        """Backbone embedding through the ``member``'s adapters (``None``: the frozen backbone)."""
-        with self.route(member):
-            return self.backbone.forward_from(state, self.frozen_depth)
-
-    def member_features(self, state: State, member: str, frozen: torch.Tensor | None = None) -> torch.Tensor:
-        """What the member's head sees: its embedding, or ``[frozen, embedding]`` with ``head_features="concat"``."""
-        z = self.member_embedding(state, member)
-        if not self.concat:
-            return z
-        return torch.cat([self.member_embedding(state, None) if frozen is None else frozen, z], 1)
-
     def member_scores(self, state: State) -> dict[str, torch.Tensor]:
-        """Class scores ``[B, C]`` of each predicting member (its head over its features)."""
-        frozen = self.member_embedding(state, None) if self.concat else None
-        return {m: self.head_of(m)(self.member_features(state, m, frozen)) for m in self.members}
+        """Class scores ``[B, C]`` of each predicting member: its head over ``routed_features(state, member)``."""
+        frozen = self.embedding(state, OFF) if self.concat else None
+        return {m: self.head_of(m)(self.routed_features(state, m, frozen)) for m in self.members}
 
     def features(self, state: State) -> torch.Tensor:
         """The offline member's head features (the stable one)."""
-        return self.member_features(state, "offline")
+        return self.routed_features(state, "offline")
 
     def scores(self, state: State) -> torch.Tensor:
         scores = list(self.member_scores(state).values())
@@ -191,12 +164,6 @@ class LAE(AdapterStrategy):
     # ---- helpers ----------------------------------------------------------------------------
     def head_of(self, member: str) -> Head:
         return self.train_head if self.heads is None else self.heads[member]
-
-    def route(self, member: str | None) -> AbstractContextManager[None]:
-        """Context in which every adapted block runs only the ``member``'s adapter (``None``: none)."""
-        if member is None:
-            return adapters_off(self.pools)
-        return routing(self.pools, routes_to(self.pools, member))
 
     def member_modules(self, member: str) -> nn.ModuleList:
         """The ``member``'s adapters of every adapted block, in block order (a view, not registered)."""

@@ -14,66 +14,55 @@ Inference, per batch of prefix states (the prefix is computed once and shared by
 The public code runs all T task adapters plus the original model, T + 1 full passes per image; here it is
 one prefix and 2 + (refined share) suffix passes, reported as ``backbone_passes_per_image``.
 
-Measured on Split-FashionMNIST (EfficientNet-Lite0 64 px, defaults) before issue 14's fix, when each new
-adapter learned from the first row of every batch only (a ``[1, K]`` route the pools did not broadcast); not
-rerun since: final accuracy 0.861 (frozen LDA head alone: 0.860), 0.862 without the ensemble. Refinement
-changed the task of 1 test image in 10,000: an adapter's features always look like its own task's classes to
-the adapted head, so the frozen first guess decides the task (0.880 right), and that bounds the accuracy.
+Refinement rarely changes the task: an adapter's features look like its own task's classes to the adapted head,
+so the frozen first guess decides the task, and that bounds the accuracy (figures: README, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, NonNegativeFloat, NonNegativeInt
 
-from cl.adapters import AdapterPool, routes_to, routing
+from cl.adapter_strategy import AdapterStrategy
 from cl.adapters.merge import merge_pools
-from cl.backbones.base import Backbone, State
+from cl.backbones.base import Backbone
+from cl.backbones.state import State, take_rows
 from cl.errors import ConfigError
-from cl.heads import Head, create_head
+from cl.experience import Experience
+from cl.heads import Head
 from cl.registry import register_strategy
+from cl.routing import OFF
 from cl.routing.keys import RouteLog, experience_of
-from cl.strategy import AdapterStrategy
-from scenarios.stream import Experience
 
 
 @register_strategy("mos")
 class MOS(AdapterStrategy):
     """An adapter set per task merged once at its end; self-refined task retrieval; ensemble with the frozen model."""
 
+    param_defaults: ClassVar[dict[str, Any]] = {"head_features": "adapted"}
+
     def __init__(
         self,
         backbone: Backbone,
         *,
-        merge_momentum: float = 0.1,
-        refine_steps: int = 1,
-        ensemble_weight: float = 1.0,
-        head: str = "lda",
-        head_kw: dict[str, Any] | None = None,
+        merge_momentum: Annotated[float, Field(ge=0, le=1)] = 0.1,
+        refine_steps: NonNegativeInt = 1,
+        ensemble_weight: NonNegativeFloat = 1.0,
         **kw: Any,
     ) -> None:
-        """``kw``: ``AdapterStrategy``'s (adapter layers and kind, training parameters for the adapters)."""
-        if not 0.0 <= merge_momentum <= 1.0:
-            raise ConfigError(f"mos: merge_momentum must be in [0, 1] (0: no merging), got {merge_momentum}")
-        if refine_steps < 0 or ensemble_weight < 0:
-            raise ConfigError(f"mos: refine_steps and ensemble_weight must be >= 0, got {refine_steps}, "
-                              f"{ensemble_weight}")
+        """``merge_momentum`` 0: no merging. ``kw``: ``AdapterStrategy``'s (adapter layers and kind, head, training
+        parameters for the adapters)."""
         super().__init__(backbone, **kw)
         self.merge_momentum, self.refine_steps, self.ensemble_weight = merge_momentum, refine_steps, ensemble_weight
-        d = backbone.embed_dim
-        self.frozen_head: Head = create_head(head, d, **(head_kw or {}))  # the original model's prototypes
-        self.head: Head = create_head(head, d, **(head_kw or {}))  # each class through its own task's adapter
+        self.frozen_head: Head = self.make_head(backbone.embed_dim)  # the original model's prototypes
+        self.head: Head = self.make_head(self.head_dim)  # each class through its own task's adapter
         self.register_buffer("class_experience", torch.zeros(0, dtype=torch.long))
         self.register_buffer("merges", torch.zeros((), dtype=torch.long))
         self.passes: list[list[int]] = []  # per experience: [images scored, suffix passes run for them]
         self.log = RouteLog()
-
-    @property
-    def pool(self) -> AdapterPool:
-        """The first adapted block's pool (every pool holds the same adapters: one per task)."""
-        return next(iter(self.pools.values()))
 
     @property
     def names(self) -> list[str]:
@@ -114,15 +103,11 @@ class MOS(AdapterStrategy):
                       layers=layers)
         for state, y in self.iterate_states(exp.train, self.ctx.eval_batch_size, desc=f"exp {exp.id} prototypes"):
             y = y.to(self.ctx.device)
-            self.frozen_head.update(self.frozen_features(state), y)
-            self.head.update(self.adapted_features(state, torch.full_like(y, exp.id)), y)
+            frozen = self.embedding(state, OFF)
+            self.frozen_head.update(frozen, y)
+            self.head.update(self.routed_features(state, torch.full_like(y, exp.id), frozen), y)
 
     # ---- inference ----------------------------------------------------------------------------
-    def adapted_features(self, state: State, tasks: torch.Tensor) -> torch.Tensor:
-        """Embedding of each input through its task's (merged) adapters (``tasks``: experience ids ``[B]``)."""
-        with routing(self.pools, routes_to(self.pools, tasks)):
-            return self.backbone.forward_from(state, self.frozen_depth)
-
     def features(self, state: State) -> torch.Tensor:
         """The adapted embedding after self-refined retrieval (what the adapted head scores)."""
         return self._retrieve(state)[1]
@@ -130,11 +115,11 @@ class MOS(AdapterStrategy):
     @torch.no_grad()
     def _retrieve(self, state: State) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, int]]:
         """(original scores, adapted features, adapted scores, final task, counts) of a batch of prefix states."""
-        frozen = self.frozen_features(state)
+        frozen = self.embedding(state, OFF)
         original = self.frozen_head(frozen)
         tasks = self.class_experience[original.argmax(-1)]  # 1. the likely task
         first = tasks.clone()
-        feats = self.adapted_features(state, tasks)  # 2. its adapter
+        feats = self.routed_features(state, tasks, frozen)  # 2. its adapter (each input through its task's)
         adapted = self.head(feats)
         b = len(tasks)
         tried = F.one_hot(tasks, int(self.class_experience.max()) + 1).bool()
@@ -144,8 +129,8 @@ class MOS(AdapterStrategy):
             redo = ((proposed != tasks) & ~tried.gather(1, proposed[:, None]).squeeze(1)).nonzero().squeeze(1)
             if not len(redo):
                 break
-            sub = _select(state, redo)
-            feats[redo] = self.adapted_features(sub, proposed[redo])
+            sub = take_rows(state, redo)
+            feats[redo] = self.routed_features(sub, proposed[redo], frozen[redo])
             adapted[redo] = self.head(feats[redo])
             tasks[redo] = proposed[redo]
             tried[redo, proposed[redo]] = True
@@ -177,12 +162,6 @@ class MOS(AdapterStrategy):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.passes = [list(p) for p in state.get("passes", [])]
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        key = prefix + "class_experience"
-        if key in state_dict:  # grows with the stream
-            self.class_experience = torch.empty_like(state_dict[key], device=self.class_experience.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def extra_metrics(self) -> dict[str, Any]:
         n, d = self.backbone.num_blocks, self.frozen_depth
         per_exp = [s / i if i else None for i, s in self.passes]
@@ -197,9 +176,3 @@ class MOS(AdapterStrategy):
             "backbone_passes_per_image_per_experience": full,
             "public_code_passes_per_image": len(self.passes) + 1 if self.passes else None,
         }
-
-
-def _select(state: State, idx: torch.Tensor) -> State:
-    if isinstance(state, tuple):
-        return tuple(s.index_select(0, idx) for s in state)
-    return state.index_select(0, idx)

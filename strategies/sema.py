@@ -5,29 +5,30 @@ flag the new data as shifted (loss z-score > tau) gets one new adapter (at most 
 experience), which is trained before the following layers are scanned. Descriptors are then
 trained on the adapter's inputs; old adapters, router columns and descriptors stay frozen.
 
-Defaults follow what we measured on Split-FashionMNIST (README): hard routing by descriptors needs
-no training on current data, so most old inputs keep their routes and features; the classifier is
-an LDA head over ``[frozen, mixture]`` features (``head_features="concat"``: final accuracy 0.807;
-0.696 with soft routing over the mixture alone). ``head="linear"`` with ``head_features="mixture"`` gives the
-paper's masked-CE linear classifier.
+The defaults follow what we measured (README): hard routing by descriptors needs no training on current
+data, so most old inputs keep their routes and features; the classifier is an LDA head over ``[frozen,
+mixture]`` features (``head_features="concat"``). ``head="linear"`` with ``head_features="mixture"`` gives the
+paper's masked-CE linear classifier. ``sema_replay`` (below) is SEMA trained with exemplar replay.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
 from torch.utils.data import Dataset
 
 from cl import distributed as dist
-from cl.adapters import AdapterConfig, AdapterPool, capturing, routes_to, routing
+from cl.adapter_strategy import AdapterStrategy
+from cl.adapters import AdapterConfig, AdapterPool, capturing
 from cl.backbones.base import Backbone, State
 from cl.descriptors import ShiftDetector
-from cl.errors import ConfigError
+from cl.experience import Experience
 from cl.heads import Head, create_head, masked_cross_entropy
 from cl.registry import register_strategy
-from cl.strategy import AdapterStrategy
-from scenarios.stream import Experience
+from cl.replay import with_replay
+from cl.routing import OFF, Routes, routes_to, routing
 
 
 @register_strategy("sema")
@@ -42,52 +43,42 @@ class SEMA(AdapterStrategy):
         *,
         router: str = "descriptor",
         router_kw: dict[str, Any] | None = None,
-        head: str = "lda",
-        head_kw: dict[str, Any] | None = None,
-        head_features: str = "concat",
-        route_by: str = "head",
+        route_by: Literal["layer", "task", "head"] = "head",
         tau: float = 2.0,
-        descriptor_hidden: int = 128,
-        buffer_size: int = 500,
-        descriptor_epochs: int = 20,
-        descriptor_lr: float = 1e-2,
-        scan_samples: int = 1024,
+        descriptor_hidden: PositiveInt = 128,
+        buffer_size: PositiveInt = 500,
+        descriptor_epochs: NonNegativeInt = 20,
+        descriptor_lr: PositiveFloat = 1e-2,
+        scan_samples: PositiveInt = 1024,
         rescan: bool = True,
         warm_start: bool = False,
         **kw: Any,
     ) -> None:
-        """``kw``: ``AdapterStrategy``'s (adapter layers and kind, training parameters for the adapters)."""
+        """``route_by``: what picks the adapters of an input: each layer's router (``layer``), the first layer's
+        descriptors (``task``: one experience's adapters everywhere) or an LDA head on frozen features (``head``).
+        ``kw``: ``AdapterStrategy``'s (adapter layers and kind, head, training parameters for the adapters)."""
         if router_kw is None:  # hard descriptor routes keep old inputs on exactly their old adapters
             router_kw = {"hard": True} if router == "descriptor" else {}
         self._pool_options = {"router": router, "router_kw": dict(router_kw), "descriptor_hidden": descriptor_hidden}
         super().__init__(backbone, **kw)
-        self.router_name, self.head_name = router, head
+        self.router_name, self.route_by = router, route_by
         self.detector = ShiftDetector(tau)
         self.buffer_size, self.descriptor_epochs, self.descriptor_lr = buffer_size, descriptor_epochs, descriptor_lr
         self.scan_samples, self.rescan, self.warm_start = scan_samples, rescan, warm_start
-        if head_features not in ("mixture", "concat"):
-            raise ConfigError(f"head_features must be 'mixture' or 'concat' (frozen + mixture), got {head_features!r}")
-        self.concat = head_features == "concat"
-        if route_by not in ("layer", "task", "head"):
-            raise ConfigError(
-                f"route_by must be 'layer' (each layer's router), 'task' (the first layer's descriptors pick one "
-                f"experience's adapters everywhere) or 'head' (an LDA head on frozen features picks it), "
-                f"got {route_by!r}"
-            )
-        if route_by == "task" and router != "descriptor":
-            raise ConfigError("route_by='task' picks the experience with the first layer's descriptors: "
-                              "use router='descriptor'")
-        self.route_by = route_by
         # route_by="head": which experience a frozen embedding belongs to, via its predicted class
         self.task_head: Head | None = create_head("lda", backbone.embed_dim) if route_by == "head" else None
         # its labels are (experience, class) pairs, so a class met in several experiences (domain shifts) stays apart
         self.register_buffer("pairs", torch.zeros(0, 2, dtype=torch.long))  # row = task-head label: (exp, class)
         self._training_exp: int | None = None  # inside fit: the current experience routes every layer
         self._nearest: tuple[int, int, float] | None = None  # (experience, nearest past one, similarity)
-        if self.concat and head == "linear":
-            raise ConfigError("head='linear' is the training head over the mixture; use head_features='mixture'")
-        dim = backbone.embed_dim * (2 if self.concat else 1)
-        self.head: Head = self.train_head if head == "linear" else create_head(head, dim, **(head_kw or {}))
+        self.head: Head = self.train_head if self.head_name == "linear" else self.make_head(self.head_dim)
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        super().check_params(params)
+        if params.get("route_by") == "task" and params.get("router") != "descriptor":
+            raise ValueError("route_by='task' picks the experience with the first layer's descriptors: use "
+                             "router='descriptor'")
 
     def adapter_config(self, config: AdapterConfig) -> AdapterConfig:
         """The pools get SEMA's router and representation descriptors."""
@@ -142,8 +133,8 @@ class SEMA(AdapterStrategy):
     def _warm_start(self, exp: Experience, layer: int, pool: AdapterPool, name: str) -> None:
         """Start adapter ``name`` as a copy of the adapter the nearest past experience (the agent's journal) used
         in this layer, instead of from zero."""
-        journal = getattr(self.ctx.agent, "journal", None)
-        if journal is None or not len(journal.agent.memory.ids(kind="task")):
+        journal = self.ctx.agent.journal if self.ctx.agent is not None else None
+        if journal is None or not len(self.memory.ids(kind="task")):
             return
         if self._nearest is None or self._nearest[0] != exp.id:  # one journal query per experience
             match = dist.broadcast(journal.nearest_experience(exp, k=1)[0])
@@ -187,22 +178,21 @@ class SEMA(AdapterStrategy):
             d.record(d.losses(x[-self.buffer_size :]))
 
     def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
-        return masked_cross_entropy(self.train_head(self.mixture(state)), y, self.experience.classes)
+        return masked_cross_entropy(self.train_head(self.embedding(state, self.routes(state))), y,
+                                    self.experience.classes)
 
     @torch.no_grad()
     def after_experience(self, exp: Experience) -> None:
         if self.task_head is not None:  # first: the statistics head below sees this experience's routes
             for state, y in self.iterate_states(exp.train, self.ctx.eval_batch_size, desc=f"exp {exp.id} routes"):
-                self.task_head.update(self.frozen_features(state), self.pair_labels(exp.id, y.to(self.ctx.device)))
+                self.task_head.update(self.embedding(state, OFF), self.pair_labels(exp.id, y.to(self.ctx.device)))
         if self.head is not self.train_head:
             self.update_statistics(self.head, exp.train, desc=f"exp {exp.id} head")
 
-    def mixture(self, state: State, frozen: torch.Tensor | None = None) -> torch.Tensor:
-        """Embedding through the routed adapter mixtures (``frozen``: the frozen embedding, if already known)."""
-        if self.route_by == "layer":
-            return self.backbone.forward_from(state, self.frozen_depth)
-        with routing(self.pools, self.task_routes(state, frozen)):
-            return self.backbone.forward_from(state, self.frozen_depth)
+    def routes(self, state: State, frozen: torch.Tensor | None = None) -> Routes:
+        """The routes of the mixture embedding: each layer's router (``route_by="layer"``), else ``task_routes``
+        (``frozen``: the frozen embedding, if already known)."""
+        return None if self.route_by == "layer" else self.task_routes(state, frozen)
 
     @torch.no_grad()
     def route_experiences(self, state: State, frozen: torch.Tensor | None = None) -> torch.Tensor:
@@ -211,7 +201,7 @@ class SEMA(AdapterStrategy):
         if self._training_exp is not None:
             return torch.full((x.shape[0],), self._training_exp, dtype=torch.long, device=x.device)
         if self.task_head is not None:
-            frozen = self.frozen_features(state) if frozen is None else frozen
+            frozen = self.embedding(state, OFF) if frozen is None else frozen
             return self.pairs[self.task_head(frozen).argmax(-1), 0]
         first = self.pools[self.frozen_depth]
         chosen = first.descriptors.zscores(first.pool_input(x, mask)).argmin(-1)  # index into first.names
@@ -237,11 +227,8 @@ class SEMA(AdapterStrategy):
 
     def features(self, state: State) -> torch.Tensor:
         """What the head sees: the mixture embedding, or ``[frozen, mixture]`` with ``head_features="concat"``."""
-        if not self.concat and self.task_head is None:
-            return self.mixture(state)
-        frozen = self.frozen_features(state)
-        mixed = self.mixture(state, frozen)
-        return torch.cat([frozen, mixed], 1) if self.concat else mixed
+        frozen = self.embedding(state, OFF) if self.concat or self.task_head is not None else None
+        return self.routed_features(state, self.routes(state, frozen), frozen)
 
     def scores(self, state: State) -> torch.Tensor:
         return self.head(self.features(state))
@@ -260,7 +247,7 @@ class SEMA(AdapterStrategy):
                                  generator=generator, desc="descriptor inputs")
         for state, _ in it:
             with capturing({layer: self.pools[layer] for layer in layers}) as found:
-                self.mixture(state)
+                self.embedding(state, self.routes(state))
             for layer in layers:
                 chunks[layer].append(found[layer])
             seen += len(found[layers[0]])
@@ -268,12 +255,6 @@ class SEMA(AdapterStrategy):
                 break
         self.train(was)
         return {layer: torch.cat(c)[:limit] for layer, c in chunks.items()}
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        key = prefix + "pairs"
-        if key in state_dict:  # grows with the stream
-            self.pairs = torch.empty_like(state_dict[key], device=self.pairs.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_metrics(self) -> dict[str, Any]:
         counts = [p.parameter_counts() for p in self.pools.values()]
@@ -290,3 +271,6 @@ class AdapterPerTask(SEMA):
     """SEMA's parts with no shift test: every experience adds an adapter to every adaptable layer."""
 
     always_expand = True
+
+
+SEMAReplay = register_strategy("sema_replay")(with_replay(SEMA, "SEMAReplay"))  # SEMA's adapters trained with rehearsal

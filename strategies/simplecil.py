@@ -2,36 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from cl.backbones.base import Backbone, State
-from cl.heads import create_head
+from cl.experience import Experience
+from cl.heads import HeadChoice
 from cl.registry import register_strategy
 from cl.strategy import Strategy
-from scenarios.stream import Experience
 
 
 @register_strategy("simplecil")
-class SimpleCIL(Strategy):
+class SimpleCIL(HeadChoice, Strategy):
     """Frozen pretrained features + class statistics; ``head="ncm"`` is SimpleCIL (Zhou et al., 2023).
 
-    ``head="lda"`` (shared covariance) and ``head="ranpac"`` (random projection + ridge) are the
-    training-free baselines of METHODS.md; all are updated from each experience without old data.
+    ``head="lda"`` (shared covariance) and ``head="ranpac"`` (random projection + ridge) are training-free
+    baselines too; all are updated from each experience without old data. Nothing trains (``trains = False``):
+    ``batch_size`` is kept for the configs that name it, and sizes nothing.
     """
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        *,
-        head: str = "ncm",
-        head_kw: dict[str, Any] | None = None,
-        batch_size: int = 256,
-        cache_prefix: bool = True,
-    ) -> None:
-        super().__init__(backbone, epochs=0, batch_size=batch_size, cache_prefix=cache_prefix)
-        self.head = create_head(head, backbone.embed_dim, **(head_kw or {}))
+    trains = False
+    param_defaults: ClassVar[dict[str, Any]] = {"head": "ncm", "batch_size": 256}
+
+    def __init__(self, backbone: Backbone, **kw: Any) -> None:
+        """``kw``: ``head``, ``head_kw`` (``HeadChoice``), ``cache_prefix`` (``Strategy``)."""
+        super().__init__(backbone, **{**self.base_defaults(), **kw})
+        self.head = self.make_head(backbone.embed_dim)
 
     @torch.no_grad()
     def after_experience(self, exp: Experience) -> None:

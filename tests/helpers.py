@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -101,6 +103,22 @@ class StopBefore(Callback):
     def before_experience(self, agent, exp) -> None:
         if exp.id == self.exp_id:
             raise KeyboardInterrupt
+
+
+class SignalAt(Callback):
+    """SIGTERM after the ``at``-th training step of experience ``exp_id`` (counted over all its training loops): the
+    run stops with a resume point inside the experience."""
+
+    def __init__(self, exp_id: int, at: int) -> None:
+        self.exp_id, self.at, self.current, self.steps = exp_id, at, -1, 0
+
+    def before_experience(self, agent: Any, exp: Any) -> None:
+        self.current, self.steps = exp.id, 0
+
+    def after_iteration(self, agent: Any, iteration: int, loss: float) -> None:
+        self.steps += self.current == self.exp_id
+        if self.current == self.exp_id and self.steps == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def interrupted_and_resumed(cfg: dict[str, Any], at: int = 2) -> dict[str, Any]:

@@ -21,8 +21,8 @@ from cl.backbones import Backbone, create_backbone
 from cl.callbacks.base import Callback
 from cl.data import ArrayDataset
 from cl.descriptors import ShiftDecision, ShiftDetector
+from cl.experience import Experience
 from cl.strategy import Strategy
-from scenarios.stream import Experience
 from strategies.mos import MOS
 from strategies.sema import SEMA
 

@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.peers.grid import AVALANCHE_METHODS, AVALANCHE_TRAINING, RunSpec
 from cl.backbones.base import Backbone
+from cl.experience import Stream
 from cl.registry import BACKBONES, SCENARIOS
 from scenarios.sources.avalanche import to_avalanche
-from scenarios.stream import Stream
 
 
 class TrunkClassifier(nn.Module):

@@ -1,4 +1,5 @@
-"""Adapters on backbone blocks: modules, their config, pools by name, and injection."""
+"""Adapters on backbone blocks: modules, their config, pools by name, and injection (routes over pools:
+``cl.routing``)."""
 
 from cl.adapters.modules import (
     ADAPTERS,
@@ -13,12 +14,9 @@ from cl.adapters.modules import (
 from cl.adapters.pool import (
     AdaptedBlock,
     AdapterPool,
-    adapters_off,
     capturing,
     inject,
     pools,
-    routes_to,
-    routing,
 )
 
 __all__ = [
@@ -31,11 +29,8 @@ __all__ = [
     "Bottleneck",
     "LoRA",
     "RankOne",
-    "adapters_off",
     "build_adapter",
     "capturing",
     "inject",
     "pools",
-    "routes_to",
-    "routing",
 ]

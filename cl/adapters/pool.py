@@ -5,6 +5,9 @@
 experience it was made for (its owner); ``route_to`` / ``routes_to`` send inputs to an experience's adapters.
 A pool rebuilds the adapters, router columns, descriptors and owners a loaded state dict names, so a
 checkpoint of an expanded model loads into a freshly injected one.
+
+Routes over pools (``routing``, ``routes_to``, ``adapters_off``) live in ``cl.routing``; ``capturing`` stays here: it
+records the pools' pooled inputs (a pool's sink, which SEMA's descriptors learn from) and routes nothing.
 """
 
 from __future__ import annotations
@@ -50,6 +53,11 @@ class AdapterPool(nn.Module):
         self.router = create_router(config.router, shape.c_in, **kw) if config.router else None
         self.route_override: torch.Tensor | None = None
         self._sink: tuple[dict[int, torch.Tensor], int] | None = None  # set by ``capturing``
+
+    @property
+    def device(self) -> torch.device:
+        """Where the pool's adapters (and the weights it builds) live."""
+        return self._anchor.device
 
     @property
     def names(self) -> list[str]:
@@ -373,32 +381,6 @@ def inject(backbone: Backbone, config: AdapterConfig) -> dict[int, AdapterPool]:
 def pools(backbone: Backbone) -> dict[int, AdapterPool]:
     """The adapter pools of an injected backbone by block index."""
     return {i: b.pool for i, b in enumerate(backbone.blocks) if isinstance(b, AdaptedBlock)}
-
-
-@contextmanager
-def routing(pools: Mapping[int, AdapterPool], weights: Mapping[int, torch.Tensor]) -> Iterator[None]:
-    """Force the mixture weights (``[K]`` or ``[B, K]``) of the given layers inside the block."""
-    before = {i: pools[i].route_override for i in weights}
-    try:
-        for i, w in weights.items():
-            pools[i].route_override = w
-        yield
-    finally:
-        for i, w in before.items():
-            pools[i].route_override = w
-
-
-def routes_to(pools: Mapping[int, AdapterPool], target: int | str | torch.Tensor) -> dict[int, torch.Tensor]:
-    """``{layer: pool.route_to(target)}`` for every non-empty pool: the weights ``routing`` takes to send inputs
-    to an experience's adapters (or to the adapter of that name) in every adapted block."""
-    return {i: p.route_to(target) for i, p in pools.items() if len(p)}
-
-
-@contextmanager
-def adapters_off(pools: Mapping[int, AdapterPool]) -> Iterator[None]:
-    """Run the backbone as if it had no adapters (every mixture weight 0): the frozen model's features."""
-    with routing(pools, {i: torch.zeros(len(p), device=p._anchor.device) for i, p in pools.items() if len(p)}):
-        yield
 
 
 @contextmanager

@@ -12,7 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from typing import Any
 
 from cl.backbones import efficientnet, minilm, open_clip_vit, timm_vit  # noqa: F401  (registration)
-from cl.backbones.base import Backbone, DataConfig, State
+from cl.backbones.base import Backbone, State
+from cl.backbones.preprocess import DataConfig
 from cl.backbones.timm_vit import resolve_timm_name
 from cl.registry import BACKBONES
 

@@ -9,16 +9,16 @@ A state is a tensor, or for text a tuple ``(hidden [B, L, D], attention_mask [B,
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from cl.backbones.preprocess import prepare_images
+from cl.backbones.preprocess import DataConfig, prepare_images
+from cl.backbones.state import State
 from cl.errors import DataError
 
-State = torch.Tensor | tuple[torch.Tensor, ...]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -50,21 +50,6 @@ def declares_min_input_size(rule: Callable[[dict[str, Any]], InputSize | None]) 
         return fn
 
     return deco
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """What a backbone expects as input; travels with the backbone's registry name."""
-
-    modality: str = "image"  # "image" or "text"
-    input_size: tuple[int, int, int] = (3, 224, 224)  # C, H, W (images)
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    max_length: int = 128  # tokens (text)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Backbone(nn.Module):

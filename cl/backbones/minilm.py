@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl.backbones.base import Backbone, DataConfig
+from cl.backbones.base import Backbone
+from cl.backbones.preprocess import DataConfig
 from cl.errors import ConfigError, DataError
 from cl.registry import register_backbone
 

@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from cl.backbones.base import Backbone, DataConfig, InputSize, declares_min_input_size
+from cl.backbones.base import Backbone, InputSize, declares_min_input_size
 from cl.backbones.checkpoint import load_strict, read_state_dict, select_prefix, strip_prefixes
+from cl.backbones.preprocess import DataConfig
 from cl.errors import ConfigError
 from cl.registry import register_backbone
 

@@ -1,16 +1,30 @@
-"""Batched image preprocessing shared by image backbones: dtype, channels, size, normalisation."""
+"""What a backbone expects as input (``DataConfig``) and the batched image preprocessing that produces it: dtype,
+channels, size, normalisation."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from cl.errors import DataError
 
-if TYPE_CHECKING:
-    from cl.backbones.base import DataConfig
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What a backbone expects as input; travels with the backbone's registry name."""
+
+    modality: str = "image"  # "image" or "text"
+    input_size: tuple[int, int, int] = (3, 224, 224)  # C, H, W (images)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    max_length: int = 128  # tokens (text)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def prepare_images(

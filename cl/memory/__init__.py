@@ -8,10 +8,11 @@
     mem = ExperienceMemory.load("runs/x/memory")
 """
 
+from cl.memory.config import MemoryConfig
 from cl.memory.index import IndexConfig
 from cl.memory.memory import Entries, ExperienceMemory, Hit, SearchResult
 from cl.memory.persist import FORMAT_VERSION
 from cl.memory.store import COLUMNS, FILTERS, KINDS
 
 __all__ = ["COLUMNS", "FILTERS", "FORMAT_VERSION", "KINDS", "Entries", "ExperienceMemory", "Hit", "IndexConfig",
-           "SearchResult"]
+           "MemoryConfig", "SearchResult"]

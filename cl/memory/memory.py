@@ -145,7 +145,8 @@ class ExperienceMemory:
     ``ef_search``/``nprobe``: None tunes them to ``tune_recall`` (recall@10 on a held-out sample of stored
     vectors) when the index is built and each time the kind doubles; a number fixes them.
     ``path``: the directory ``save()`` writes; nothing is written before. ``gpu``: None uses a GPU when
-    FAISS sees one. The remaining keywords tune the indexes (``IndexConfig``).
+    FAISS sees one. ``budget``: the most entries it may hold (None: no limit; an ``add`` past it is refused; a
+    setting of the run, not saved with the memory). The remaining keywords tune the indexes (``IndexConfig``).
     """
 
     def __init__(
@@ -165,6 +166,7 @@ class ExperienceMemory:
         compact_fraction: float = 0.25,
         gpu: bool | None = None,
         overwrite: bool = False,
+        budget: int | None = None,
     ) -> None:
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
             raise ConfigError(f"memory dim must be a positive int, got {dim!r}")
@@ -185,6 +187,9 @@ class ExperienceMemory:
                     f"{self.path} already holds an experience memory; open it with ExperienceMemory.load(path), "
                     "or pass overwrite=True to replace it at the next save()"
                 )
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 0):
+            raise ConfigError(f"memory budget must be an int >= 0 (entries) or None (no limit), got {budget!r}")
+        self.budget = budget
         self.dim, self.metric, self.config = int(dim), metric, config
         self.gpu = gpu_available() if gpu is None else bool(gpu)
         self._store = MetadataStore()
@@ -232,6 +237,10 @@ class ExperienceMemory:
             raise DataError(f"metadata must be a list of dicts (one per vector), got {type(metadata).__name__}")
         if len(metadata) != len(x):
             raise DataError(f"got {len(x)} vectors but {len(metadata)} metadata dicts; pass one dict per vector")
+        if self.budget is not None and len(self) + len(x) > self.budget:
+            held = ", ".join(f"{k}: {n}" for k, n in self.counts().items()) or "none"
+            raise DataError(f"the experience memory holds {len(self)} entries ({held}) of its budget of {self.budget}: "
+                            f"{len(x)} more do not fit (raise memory.budget in the run config, or remove entries)")
         ids = np.arange(self._next_id, self._next_id + len(x), dtype=np.int64)
         rows = encode_rows(ids, metadata)  # validates everything before anything changes
         kinds = np.array([r[1] for r in rows])

@@ -1,4 +1,5 @@
-"""Routers that mix a layer's adapters from its pooled input, and key retrieval over the experience memory."""
+"""Routing in one place: routers that mix a layer's adapters from its pooled input, key retrieval over the
+experience memory, and the routes forced over pools (``routing``, ``routes_to``, ``adapters_off``)."""
 
 from cl.routing.keys import KeyRouter, RouteLog
 from cl.routing.routers import (
@@ -10,15 +11,22 @@ from cl.routing.routers import (
     TopKRouter,
     create_router,
 )
+from cl.routing.routes import OFF, Routes, adapters_off, routed, routes_to, routing
 
 __all__ = [
+    "OFF",
     "ROUTERS",
     "DescriptorRouter",
     "FixedRouter",
     "KeyRouter",
     "RouteLog",
     "Router",
+    "Routes",
     "SoftmaxRouter",
     "TopKRouter",
+    "adapters_off",
     "create_router",
+    "routed",
+    "routes_to",
+    "routing",
 ]

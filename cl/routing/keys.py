@@ -10,10 +10,8 @@ class mean per class (``keys_per_class=1``), or that many spherical k-means cent
 (shrunk as in ``LDAHead``); ``"mahalanobis"`` then ranks by Euclidean distance, which with class-mean keys
 is the LDA decision under equal priors (an ``l2`` memory), ``"whitened"`` by cosine (an ``ip`` memory, like
 the engine's). Their keys in the memory are rewritten whenever the covariance changes (once per
-``add_keys``: a few keys per class). On Split-FashionMNIST (EfficientNet-Lite0 64 px, 2000 images per
-class, 5 experiences) the share of test images routed to their own experience after the last one is 0.785
-(cosine), 0.823 (cosine, 16 k-means keys per class), 0.878 (whitened) and 0.877 (mahalanobis; an LDA
-head's task accuracy: 0.877).
+``add_keys``: a few keys per class). How often each metric routes inputs to their own experience:
+benchmarks/RESULTS.md.
 
 The keys' raw vectors live in the router's state dict (the checkpoint); the memory is the search structure,
 filled from them when the router is attached to a fresh one. ``RouteLog`` counts, during evaluation, which
@@ -34,6 +32,7 @@ import torch.nn.functional as F
 
 from cl.errors import ConfigError, DataError
 from cl.heads import LDAHead
+from cl.loading import LoadsByValue
 from cl.memory import ExperienceMemory
 from cl.registry import ROUTERS
 from cl.routing.routers import Router
@@ -44,7 +43,7 @@ MODES = ("top1", "vote", "soft")
 
 
 @ROUTERS.register("key")
-class KeyRouter(Router):
+class KeyRouter(LoadsByValue, Router):
     """Routes each query to the adapters of its nearest keys (``forward(queries [B, dim]) -> weights [B, K]``).
 
     ``mode``: ``"top1"`` one-hot on the best key's adapter; ``"vote"`` one-hot on the adapter most of the
@@ -270,10 +269,7 @@ class KeyRouter(Router):
         self._stale = True
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        for name in ("keys", "key_expert", "key_experience", "key_class", "key_ids"):
-            if prefix + name in state_dict:  # grows with the stream
-                setattr(self, name, torch.empty_like(state_dict[prefix + name], device=getattr(self, name).device))
-        self._whiten, self._stale = None, True
+        self._whiten, self._stale = None, True  # the keys change: whiten again, refill the memory
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn: Any, recurse: bool = True) -> KeyRouter:

@@ -11,10 +11,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from cl.data import targets_of
+from cl.data import subset, targets_of
 from cl.errors import DataError
-from scenarios.builders import subset
-from scenarios.stream import Experience, Stream
+from cl.experience import Experience, Stream
 
 
 class AvalancheItems(Dataset):

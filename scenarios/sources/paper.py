@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
-from cl.data import ArrayDataset
+from cl.data import ArrayDataset, subset
 from cl.errors import DataError
-from scenarios.builders import subset
 from scenarios.sources.image_folder import ImageFolderDataset
 
 PILOT_DATA = "https://github.com/sun-hailong/LAMDA-PILOT#datasets"

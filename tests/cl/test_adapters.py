@@ -7,19 +7,10 @@ import io
 import pytest
 import torch
 
-from cl.adapters import (
-    AdaptedBlock,
-    AdapterConfig,
-    AdapterPool,
-    RankOne,
-    capturing,
-    inject,
-    pools,
-    routes_to,
-    routing,
-)
+from cl.adapters import AdaptedBlock, AdapterConfig, AdapterPool, RankOne, capturing, inject, pools
 from cl.backbones import Backbone, create_backbone
 from cl.errors import CheckpointError, ConfigError
+from cl.routing import routes_to, routing
 from tests.helpers import SENTENCES, TINY, one_thread
 
 KINDS = ["bottleneck", "lora", "ssf", "rank1"]

@@ -214,3 +214,20 @@ def test_minilm_real_weights_rank_paraphrases() -> None:
     with torch.no_grad():
         e = b(b.prepare(["A man is playing a guitar.", "Someone plays the guitar.", "Stocks fell today."]))
     assert (e[0] @ e[1]).item() > (e[0] @ e[2]).item() + 0.2
+
+
+def test_state_helpers_batch_tensor_and_token_states_alike():
+    """``cl.backbones.state``: rows, devices and concatenation of image states and (hidden, mask) text states."""
+    from cl.backbones.state import cat_states, pad_cat, take_rows, to_device
+
+    image = torch.arange(24.0).view(4, 2, 3)
+    assert torch.equal(take_rows(image, slice(1, 3)), image[1:3])
+    assert torch.equal(take_rows(image, torch.tensor([3, 0])), image.index_select(0, torch.tensor([3, 0])))
+    assert torch.equal(cat_states([image[:1], image[1:]]), image)
+    short = (torch.ones(2, 3, 4), torch.ones(2, 3, dtype=torch.long))
+    long = (torch.full((1, 5, 4), 2.0), torch.ones(1, 5, dtype=torch.long))
+    hidden, mask = cat_states([short, long])
+    assert hidden.shape == (3, 5, 4) and mask.shape == (3, 5)
+    assert mask[:2, 3:].sum() == 0 and hidden[:2, 3:].abs().sum() == 0  # padding: zero tokens, masked out
+    assert torch.equal(take_rows((hidden, mask), torch.tensor([2]))[0], long[0])
+    assert to_device(short, "cpu")[0].device.type == "cpu" and pad_cat([image]).shape == image.shape

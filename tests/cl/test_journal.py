@@ -11,11 +11,11 @@ import torch
 from cl.agent import Agent
 from cl.data import ArrayDataset
 from cl.errors import ConfigError
+from cl.experience import Experience
 from cl.memory import ExperienceMemory
 from cl.registry import STRATEGIES, register_strategy
 from cl.run import run
 from scenarios import create_scenario
-from scenarios.stream import Experience
 from strategies.finetune import Finetune
 from tests.helpers import TINY_SCENARIO, one_thread, tiny_config
 
@@ -55,7 +55,7 @@ def test_nearest_past_experience_of_a_repeated_task_is_itself():
         best = agent.journal.nearest_experience(e2, k=2)
         assert [b.experience for b in best] == [0, 1] and best[0].score == pytest.approx(1.0, abs=1e-5)
         assert best[0].summary["classes"] == e0.classes
-        z, _ = agent.strategy.embeddings(e1.test)
+        z, _ = agent.strategy.memory_embeddings(e1.test)
         assert agent.journal.nearest_experience(z)[0].experience == 1  # embeddings, averaged
         assert agent.journal.nearest_experience(e1.test.inputs[:8])[0].experience == 1  # raw images
         with pytest.raises(ConfigError, match="embeddings"):
@@ -68,13 +68,13 @@ def test_memory_embedding_stays_pretrained_while_finetune_trains():
                   progress=False)
     strat, x = agent.strategy, stream[0].test
     with one_thread():
-        before, _ = strat.embeddings(x)
+        before, _ = strat.memory_embeddings(x)
         agent.learn(stream[0])
     with one_thread(), torch.no_grad():
-        after, _ = strat.embeddings(x)
+        after, _ = strat.memory_embeddings(x)
         state = strat.backbone.forward_until(strat.backbone.prepare(x.inputs[:4], "cpu"), strat.frozen_depth)
         trained = torch.nn.functional.normalize(strat.features(state), dim=1)
-        strat.embed(state)
+        strat.memory_embedding(state)
         again = torch.nn.functional.normalize(strat.features(state), dim=1)
     assert torch.allclose(before, after, atol=1e-5)  # the memory's space did not move ...
     assert not torch.allclose(trained, after[:4], atol=1e-2)  # ... though the trained features did

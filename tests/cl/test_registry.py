@@ -39,3 +39,53 @@ def test_keyword_parameters_forwarded_to_a_base_are_validated_with_the_subclass_
         reg.validate("child", {"epoch": 2})
     with pytest.raises(ConfigError, match=r"bad value .* 'lr'"):
         reg.validate("child", {"lr": "fast"})
+
+
+class GrandChild(Child):
+    param_defaults: ClassVar[dict[str, Any]] = {"lr": 0.5}  # over Child's: epochs stays 3
+
+    def __init__(self, model: Any, *, depth: int = 1, **kw: Any) -> None:
+        super().__init__(model, **kw)
+        self.depth = depth
+
+
+class Fixed(Child):
+    hidden_params = ("lr",)  # fixed by the class: neither shown nor taken
+
+
+def test_param_defaults_merge_over_the_bases_and_hidden_params_are_not_taken():
+    reg = Registry("thing", n_positional=1)
+    reg.register("grandchild")(GrandChild)
+    reg.register("fixed")(Fixed)
+    assert reg.validate("grandchild", {}) == {"depth": 1, "width": 8, "epochs": 3, "lr": 0.5}
+    assert reg.validate("fixed", {}) == {"width": 8, "epochs": 3}
+    with pytest.raises(ConfigError, match="unknown key 'lr'"):
+        reg.validate("fixed", {"lr": 0.1})
+
+
+def test_a_strategy_that_does_not_train_hides_the_training_parameters():
+    """``trains = False``: ``epochs``, ``lr``, ``optimizer``, ``weight_decay`` are neither shown nor taken, and the
+    strategy never steps an optimiser (epochs 0)."""
+    import strategies  # noqa: F401  (registers simplecil)
+    from cl.registry import STRATEGIES
+    from cl.strategy import TRAINING_PARAMS, Strategy
+
+    class Counts(Strategy):
+        trains = False
+
+        def __init__(self, backbone: Any, *, decay: float = 1.0, **kw: Any) -> None:
+            super().__init__(backbone, **kw)
+            self.decay = decay
+
+    reg = Registry("strategy", n_positional=1)
+    reg.register("counts")(Counts)
+    assert set(reg.params_model("counts").model_fields) == {"decay", "batch_size", "cache_prefix"}
+    assert set(TRAINING_PARAMS) == {"epochs", "lr", "optimizer", "weight_decay"}
+    for key in TRAINING_PARAMS:
+        with pytest.raises(ConfigError, match=f"unknown key '{key}'"):
+            reg.validate("counts", {key: 1})
+        assert key not in STRATEGIES.params_model("simplecil").model_fields
+    assert "epochs" in STRATEGIES.params_model("finetune").model_fields  # a training strategy shows them
+    from cl.backbones import create_backbone
+
+    assert Counts(create_backbone("vit_tiny_test"), epochs=5).epochs == 0  # and never trains, even when asked

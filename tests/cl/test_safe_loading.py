@@ -16,7 +16,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +27,6 @@ import torch
 from rich.console import Console
 
 from cl.agent import Agent
-from cl.callbacks.base import Callback
 from cl.checkpoint import PARTIAL, load_checkpoint, save_checkpoint
 from cl.cli import main
 from cl.config import build_config
@@ -38,7 +36,7 @@ from cl.memory import ExperienceMemory
 from cl.registry import SCENARIOS, STRATEGIES
 from cl.run import load_run_config, run
 from cl.seed import rng_state, rng_state_problem, set_rng_state
-from tests.helpers import TINY_SCENARIO, one_thread, tiny_config
+from tests.helpers import TINY_SCENARIO, SignalAt, one_thread, tiny_config
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "format1"
 QUIET = Console(file=io.StringIO())
@@ -74,21 +72,6 @@ def plant(pt: Path, blob: bytes, **manifest_changes: Any) -> None:
 def crafted(marker: Path, version: int = 2) -> bytes:
     return torch_bytes({"format_version": version, "experiences_done": [0], "strategy": {"w": Shell(marker)},
                         "callbacks": {}, "resume_point": Shell(marker)})
-
-
-class SignalAt(Callback):
-    """SIGTERM after the ``at``-th training step of experience ``exp_id``: the run stops with a resume point."""
-
-    def __init__(self, exp_id: int, at: int) -> None:
-        self.exp_id, self.at, self.current, self.steps = exp_id, at, -1, 0
-
-    def before_experience(self, agent: Any, exp: Any) -> None:
-        self.current, self.steps = exp.id, 0
-
-    def after_iteration(self, agent: Any, iteration: int, loss: float) -> None:
-        self.steps += self.current == self.exp_id
-        if self.current == self.exp_id and self.steps == self.at:
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,8 @@
 """finetune forgets, joint does not, simplecil needs no training (tiny stream). Whether each strategy learns
 from its data at all: test_learning_contract.py."""
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,3 +99,32 @@ def test_adapter_baselines_run(tmp_path):
     assert aper["params_added_per_experience"][0] > 0 and aper["params_added_per_experience"][1:] == [0, 0]
     apt = run(tiny_config(tmp_path / "apt", "adapter_per_task", epochs=1, descriptor_epochs=2, batch_size=64))
     assert apt["adapters_per_layer"] == {"1": 3, "2": 3, "3": 3}
+
+
+ADAPTER_STRATEGIES = ["aper", "sema", "mos", "lae", "key_retrieval"]
+
+
+@pytest.mark.parametrize("name", ADAPTER_STRATEGIES)
+def test_every_adapter_strategy_takes_its_head_settings_from_one_declaration(name):
+    """``head``, ``head_kw`` (``HeadChoice``) and ``head_features`` (``AdapterStrategy``) are declared once: every
+    adapter strategy takes them, sizes its head by them, and refuses a linear head over concatenated features."""
+    from cl.adapter_strategy import AdapterStrategy
+    from cl.backbones import create_backbone
+    from cl.errors import ConfigError
+    from cl.heads import HeadChoice
+    from cl.registry import STRATEGIES
+
+    cls = STRATEGIES.get(name)
+    assert issubclass(cls, AdapterStrategy) and issubclass(cls, HeadChoice)
+    own = inspect.signature(vars(cls)["__init__"]).parameters if "__init__" in vars(cls) else {}
+    for key in ("head", "head_kw", "head_features"):
+        assert key not in own and key in STRATEGIES.params_model(name).model_fields
+    bb = create_backbone("vit_tiny_test")
+    d = bb.embed_dim
+    for features, width in (("concat", 2 * d), ("adapted", d)):
+        s = STRATEGIES.create(name, bb if features == "concat" else create_backbone("vit_tiny_test"),
+                              head="lda", head_kw={"shrinkage": 0.5}, head_features=features)
+        heads = list(s.heads.values()) if name == "lae" else [s.head]
+        assert all(h.dim == width and h.shrinkage == 0.5 for h in heads)
+    with pytest.raises(ConfigError, match="head_features"):
+        STRATEGIES.create(name, create_backbone("vit_tiny_test"), head="linear", head_features="concat")

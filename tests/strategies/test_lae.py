@@ -11,6 +11,7 @@ import strategies.lae  # noqa: F401  (registers "lae" until strategies/__init__.
 from cl.adapters.ema import ema_update
 from cl.agent import Agent
 from cl.errors import ConfigError
+from cl.routing import OFF
 from cl.run import run
 from scenarios import create_scenario
 from strategies.lae import LAE, ensemble_scores
@@ -129,13 +130,13 @@ def test_every_adapter_kind_routes_each_member_through_its_own_adapters(kind):
     x = exps[0].test.inputs
     with torch.no_grad():
         state = s.backbone.forward_until(s.backbone.prepare(x, "cpu"), s.frozen_depth)
-        on, off, frozen = (s.member_embedding(state, m) for m in ("online", "offline", None))
+        on, off, frozen = (s.embedding(state, m) for m in ("online", "offline", OFF))
         assert not torch.allclose(on, off) and not torch.allclose(off, frozen)
         scores = s.scores(state)
         # the offline route equals the online route with the offline weights loaded into it
         for p in s.pools.values():
             p.adapters["online"].load_state_dict(p.adapters["offline"].state_dict())
-        assert torch.allclose(s.member_embedding(state, "online"), off, atol=1e-6)
+        assert torch.allclose(s.embedding(state, "online"), off, atol=1e-6)
         online = s.train_head(on)
         assert torch.allclose(scores, ensemble_scores([online, s.train_head(off)]))
     assert torch.isfinite(scores[:, s.seen_classes]).all()
@@ -154,7 +155,7 @@ def test_statistics_heads_one_per_predicting_member_over_frozen_and_adapted_feat
     x = exps[0].test.inputs
     with torch.no_grad():
         state = s.backbone.forward_until(s.backbone.prepare(x, "cpu"), s.frozen_depth)
-        feats = torch.cat([s.member_embedding(state, None), s.member_embedding(state, "offline")], 1)
+        feats = torch.cat([s.embedding(state, OFF), s.embedding(state, "offline")], 1)
         assert torch.equal(s.scores(state), s.heads["offline"](feats))
     assert a.evaluate(exps)["accuracy_seen"] > 0.5
     with pytest.raises(ConfigError, match="head_features"):

@@ -39,9 +39,9 @@ from cl.adapters import AdapterPool, pools
 from cl.agent import Agent
 from cl.callbacks.base import Callback
 from cl.data import ArrayDataset
+from cl.experience import Stream
 from cl.registry import STRATEGIES
 from scenarios.builders import class_incremental
-from scenarios.stream import Stream
 from tests.helpers import gloo_group, one_thread, state_differences
 
 NAMES = STRATEGIES.names()

@@ -10,6 +10,7 @@ import strategies.mos  # noqa: F401  (registration)
 from cl.agent import Agent
 from cl.callbacks.base import Callback
 from cl.errors import ConfigError
+from cl.routing import OFF
 from cl.run import run
 from scenarios import create_scenario
 from tests.helpers import interrupted_and_resumed, one_thread, tiny_config
@@ -125,10 +126,10 @@ def test_each_input_runs_through_its_own_task_adapters():
     tasks = torch.arange(3).repeat_interleave(3).roll(4)  # rows of every task, most not through their own
     with torch.no_grad():
         state = s.backbone.forward_until(s.backbone.prepare(x, "cpu"), s.frozen_depth)
-        mixed = s.adapted_features(state, tasks)
-        alone = torch.cat([s.adapted_features(state[i : i + 1], tasks[i : i + 1]) for i in range(len(x))])
-        by_task = [s.adapted_features(state, torch.full_like(tasks, t)) for t in range(3)]
-        frozen = s.frozen_features(state)
+        mixed = s.embedding(state, tasks)
+        alone = torch.cat([s.embedding(state[i : i + 1], tasks[i : i + 1]) for i in range(len(x))])
+        by_task = [s.embedding(state, torch.full_like(tasks, t)) for t in range(3)]
+        frozen = s.embedding(state, OFF)
     torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-5)
     for t in range(3):
         torch.testing.assert_close(mixed[tasks == t], by_task[t][tasks == t], rtol=1e-5, atol=1e-5)

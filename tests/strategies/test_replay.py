@@ -13,9 +13,9 @@ from cl.checkpoint import load_memory
 from cl.config import build_config
 from cl.errors import CheckpointError, ConfigError
 from cl.memory import ExperienceMemory
+from cl.memory.exemplars import class_quotas, herding
 from cl.run import run
 from scenarios import create_scenario
-from strategies.replay import class_quotas, herding
 from tests.helpers import TINY_SCENARIO, StopBefore, one_thread, tiny_config
 
 # enough steps per experience (32 items per class, batches of 16) for rehearsal to matter on the tiny ViT

@@ -8,6 +8,7 @@ import torch
 from cl.agent import Agent
 from cl.callbacks.base import Callback
 from cl.errors import ConfigError
+from cl.routing import OFF
 from cl.run import run
 from scenarios import create_scenario
 from tests.helpers import interrupted_and_resumed, tiny_config
@@ -152,7 +153,7 @@ def test_head_routes_by_the_experience_of_the_predicted_class(scenario):
     x = torch.cat([e.test.inputs for e in stream])
     with torch.no_grad():
         state = s.backbone.forward_until(s.backbone.prepare(x, "cpu"), s.frozen_depth)
-        expected = s.pairs[s.task_head(s.frozen_features(state)).argmax(-1), 0]
+        expected = s.pairs[s.task_head(s.embedding(state, OFF)).argmax(-1), 0]
         routes = s.task_routes(state)
     assert len(expected.unique()) == len(stream)
     assert all(torch.equal(r.argmax(-1), expected) for r in routes.values())

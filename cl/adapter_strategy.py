@@ -1,0 +1,122 @@
+"""``AdapterStrategy``: the base of the adapter methods (APER, SEMA, MOS, LAE, key retrieval).
+
+Adapter pools injected into blocks ``layers`` of the frozen backbone (``pools``, by block index), a masked
+cross-entropy ``train_head`` that trains them, the frozen prefix up to the first adapted block, and ``fit_alone``:
+train the adapters an experience added with every input routed to them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import PositiveInt
+
+from cl.adapters import AdapterConfig, AdapterPool, inject
+from cl.backbones.base import Backbone
+from cl.backbones.state import State
+from cl.errors import ConfigError
+from cl.experience import Experience
+from cl.heads import HeadChoice, LinearHead, masked_cross_entropy
+from cl.routing import OFF, Routes, routing
+from cl.strategy import Strategy
+
+#: what the head of an adapter strategy sees: ``[frozen, adapted]`` embeddings, or the adapted one alone ("mixture":
+#: SEMA's word for it)
+HeadFeatures = Literal["concat", "adapted", "mixture"]
+
+
+class AdapterStrategy(HeadChoice, Strategy):
+    """Base of the adapter methods (APER, SEMA, MOS, LAE, key retrieval): adapter pools injected into blocks
+    ``layers`` of the frozen backbone (``pools``, by block index), a masked-CE ``train_head`` that trains them,
+    the frozen prefix up to the first adapted block, and a head chosen by name over ``routed_features``.
+
+    Args:
+        layers: blocks to adapt (negative: from the end).
+        adapter: adapter kind (``bottleneck``, ``lora``, ``ssf``, ``rank1``).
+        adapter_dim: bottleneck width or rank (default: the kind's).
+        head_features: what the head sees: ``"concat"`` ``[frozen, adapted]`` embeddings, ``"adapted"`` (or
+            ``"mixture"``) the adapted one alone (None: the class's ``param_defaults``).
+        kw: ``head`` and ``head_kw`` (``HeadChoice``) and the training parameters of ``Strategy``.
+    """
+
+    param_defaults: ClassVar[dict[str, Any]] = {"epochs": 3, "batch_size": 128, "head": "lda",
+                                                "head_features": "concat"}
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        layers: Sequence[int] = (-3, -2, -1),
+        adapter: str = "bottleneck",
+        adapter_dim: PositiveInt | None = None,
+        head_features: HeadFeatures | None = None,
+        **kw: Any,
+    ) -> None:
+        config = self.adapter_config(AdapterConfig(kind=adapter, dim=adapter_dim, layers=list(layers), router=None))
+        self.pools: dict[int, AdapterPool] = dict(sorted(inject(backbone, config).items()))
+        super().__init__(backbone, **{**self.base_defaults(), **kw})
+        self.head_features = self.defaults()["head_features"] if head_features is None else head_features
+        self.concat = self.head_features == "concat"  # the head sees [frozen, adapted] (``routed_features``)
+        self.train_head = LinearHead(backbone.embed_dim)
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> None:
+        """Parameters that do not go together (the registry calls this after checking each one)."""
+        if params.get("head") == "linear" and params.get("head_features") == "concat":
+            raise ValueError("head='linear' is the training head, over the adapted embedding alone: use "
+                             "head_features='adapted'")
+
+    @property
+    def pool(self) -> AdapterPool:
+        """The first adapted block's pool: where a strategy that adds the same adapters to every pool (one per
+        experience) reads their names and owners."""
+        return self.pools[min(self.pools)]
+
+    @property
+    def head_dim(self) -> int:
+        """The width of what the head sees (``routed_features``)."""
+        return self.backbone.embed_dim * (2 if self.concat else 1)
+
+    def adapter_config(self, config: AdapterConfig) -> AdapterConfig:
+        """The pools' configuration (a subclass adds its router here); called before ``Strategy.__init__``."""
+        return config
+
+    @property
+    def frozen_depth(self) -> int:
+        return min(self.pools)
+
+    def fit_alone(self, exp: Experience) -> None:
+        """Train the adapters ``exp`` added (``pool.add(name, owner=exp.id)`` in every pool) with every input routed
+        to them alone, then freeze them."""
+        names = {i: p.owned_by(exp.id) for i, p in self.pools.items()}
+        if None in names.values():
+            missing = [i for i, n in names.items() if n is None]
+            raise ConfigError(f"{type(self).__name__}: experience {exp.id} added no adapter to the pools of blocks "
+                              f"{missing}: add one with pool.add(name, owner={exp.id}) before fit_alone")
+        with routing(self.pools, {i: self.pools[i].route_to(n) for i, n in names.items()}):
+            Strategy.fit(self, exp)
+        for i, name in names.items():
+            self.pools[i].freeze(name)
+
+    def routed_features(self, state: State, routes: Routes = None, frozen: torch.Tensor | None = None) -> torch.Tensor:
+        """What the head sees with the adapters under ``routes`` (see ``embedding``): the adapted embedding, or with
+        ``head_features="concat"`` ``[frozen, adapted]`` (``frozen``: the frozen embedding, when already computed)."""
+        adapted = self.embedding(state, routes)
+        if not self.concat:
+            return adapted
+        return torch.cat([self.embedding(state, OFF) if frozen is None else frozen, adapted], 1)
+
+    def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
+        """Masked cross-entropy of ``train_head`` on the features through the adapters the current routes pick."""
+        return masked_cross_entropy(self.train_head(self.embedding(state)), y, self.experience.classes)
+
+    def iterate_states(self, dataset, batch_size: int, shuffle: bool = False, generator=None, desc: str = "batches",
+                       **kw: Any):
+        """As ``Strategy``'s; during evaluation a strategy with a route log (``self.log``) records its routes."""
+        batches = super().iterate_states(dataset, batch_size, shuffle, generator, desc, **kw)
+        log = getattr(self, "log", None)
+        if self.training or log is None:
+            return batches
+        return log.watch(batches, self.emit, self.experience.id if self.experience is not None else None)

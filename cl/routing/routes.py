@@ -1,0 +1,71 @@
+"""Routes over adapter pools: which adapters each input runs through, forced for the length of a ``with`` block.
+
+A route is mixture weights per pool (``{block index: [K] or [B, K]}``). ``routing(pools, weights)`` sets them,
+``routes_to(pools, target)`` builds the weights that send inputs to an experience's adapters (or the adapter of a
+name) in every pool, and ``adapters_off(pools)`` runs the backbone as if it had none. ``routed(pools, routes)``
+takes any of them (``Routes``): what ``Strategy.embedding(state, routes)`` runs the backbone under.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Union
+
+import torch
+
+if TYPE_CHECKING:
+    from cl.adapters.pool import AdapterPool
+
+
+@contextmanager
+def routing(pools: Mapping[int, AdapterPool], weights: Mapping[int, torch.Tensor]) -> Iterator[None]:
+    """Force the mixture weights (``[K]`` or ``[B, K]``) of the given layers inside the block."""
+    before = {i: pools[i].route_override for i in weights}
+    try:
+        for i, w in weights.items():
+            pools[i].route_override = w
+        yield
+    finally:
+        for i, w in before.items():
+            pools[i].route_override = w
+
+
+def routes_to(pools: Mapping[int, AdapterPool], target: int | str | torch.Tensor) -> dict[int, torch.Tensor]:
+    """``{layer: pool.route_to(target)}`` for every non-empty pool: the weights ``routing`` takes to send inputs
+    to an experience's adapters (or to the adapter of that name) in every adapted block."""
+    return {i: p.route_to(target) for i, p in pools.items() if len(p)}
+
+
+@contextmanager
+def adapters_off(pools: Mapping[int, AdapterPool]) -> Iterator[None]:
+    """Run the backbone as if it had no adapters (every mixture weight 0): the frozen model's features."""
+    with routing(pools, {i: torch.zeros(len(p), device=p.device) for i, p in pools.items() if len(p)}):
+        yield
+
+
+class _Off:
+    """The route that switches every adapter off: ``OFF``."""
+
+    def __repr__(self) -> str:
+        return "OFF"
+
+
+OFF = _Off()
+#: routes, as ``routed`` and ``Strategy.embedding`` take them: None (as the pools route now: their routers and
+#: overrides), ``OFF`` (every adapter off: the frozen model), ``{layer: weights [K] or [B, K]}``, or an experience
+#: id, experience ids ``[B]`` or an adapter name (to its adapters in every pool: ``routes_to``)
+Routes = Union[_Off, Mapping[int, torch.Tensor], int, str, torch.Tensor, None]  # noqa: UP007 (a runtime alias)
+
+
+@contextmanager
+def routed(pools: Mapping[int, AdapterPool], routes: Routes) -> Iterator[None]:
+    """Run the ``with`` block under ``routes`` (see ``Routes``) over ``pools``."""
+    if routes is None:
+        yield
+    elif routes is OFF:
+        with adapters_off(pools):
+            yield
+    else:
+        with routing(pools, routes if isinstance(routes, Mapping) else routes_to(pools, routes)):
+            yield
