@@ -91,6 +91,29 @@ def test_a_before_experience_without_super_is_an_error(stream):
         assert fine.learn(stream[0])["accuracy_seen"] > 0.8
 
 
+def test_a_mixin_first_needs_no_super_in_the_strategys_after_experience(stream):
+    from cl.replay import with_replay
+
+    register_strategy("test_no_super_after_replay")(with_replay(NoSuperAfter))
+    with one_thread():
+        agent = Agent("vit_tiny_test", "test_no_super_after_replay", device="cpu", progress=False,
+                      strategy_params={"budget": 6})
+        agent.learn(stream[0])
+    assert len(agent.strategy.exemplars) == 6 and agent.memory.count("exemplar") == 6  # ReplayMixin's, run first
+
+
+def test_a_statistics_head_without_update_is_named(stream):
+    from torch import nn
+
+    class NoUpdate(SimpleCIL):
+        def after_experience(self, exp) -> None:
+            self.update_statistics(nn.Identity(), exp.train)
+
+    register_strategy("test_head_without_update")(NoUpdate)
+    with one_thread(), pytest.raises(TrainingError, match=r"Identity has no update\(z, y\): a statistics head adds"):
+        Agent("vit_tiny_test", "test_head_without_update", device="cpu", progress=False).learn(stream[0])
+
+
 PLUGIN = '''
 from strategies.simplecil import SimpleCIL
 from cl.registry import register_strategy
