@@ -282,7 +282,7 @@ class ExperienceMemory:
         for kind in np.unique(kinds).tolist():
             mask = kinds == kind
             self._indexes[kind].add(x[mask], ids[mask])
-        self._store.insert(rows)
+        self._store.insert(rows, {k for meta in metadata for k in meta})
         self._next_id += len(x)
         self._subsets.clear()
         return ids

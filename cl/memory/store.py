@@ -279,12 +279,13 @@ class MetadataStore:
             params += target_params + values
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
-    def insert(self, rows: list[tuple[Any, ...]]) -> None:
+    def insert(self, rows: list[tuple[Any, ...]], keys: Iterable[str] = ()) -> None:
+        """Insert ``encode_rows``' rows; ``keys``: the metadata keys they hold (those kept in ``extra`` filter)."""
         cols = ", ".join(["id", *COLUMNS, "extra", *(f'"{f}"' for f in self.fields)])
         with self.conn:
             self.conn.executemany(f"INSERT INTO entries ({cols}) VALUES ({', '.join('?' * (6 + len(self.fields)))})",
                                   rows)
-        self.extra_keys.update(k for r in rows if r[5] is not None for k in json.loads(r[5]))
+        self.extra_keys.update(k for k in keys if k not in COLUMNS and k not in self.fields)
 
     def ids(self, kinds: Sequence[str] | None = None, filters: Mapping[str, Any] | None = None) -> np.ndarray:
         """Ids (sorted) of the entries of ``kinds`` that match ``filters``."""
