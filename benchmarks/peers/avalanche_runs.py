@@ -80,7 +80,7 @@ class TrunkClassifier(nn.Module):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, datasets: list[Dataset], batch_size: int = 256) -> tuple[list[float], float]:
+def evaluate(model: nn.Module, datasets: list[Dataset], batch_size: int = 64) -> tuple[list[float], float]:
     """Accuracy on each dataset and over their union (``accuracy_seen``)."""
     model.eval()
     correct, counts = [], []
