@@ -90,3 +90,27 @@ def test_avalanche_text_path_computes_what_prepare_does_and_trains_the_trunk(res
         strategy.train(exp)
     assert any(not torch.equal(a, b) for a, b in zip(trunk_before, backbone.parameters(), strict=True))
     assert model.classifier.classifier.out_features > max(stream[0].classes + stream[1].classes)
+
+
+def test_text_trunk_checkpointing_keeps_the_gradients(restore_threads):
+    from benchmarks.peers.avalanche_runs import TokenizedText, TrunkClassifier
+    from benchmarks.peers.grid import RANDOM_WEIGHTS
+    from cl.registry import BACKBONES, SCENARIOS
+
+    stream = SCENARIOS.create("split_fortunes", n_experiences=5, seed=0, train_per_class=4, test_per_class=2)
+    grads = []
+    for checkpoint in (True, False):
+        torch.manual_seed(0)
+        backbone = BACKBONES.create("minilm", **RANDOM_WEIGHTS["minilm"])
+        model = TrunkClassifier(backbone).train()  # dropout on: the recomputation must replay it
+        assert backbone.model.is_gradient_checkpointing
+        if not checkpoint:
+            backbone.model.gradient_checkpointing_disable()
+        data = TokenizedText(stream[0].train, backbone)
+        x = torch.stack([data[i][0] for i in range(len(data))])
+        y = torch.tensor([data[i][1] for i in range(len(data))]) % 2
+        torch.manual_seed(1)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        grads.append([p.grad.clone() for p in backbone.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))
