@@ -68,9 +68,12 @@ def test_prepare_images(name: str) -> None:
     rgb = b.prepare(torch.rand(2, 3, 40, 50))
     assert rgb.shape == (2, c, h, w)
     assert rgb.is_contiguous(memory_format=torch.channels_last) == b.channels_last
-    bad_inputs = torch.zeros(1, 28, 28), torch.zeros(2, 2, 28, 28), torch.zeros(2, 1, 8, 8, dtype=torch.int64)
-    for bad in bad_inputs:
-        with pytest.raises(DataError, match="expected"):
+    integer = b.prepare(torch.full((2, 1, 28, 28), 255, dtype=torch.int64))  # integer images are 0-255 too
+    torch.testing.assert_close(integer, gray)
+    bad_inputs = {torch.zeros(1, 28, 28): "expected", torch.zeros(2, 2, 28, 28): "expected",
+                  torch.full((2, 1, 8, 8), 1000, dtype=torch.int64): "must lie in 0-255"}
+    for bad, message in bad_inputs.items():
+        with pytest.raises(DataError, match=message):
             b.prepare(bad)
 
 
