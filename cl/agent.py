@@ -120,17 +120,20 @@ class Agent:
         self.ctx.last_resume_point = time.monotonic()  # the experience checkpoint is the latest resume point
         cb.before_experience(self, exp)
         strat.before_experience(exp)
-        strat.fit(exp)
+        with self.ctx.phase("train"):  # a strategy marks finer phases inside (cl.phases)
+            strat.fit(exp)
         if (missed := strat.loops.resume) is not None:
             raise CheckpointError(f"the resume point of experience {exp.id} (training loop {missed['call']}) "
                                   "was never reached when the experience ran again: delete checkpoints/partial-* "
                                   "and resume, to repeat the experience from its start")
-        strat.after_experience(exp)
+        with self.ctx.phase("head_update"):
+            strat.after_experience(exp)
         if dist.is_distributed():
             self.sync()
         self.seen.append(exp)
         cb.after_training(self, exp)
-        results = self.evaluate([*self.seen, *future], purpose="stream")
+        with self.ctx.phase("evaluation"):
+            results = self.evaluate([*self.seen, *future], purpose="stream")
         cb.after_experience(self, exp)
         return results
 
@@ -149,8 +152,7 @@ class Agent:
             self.ctx.check_stop(f"before evaluating experience {exp.id}")
             ok = n = 0
             test = self._shard(exp.test)
-            for state, y in strat.iterate_states(test, self.ctx.eval_batch_size, desc=f"eval exp {exp.id}"):
-                scores = strat.scores(state)
+            for scores, y in strat.score_batches(test, self.ctx.eval_batch_size, desc=f"eval exp {exp.id}"):
                 if self.task_aware:
                     keep = torch.full_like(scores, float("-inf"))
                     keep[:, exp.classes] = 0
