@@ -6,6 +6,6 @@ One command runs the grid (each run in its own process, finished runs skipped), 
     python -m benchmarks.peers [--quick] [--seeds 0 1 2] [--train-per-class N] [--update-results-md]
 
 Modules: ``grid`` (what runs: streams, methods, sizes), ``avalanche_runs`` (Avalanche's strategies on our
-EfficientNet-Lite0 trunk), ``ours`` (our strategies through ``cl.run.run``), ``worker`` (one run in a
-subprocess), ``report`` (aggregation, table, RESULTS.md section).
+EfficientNet-Lite0 trunk for images, our MiniLM trunk for text), ``ours`` (our strategies through
+``cl.run.run``), ``worker`` (one run in a subprocess), ``report`` (aggregation, table, RESULTS.md section).
 """

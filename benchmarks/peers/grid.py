@@ -83,8 +83,7 @@ def build_grid(
             scenario = {"name": conf["scenario"], "n_experiences": 5, "seed": seed}
             scenario.update({k: v for k, v in (("train_per_class", train_pc), ("test_per_class", test_pc)) if v})
             runs = [("ours", m) for m in (OUR_METHODS if stream == "fmnist" else TEXT_METHODS)]
-            if stream == "fmnist":
-                runs += [("avalanche", m) for m in AVALANCHE_METHODS]
+            runs += [("avalanche", m) for m in AVALANCHE_METHODS]
             for framework, method in runs:
                 if methods and f"{framework}:{method}" not in methods and method not in methods:
                     continue
