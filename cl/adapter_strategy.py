@@ -108,6 +108,20 @@ class AdapterStrategy(HeadChoice, Strategy):
             return adapted
         return torch.cat([self.embedding(state, OFF) if frozen is None else frozen, adapted], 1)
 
+    def frozen_embeddings(self, dataset) -> torch.Tensor | None:
+        """The frozen model's embeddings ``[N, embed_dim]`` (adapters off) of every item of ``dataset``, computed once
+        and kept with its cached prefix states (``pretrained_embeddings``: an adapter strategy trains adapters and
+        heads, never the backbone's own weights); None when they cannot be cached."""
+        return None if self._pretrained else self.pretrained_embeddings(dataset)
+
+    def states_with_frozen(self, dataset, batch_size: int, desc: str = "batches"):
+        """``(prefix state, frozen embedding or None, targets)`` batches of ``dataset`` in order (``iterate_states``
+        with the matching rows of ``frozen_embeddings``; None where they are not cached)."""
+        frozen, start = self.frozen_embeddings(dataset), 0
+        for state, y in self.iterate_states(dataset, batch_size, desc=desc):
+            yield state, None if frozen is None else frozen[start : start + len(y)], y
+            start += len(y)
+
     def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
         """Masked cross-entropy of ``train_head`` on the features through the adapters the current routes pick."""
         return masked_cross_entropy(self.train_head(self.embedding(state)), y, self.experience.classes)

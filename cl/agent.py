@@ -142,17 +142,20 @@ class Agent:
             raise TrainingError(f"{type(strat).__name__}.before_experience did not call "
                                 "super().before_experience(exp), which records the experience and its classes and "
                                 "lends the memory: call it first")
-        strat.fit(exp)
+        with self.ctx.phase("train"):  # a strategy marks finer phases inside (cl.phases)
+            strat.fit(exp)
         if (missed := strat.loops.resume) is not None:
             raise CheckpointError(f"the resume point of experience {exp.id} (training loop {missed['call']}) "
                                   "was never reached when the experience ran again: delete checkpoints/partial-* "
                                   "and resume, to repeat the experience from its start")
-        strat.after_experience(exp)
+        with self.ctx.phase("head_update"):
+            strat.after_experience(exp)
         if dist.is_distributed():
             self.sync()
         self.seen.append(exp)
         cb.after_training(self, exp)
-        results = self.evaluate([*self.seen, *future], purpose="stream")
+        with self.ctx.phase("evaluation"):
+            results = self.evaluate([*self.seen, *future], purpose="stream")
         cb.after_experience(self, exp)
         return results
 
@@ -178,8 +181,7 @@ class Agent:
             self.ctx.check_stop(f"before evaluating experience {exp.id}")
             ok = n = 0
             test = self._shard(exp.test)
-            for state, y in strat.iterate_states(test, self.ctx.eval_batch_size, desc=f"eval exp {exp.id}"):
-                scores = strat.scores(state)
+            for scores, y in strat.score_batches(test, self.ctx.eval_batch_size, desc=f"eval exp {exp.id}"):
                 if self.task_aware:
                     keep = torch.full_like(scores, float("-inf"))
                     keep[:, exp.classes] = 0

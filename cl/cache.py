@@ -21,19 +21,21 @@ class CachedStates(Dataset):
     """Prefix states of a dataset held in memory (tensors with the batch first), with targets.
 
     Tuple states (text: hidden states and a 0/1 attention mask) are padded to one length;
-    ``take`` trims a batch back to its longest item.
+    ``take`` trims a batch back to its longest item. ``derived`` holds per-item tensors computed from the states
+    that never change either (e.g. ``MemoryEmbedding.pretrained_embeddings``), kept as long as the states.
     """
 
     def __init__(self, parts: tuple[torch.Tensor, ...], targets: torch.Tensor, is_tuple: bool) -> None:
         self.parts = parts
         self.targets = targets
         self.is_tuple = is_tuple
+        self.derived: dict[str, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parts)
+        return sum(p.numel() * p.element_size() for p in (*self.parts, *self.derived.values()))
 
     @staticmethod
     def cat(items: list[CachedStates]) -> CachedStates:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -14,6 +15,7 @@ from cl import distributed as dist
 from cl.cache import PrefixCache
 from cl.experience import Experience
 from cl.interrupt import RunInterrupted
+from cl.phases import PhaseClock
 from cl.seed import derive_seed
 
 if TYPE_CHECKING:
@@ -45,11 +47,25 @@ class Context:
     rank: int = 0
     world_size: int = 1
     eval_batch_size: int = 256
+    #: batch of the prefix-cache fill (None: ``eval_batch_size`` on a GPU, at most 32 on a CPU, where a large batch's
+    #: feature maps fall out of the caches and cost page faults: 2x slower for EfficientNet-Lite0 at 64 px, same values)
+    fill_batch_size: int | None = None
     stop: GracefulStop | None = None  # the run's (None: signals are not intercepted)
     # periodic resume points: ``on_resume_point(point)`` saves one (rank 0), at most every ``resume_interval_s``
     resume_interval_s: float | None = None
     on_resume_point: Callable[[dict[str, Any]], None] | None = None
     last_resume_point: float = field(default_factory=time.monotonic)
+    clock: PhaseClock = field(default_factory=PhaseClock)  # where the time goes (``phase``)
+
+    def fill_batch(self) -> int:
+        """The batch size of a prefix-cache fill (``fill_batch_size``)."""
+        if self.fill_batch_size is not None:
+            return self.fill_batch_size
+        return self.eval_batch_size if self.device.type == "cuda" else min(self.eval_batch_size, 32)
+
+    def phase(self, name: str) -> AbstractContextManager[None]:
+        """Count the time inside the ``with`` block to phase ``name`` (``cl.phases``: cache_fill, train, ...)."""
+        return self.clock.phase(name)
 
     def resume_point_due(self) -> bool:
         """Whether a periodic resume point is due (decided by rank 0's clock: every rank must call this at the

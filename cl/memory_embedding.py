@@ -18,14 +18,14 @@ from torch.utils.data import Dataset
 
 from cl import distributed as dist
 from cl.adapters import pools
-from cl.backbones.state import State
+from cl.backbones.state import State, to_device
 from cl.routing import adapters_off
 
 
 class MemoryEmbedding:
     """Strategy mixin (``cl.strategy.Strategy`` has it): the pretrained backbone, kept reachable while training
     changes it, and the memory's embedding on it. Uses the strategy's ``backbone``, ``frozen_depth``,
-    ``iterate_states`` and ``ctx``; ``_pristine`` (entries still as constructed), ``_pretrained`` (the
+    ``states``, ``iterate_states`` and ``ctx``; ``_pristine`` (entries still as constructed), ``_pretrained`` (the
     pretrained values of the others) and ``_embedded`` (the last ``memory_embeddings``) are set up by
     ``Strategy.__init__``."""
 
@@ -67,6 +67,36 @@ class MemoryEmbedding:
             return F.normalize(self.backbone.forward_from(state, self.frozen_depth).float(), dim=1)
 
     @torch.no_grad()
+    def pretrained_embeddings(self, dataset: Dataset, desc: str = "pretrained embeddings") -> torch.Tensor | None:
+        """The pretrained backbone's embeddings ``[N, embed_dim]`` (float, not normalised; on the context's device)
+        of every item of ``dataset``, in order; None when its prefix states are not cached (augmented data,
+        ``cache_prefix`` off).
+
+        They never change, so they are computed once, from the cached prefix states in batches of
+        ``ctx.eval_batch_size`` (the same batches as ``iterate_states``, so the same values), and kept with those
+        states: the memory's embeddings, and the frozen features adapter strategies route and classify with, of a
+        data set cost one pass however often they are asked for.
+        """
+        cached = self.states(dataset)
+        if cached is None:
+            return None
+        if "pretrained" not in cached.derived:
+            was = self.training
+            self.eval()
+            batches = cached.batches(self.ctx.eval_batch_size)
+            if self.ctx.progress is not None:
+                batches = self.ctx.progress(batches, -(-len(cached) // self.ctx.eval_batch_size), desc)
+            chunks = []
+            with self.pretrained():
+                for state, _ in batches:
+                    state = to_device(state, self.ctx.device)
+                    chunks.append(self.backbone.forward_from(state, self.frozen_depth).float())
+            self.train(was)
+            dim = self.backbone.embed_dim
+            cached.derived["pretrained"] = torch.cat(chunks) if chunks else torch.zeros(0, dim, device=self.ctx.device)
+        return cached.derived["pretrained"]
+
+    @torch.no_grad()
     def memory_embeddings(self, dataset: Dataset, desc: str = "embeddings") -> tuple[torch.Tensor, torch.Tensor]:
         """``memory_embedding`` of every item of ``dataset`` ``[N, D]`` (CPU, in order) and its targets ``[N]``.
 
@@ -74,6 +104,9 @@ class MemoryEmbedding:
         In a distributed run each rank embeds its shard and every rank gets all rows.
         """
         if self._embedded is not None and self._embedded[0] is dataset:
+            return self._embedded[1], self._embedded[2]
+        if (z := self.pretrained_embeddings(dataset, desc)) is not None:  # cached: every rank has every row
+            self._embedded = (dataset, F.normalize(z, dim=1).cpu(), self.states(dataset).targets.cpu())
             return self._embedded[1], self._embedded[2]
         was = self.training
         self.eval()

@@ -92,6 +92,12 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+#: figures recorded per experience (``per_exp``): seconds and CPU seconds of the experience (training, evaluation
+#: and the callbacks before the metrics'), each phase's (``cl.phases``; ``other``: the rest), memory, parameters
+PER_EXPERIENCE = ("wall_time_s", "cpu_time_s", "phase_time_s", "phase_cpu_s", "peak_rss_mb", "params_total",
+                  "params_trainable", "params_added")
+
+
 class MetricsCallback(Callback):
     """Builds the accuracy matrix and cost figures; writes ``RUN/metrics.json`` after each experience."""
 
@@ -101,15 +107,14 @@ class MetricsCallback(Callback):
         self.rows: list[list[float]] = []
         self.accuracy_seen: list[float] = []
         self.baseline: list[float] | None = None
-        self.per_exp: dict[str, list[Any]] = {
-            k: [] for k in ("wall_time_s", "peak_rss_mb", "params_total", "params_trainable", "params_added")
-        }
-        self._t0 = 0.0
+        self.per_exp: dict[str, list[Any]] = {k: [] for k in PER_EXPERIENCE}
+        self._t0 = self._c0 = 0.0
         self._params_before = 0
         self._trainable = 0
 
     def before_experience(self, agent: Any, exp: Any) -> None:
-        self._t0 = time.perf_counter()
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
+        agent.ctx.clock.reset()
         self._params_before = agent.strategy.count_params()["params_total"]
         self._trainable = 0
         if torch.cuda.is_available():
@@ -133,7 +138,14 @@ class MetricsCallback(Callback):
 
     def after_experience(self, agent: Any, exp: Any) -> None:
         counts = agent.strategy.count_params()
-        self.per_exp["wall_time_s"].append(time.perf_counter() - self._t0)
+        wall, cpu = time.perf_counter() - self._t0, time.process_time() - self._c0
+        phase_wall, phase_cpu = agent.ctx.clock.totals()
+        phase_wall["other"] = round(max(wall - sum(phase_wall.values()), 0.0), 3)
+        phase_cpu["other"] = round(max(cpu - sum(phase_cpu.values()), 0.0), 3)
+        self.per_exp["wall_time_s"].append(wall)
+        self.per_exp["cpu_time_s"].append(cpu)
+        self.per_exp["phase_time_s"].append(phase_wall)
+        self.per_exp["phase_cpu_s"].append(phase_cpu)
         self.per_exp["peak_rss_mb"].append(peak_rss_mb())
         self.per_exp["params_total"].append(counts["params_total"])
         self.per_exp["params_trainable"].append(self._trainable)
@@ -155,6 +167,9 @@ class MetricsCallback(Callback):
             "params_added_per_experience": self.per_exp["params_added"],
             "wall_time_s": float(sum(self.per_exp["wall_time_s"])),
             "wall_time_per_experience_s": self.per_exp["wall_time_s"],
+            "cpu_time_s": float(sum(c for c in self.per_exp["cpu_time_s"] if c is not None)),
+            "phase_time_s": self.per_exp["phase_time_s"],
+            "phase_cpu_s": self.per_exp["phase_cpu_s"],
             "peak_rss_mb": max(self.per_exp["peak_rss_mb"], default=peak_rss_mb()),
             "peak_rss_mb_per_experience": self.per_exp["peak_rss_mb"],
         }
@@ -172,4 +187,6 @@ class MetricsCallback(Callback):
         self.rows = [list(r) for r in state["rows"]]
         self.accuracy_seen = list(state["accuracy_seen"])
         self.baseline = state["baseline"]
-        self.per_exp = {k: list(v) for k, v in state["per_exp"].items()}
+        n = len(self.rows)  # a checkpoint from before a figure was recorded: none for its experiences
+        self.per_exp = {k: [None] * n for k in PER_EXPERIENCE}
+        self.per_exp.update({k: list(v) for k, v in state["per_exp"].items()})

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import random
+import sys
 from typing import Any
 
 import numpy as np
 import torch
+import torch.utils.deterministic
 
 from cl.errors import ConfigError
 
@@ -26,8 +28,24 @@ def seed_everything(seed: int, *salt: int, deterministic: bool = True) -> None:
     np.random.seed(s)
     torch.manual_seed(s)
     if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        use_deterministic_algorithms()
+        # ... without filling every new tensor with NaN first: that only makes a kernel that (wrongly) reads memory
+        # it never wrote repeatable, and costs 7-13% of a CPU run (a write of every intermediate tensor)
+        torch.utils.deterministic.fill_uninitialized_memory = False
         torch.backends.cudnn.benchmark = False
+
+
+def use_deterministic_algorithms() -> None:
+    """``torch.use_deterministic_algorithms(True, warn_only=True)``, without loading torch's compiler for it.
+
+    torch's call imports ``torch._inductor`` (with ``torch._dynamo`` and sympy: the largest part of a ``cl run``'s
+    start-up) only to set the compiler's own ``deterministic`` flag. Nothing here compiles, so that flag is set only
+    when the compiler is already loaded; the eager flag is set either way.
+    """
+    if "torch._inductor.config" in sys.modules or not hasattr(torch._C, "_set_deterministic_algorithms"):
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch._C._set_deterministic_algorithms(True, warn_only=True)
 
 
 def resolve_device(device: str) -> torch.device:

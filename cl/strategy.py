@@ -38,7 +38,7 @@ from cl.routing import Routes, routed
 from cl.training import Loops, train
 
 #: what a strategy that does not train (``trains = False``) fixes: neither shown nor taken by the registry
-TRAINING_PARAMS = ("epochs", "lr", "optimizer", "weight_decay")
+TRAINING_PARAMS = ("epochs", "lr", "optimizer", "weight_decay", "plateau_delta", "plateau_patience")
 
 
 class Strategy(MemoryEmbedding, LoadsByValue):
@@ -52,6 +52,9 @@ class Strategy(MemoryEmbedding, LoadsByValue):
         optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"`` (momentum 0.9).
         weight_decay: optimiser weight decay.
         cache_prefix: reuse outputs of frozen blocks across epochs and experiences.
+        plateau_delta: end a training loop before ``epochs`` once its epoch loss stops improving by this much
+            (``cl.training.plateaued``; None: always train ``epochs``).
+        plateau_patience: how many epochs in a row may improve by less than ``plateau_delta`` before the loop ends.
     """
 
     #: a subclass's own defaults for parameters of its bases, merged over theirs (``defaults()``); the registry
@@ -87,10 +90,13 @@ class Strategy(MemoryEmbedding, LoadsByValue):
         optimizer: Literal["adam", "adamw", "sgd"] = "adam",
         weight_decay: Annotated[float, Field(ge=0)] = 0.0,
         cache_prefix: bool = True,
+        plateau_delta: Annotated[float, Field(gt=0)] | None = None,
+        plateau_patience: Annotated[int, Field(ge=1)] = 1,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.epochs, self.lr, self.batch_size = (epochs if self.trains else 0), lr, batch_size
+        self.plateau_delta, self.plateau_patience = plateau_delta, plateau_patience
         self.optimizer_name, self.weight_decay = optimizer, weight_decay
         self.cache_prefix = cache_prefix
         self.ctx = Context()
@@ -214,10 +220,11 @@ class Strategy(MemoryEmbedding, LoadsByValue):
         depth = self.frozen_depth if depth is None else depth
         if isinstance(dataset, ConcatDataset):  # cache the parts, so each is computed once
             return CachedStates.cat([self.states(d, depth) for d in dataset.datasets])
-        return self.ctx.cache.get(
-            self.backbone, dataset, depth, self.ctx.device,
-            batch_size=self.ctx.eval_batch_size, progress=self.ctx.progress,
-        )
+        with self.ctx.phase("cache_fill"):
+            return self.ctx.cache.get(
+                self.backbone, dataset, depth, self.ctx.device,
+                batch_size=self.ctx.fill_batch(), progress=self.ctx.progress,
+            )
 
     def iterate_states(
         self, dataset, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
@@ -254,6 +261,15 @@ class Strategy(MemoryEmbedding, LoadsByValue):
             dataset, self.batch_size, shuffle=True, generator=self.ctx.generator(exp_id, epoch),
             desc=f"exp {exp_id} epoch {epoch + 1}/{self.epochs}",
         )
+
+    @torch.no_grad()
+    def score_batches(self, dataset: Dataset, batch_size: int, desc: str = "scores") -> Iterator[
+            tuple[torch.Tensor, torch.Tensor]]:
+        """``(scores [B, C], targets [B])`` over ``dataset`` in order: what evaluation runs. The default scores each
+        batch of prefix states; a strategy that keeps per-item features of a data set (e.g. frozen embeddings, which
+        never change) reads them here instead of computing them again."""
+        for state, y in self.iterate_states(dataset, batch_size, desc=desc):
+            yield self.scores(state), y
 
     @torch.no_grad()
     def update_statistics(self, head: nn.Module, dataset: Dataset, desc: str = "statistics") -> None:

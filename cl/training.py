@@ -7,6 +7,11 @@ gradients are averaged). A stop request (SIGINT/SIGTERM) ends the loop after the
 back as ``strategy.loops.resume`` when the experience runs again, the interrupted loop continues from that step, and
 every loop of the experience that had finished before it (a strategy may run several, e.g. SEMA's one per expansion)
 is fast-forwarded: its trained values, random state and epoch logs are restored without training again.
+
+Plateau stopping (``strategy.plateau_delta``, off when None; ``strategy.plateau_patience``): a loop ends before its
+last epoch once its loss has stopped improving, decided after each epoch on the epoch's mean loss summed over the
+ranks, so every rank of a distributed run stops at the same epoch (``plateaued``). The decision reads only the epoch
+logs, which resume points and finished loops keep, so a resumed run stops where an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -41,10 +46,29 @@ class Loops:
         self.calls, self.done = 0, []
 
 
+def plateaued(losses: list[float], delta: float | None, patience: int = 1) -> bool:
+    """Whether a loop whose epochs ended with mean ``losses`` (in order) has stopped improving: its last ``patience``
+    epochs each failed to lower the best loss before them by ``delta``, or its last loss is below ``delta`` (the loss
+    is non-negative, e.g. cross-entropy, so no later epoch can improve it by ``delta``). Never with ``delta`` None."""
+    if delta is None or not losses:
+        return False
+    if losses[-1] < delta:
+        return True
+    best, wait = float("inf"), 0
+    for loss in losses:
+        if loss < best - delta:
+            best, wait = loss, 0
+        else:
+            wait += 1
+    return wait >= patience
+
+
 class Trainee(Protocol):
     """What the loop uses of a strategy (``cl.strategy.Strategy`` has all of it)."""
 
     epochs: int
+    plateau_delta: float | None
+    plateau_patience: int
     loops: Loops
     ctx: Context
 
@@ -63,6 +87,11 @@ class Trainee(Protocol):
 
 def train(strategy: Trainee, exp: Experience) -> None:
     """One base loop of ``strategy`` on ``exp`` (see ``Strategy.fit``); resumes or fast-forwards per ``loops``."""
+    with strategy.ctx.phase("train"):
+        _train(strategy, exp)
+
+
+def _train(strategy: Trainee, exp: Experience) -> None:
     params = [p for p in strategy.parameters() if p.requires_grad]
     if not params or strategy.epochs == 0:
         return
@@ -89,6 +118,7 @@ def train(strategy: Trainee, exp: Experience) -> None:
                                   "resume, to repeat the experience from its start") from None
         _replay_epochs(strategy, exp, logs)
         loops.resume = None
+    delta, patience = getattr(strategy, "plateau_delta", None), getattr(strategy, "plateau_patience", 1)
     for epoch in range(e0, strategy.epochs):
         if cb is not None:
             cb.before_epoch(ctx.agent, exp, epoch)
@@ -121,6 +151,11 @@ def train(strategy: Trainee, exp: Experience) -> None:
         logs.append((epoch, {"loss": total / max(count, 1)}))
         if cb is not None:
             cb.after_epoch(ctx.agent, exp, epoch, logs[-1][1])
+        if epoch + 1 < strategy.epochs and plateaued([v["loss"] for _, v in logs], delta, patience):
+            if cb is not None:
+                cb.on_event(ctx.agent, "plateau", {"loop": call, "epochs": epoch + 1, "of": strategy.epochs,
+                                                   "loss": logs[-1][1]["loss"], "delta": delta, "patience": patience})
+            break
     loops.done.append({"names": {n for n, p in strategy.named_parameters() if p.requires_grad},
                        "rng": rng_state(), "epoch_logs": logs})
 

@@ -13,7 +13,7 @@ paper's masked-CE linear classifier. ``sema_replay`` (below) is SEMA trained wit
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import NonNegativeInt, PositiveFloat, PositiveInt
@@ -21,14 +21,14 @@ from torch.utils.data import Dataset
 
 from cl import distributed as dist
 from cl.adapter_strategy import AdapterStrategy
-from cl.adapters import AdapterConfig, AdapterPool, capturing
+from cl.adapters import AdapterConfig, AdapterPool
 from cl.backbones.base import Backbone, State
 from cl.descriptors import ShiftDetector
 from cl.experience import Experience
 from cl.heads import Head, create_head, masked_cross_entropy
 from cl.registry import register_strategy
 from cl.replay import with_replay
-from cl.routing import OFF, Routes, routes_to, routing
+from cl.routing import OFF, Routes, routed, routes_to, routing
 
 
 @register_strategy("sema")
@@ -51,6 +51,9 @@ class SEMA(AdapterStrategy):
     """
 
     always_expand = False  # True: a new adapter in every layer for every experience (no shift test)
+    #: a training loop ends once an epoch improves the masked cross-entropy by less than 0.01 (or it is below 0.01):
+    #: after the first loop of an experience the later layers' loops start near 0 (README, Speed)
+    param_defaults: ClassVar[dict[str, Any]] = {"plateau_delta": 0.01}
 
     def __init__(
         self,
@@ -125,9 +128,10 @@ class SEMA(AdapterStrategy):
         gen = self.ctx.generator(exp.id, -1)
         for layer, pool in self.pools.items():
             if len(pool) and not self.always_expand:
-                pooled = self.pooled_inputs(exp.train, [layer], limit=self.scan_samples, generator=gen)
-                decision = self.detector(pool.descriptors, pooled[layer])
-                shift, z = dist.broadcast((decision.shift, decision.zscores))  # rank 0 decides for every rank
+                with self.ctx.phase("scan"):
+                    pooled = self.pooled_inputs(exp.train, [layer], limit=self.scan_samples, generator=gen)
+                    decision = self.detector(pool.descriptors, pooled[layer])
+                    shift, z = dist.broadcast((decision.shift, decision.zscores))  # rank 0 decides for every rank
             else:
                 shift, z = True, {}
             self.emit("expansion" if shift else "reuse", layer=layer, adapter=name if shift else None,
@@ -163,10 +167,13 @@ class SEMA(AdapterStrategy):
     def _train_expansion(self, exp: Experience, new: dict[int, str]) -> None:
         """Train the new adapters (routed to them alone), then their descriptors; freeze both."""
         with self._forced(new):
-            super().fit(exp)
-            pooled = self.pooled_inputs(exp.train, list(new))
+            with self.ctx.phase(f"train: layer{'s' if len(new) > 1 else ''} {', '.join(map(str, new))}"):
+                super().fit(exp)
+            with self.ctx.phase("descriptors"):
+                pooled = self.pooled_inputs(exp.train, list(new))
         for layer, name in new.items():
-            self._train_descriptor(self.pools[layer], name, pooled[layer], exp.id)
+            with self.ctx.phase("descriptors"):
+                self._train_descriptor(self.pools[layer], name, pooled[layer], exp.id)
             self.pools[layer].freeze(name)
 
     def _forced(self, new: dict[int, str]):
@@ -198,11 +205,14 @@ class SEMA(AdapterStrategy):
 
     @torch.no_grad()
     def after_experience(self, exp: Experience) -> None:
+        bs, dev = self.ctx.eval_batch_size, self.ctx.device
         if self.task_head is not None:  # first: the statistics head below sees this experience's routes
-            for state, y in self.iterate_states(exp.train, self.ctx.eval_batch_size, desc=f"exp {exp.id} routes"):
-                self.task_head.update(self.embedding(state, OFF), self.pair_labels(exp.id, y.to(self.ctx.device)))
+            for state, frozen, y in self.states_with_frozen(exp.train, bs, desc=f"exp {exp.id} routes"):
+                frozen = self.embedding(state, OFF) if frozen is None else frozen
+                self.task_head.update(frozen, self.pair_labels(exp.id, y.to(dev)))
         if self.head is not self.train_head:
-            self.update_statistics(self.head, exp.train, desc=f"exp {exp.id} head")
+            for state, frozen, y in self.states_with_frozen(exp.train, bs, desc=f"exp {exp.id} head"):
+                self.head.update(self.features(state, frozen), y.to(dev))
 
     def routes(self, state: State, frozen: torch.Tensor | None = None) -> Routes:
         """The routes of the mixture embedding: each layer's router (``route_by="layer"``), else ``task_routes``
@@ -240,32 +250,45 @@ class SEMA(AdapterStrategy):
             return {}
         return routes_to(free, self.route_experiences(state, frozen))
 
-    def features(self, state: State) -> torch.Tensor:
-        """What the head sees: the mixture embedding, or ``[frozen, mixture]`` with ``head_features="concat"``."""
-        frozen = self.embedding(state, OFF) if self.concat or self.task_head is not None else None
+    def features(self, state: State, frozen: torch.Tensor | None = None) -> torch.Tensor:
+        """What the head sees: the mixture embedding, or ``[frozen, mixture]`` with ``head_features="concat"``
+        (``frozen``: the frozen embedding, if already known)."""
+        if frozen is None and (self.concat or self.task_head is not None):
+            frozen = self.embedding(state, OFF)
         return self.routed_features(state, self.routes(state, frozen), frozen)
 
     def scores(self, state: State) -> torch.Tensor:
         return self.head(self.features(state))
+
+    @torch.no_grad()
+    def score_batches(self, dataset: Dataset, batch_size: int, desc: str = "scores"):
+        """As ``Strategy``'s, with the frozen embeddings of a cached data set computed once (they never change)."""
+        for state, frozen, y in self.states_with_frozen(dataset, batch_size, desc):
+            yield self.head(self.features(state, frozen)), y
 
     # ---- helpers ----------------------------------------------------------------------------
     @torch.no_grad()
     def pooled_inputs(
         self, dataset: Dataset, layers: list[int], limit: int | None = None, generator: torch.Generator | None = None
     ) -> dict[int, torch.Tensor]:
-        """Pooled inputs ``[N, c]`` of ``layers`` for (up to ``limit`` shuffled items of) ``dataset``."""
+        """Pooled inputs ``[N, c]`` of ``layers`` for (up to ``limit`` shuffled items of) ``dataset``: each layer's
+        block input (the blocks before it under the current routes), pooled as its pool pools it; the blocks from
+        the last of ``layers`` on are not run."""
         chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-        seen = 0
+        last, seen = max(layers), 0
         was = self.training
         self.eval()
         it = self.iterate_states(dataset, self.ctx.eval_batch_size, shuffle=generator is not None,
                                  generator=generator, desc="descriptor inputs")
         for state, _ in it:
-            with capturing({layer: self.pools[layer] for layer in layers}) as found:
-                self.embedding(state, self.routes(state))
-            for layer in layers:
-                chunks[layer].append(found[layer])
-            seen += len(found[layers[0]])
+            with routed(self.pools, self.routes(state)):
+                for i in range(self.frozen_depth, last + 1):
+                    if i in chunks:
+                        x, mask = (state[0], state[1]) if isinstance(state, tuple) else (state, None)
+                        chunks[i].append(self.pools[i].pool_input(x, mask))
+                    if i < last:
+                        state = self.backbone.forward_block(i, state)
+            seen += len(chunks[last][-1])
             if limit is not None and seen >= limit:
                 break
         self.train(was)

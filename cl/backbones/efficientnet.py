@@ -15,6 +15,7 @@ from torch import nn
 from cl.backbones.base import Backbone, InputSize, declares_min_input_size
 from cl.backbones.checkpoint import StateDict, drop_keys, load_strict, read_state_dict, strip_prefixes
 from cl.backbones.preprocess import DataConfig
+from cl.backbones.timm_import import import_timm
 from cl.errors import ConfigError
 from cl.registry import register_backbone
 
@@ -139,7 +140,7 @@ def efficientnet_lite0(
         channels_last: run in channels-last memory format (faster convolutions on CPU).
         drop_path_rate: stochastic depth rate while training blocks.
     """
-    import timm
+    timm = import_timm()
 
     if weights not in ("imagenet", "none"):
         raise ConfigError(f"efficientnet_lite0 weights must be 'imagenet' or 'none', got {weights!r}")

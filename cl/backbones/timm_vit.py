@@ -20,6 +20,7 @@ from torch import nn
 from cl.backbones.base import Backbone, InputSize, declares_min_input_size
 from cl.backbones.checkpoint import drop_keys, load_strict, read_state_dict, strip_prefixes
 from cl.backbones.preprocess import DataConfig
+from cl.backbones.timm_import import import_timm
 from cl.errors import ConfigError
 from cl.registry import register_backbone
 
@@ -79,7 +80,7 @@ def vit_input_size(timm_name: str, img_size: int | None, model_kwargs: dict[str,
 
 def resolve_timm_name(name: str) -> str | None:
     """``name`` when timm knows it as a VisionTransformer (``arch`` or ``arch.tag``), else None."""
-    import timm
+    timm = import_timm()
     from timm.models import split_model_name_tag
 
     arch, _ = split_model_name_tag(name)
@@ -95,7 +96,7 @@ def build_timm_vit(
     model_kwargs: dict[str, Any] | None = None,
 ) -> TimmViT:
     """Create the timm model, then load weights from ``checkpoint`` or timm's cache."""
-    import timm
+    timm = import_timm()
     from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
     if pretrained and checkpoint:

@@ -306,6 +306,28 @@ def cost_plot(groups: list[RunGroup]) -> str | None:
     return to_svg(fig)
 
 
+@styled
+def phase_plot(run: RunData) -> str | None:
+    """Wall seconds of each experience by phase (stacked; ``metrics.json`` ``phase_time_s``)."""
+    phases = run.phases()
+    if not any(phases):
+        return None
+    names = list(dict.fromkeys(k for p in phases for k in p))
+    fig = _figure(6.4, 3.0)
+    ax = _axes(fig, 1, 1, 1)
+    x = np.arange(len(phases))
+    bottom = np.zeros(len(x))
+    for k, name in enumerate(names):
+        h = np.array([p.get(name, 0.0) for p in phases])
+        ax.bar(x, h, 0.7, bottom=bottom, label=name, color=f"C{k % 10}")
+        bottom += h
+    _steps(ax, len(phases), "experience")
+    ax.set_ylabel("wall time (s)")
+    ax.set_title(run.name, fontsize=9)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return to_svg(fig)
+
+
 def _as_int(layer: str) -> tuple[int, Any]:
     try:
         return (0, int(layer))

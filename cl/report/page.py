@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import math
+from collections import defaultdict
 from typing import Any
 
 import yaml
@@ -249,8 +250,29 @@ def cost_section(groups: list[RunGroup]) -> str:
     svg = figures.cost_plot(groups)
     if svg is None:
         return empty("no time or memory figures yet")
-    return figure(svg, "chart-cost", "cost", "Wall time of each experience (training + evaluation) and peak "
-                  "resident memory of the process after it")
+    parts = [figure(svg, "chart-cost", "cost", "Wall time of each experience (training + evaluation) and peak "
+                    "resident memory of the process after it")]
+    for i, g in enumerate(groups):
+        run = g.runs[0]
+        wall, cpu = run.phases(), run.phases(cpu=True)
+        if not any(wall):
+            continue
+        parts.append(figure(figures.phase_plot(run), f"chart-phases-{i}", "phases",
+                            f"{g.label}: where each experience's time went (run {run.name}): the prefix-cache fill, "
+                            "training (per loop), shift scans, descriptors, the head update, evaluation"))
+        totals, cpu_totals = defaultdict(float), defaultdict(float)
+        for row in wall:
+            for k, v in row.items():
+                totals[k] += v
+        for row in cpu:
+            for k, v in row.items():
+                cpu_totals[k] += v
+        whole = sum(totals.values()) or 1.0
+        rows = [[k, round(v, 1), round(cpu_totals.get(k, 0.0), 1), f"{100 * v / whole:.0f}%"]
+                for k, v in sorted(totals.items(), key=lambda kv: -kv[1])]
+        parts.append(f"<details><summary>{esc(g.label)}: seconds per phase, all experiences</summary>"
+                     + table(["phase", "wall s", "CPU s", "share of wall"], rows, f"table-phases-{i}") + "</details>")
+    return "".join(parts)
 
 
 def config_section(groups: list[RunGroup]) -> str:

@@ -91,6 +91,14 @@ class RunData:
             out[layer] = series
         return out
 
+    def phases(self, cpu: bool = False) -> list[dict[str, float]]:
+        """Seconds per phase of each experience (``metrics.json`` ``phase_time_s``, or ``phase_cpu_s`` with ``cpu``;
+        ``cl.phases``); an experience recorded before phases were (a resumed older run) gets ``{}``."""
+        rows = self.metrics.get("phase_cpu_s" if cpu else "phase_time_s")
+        if not isinstance(rows, list):
+            return []
+        return [{str(k): float(v) for k, v in r.items() if _is_number(v)} if isinstance(r, dict) else {} for r in rows]
+
     def route_usage(self) -> dict[int, dict[str, float]]:
         """Share of routing weight per adapter in each experience, from ``route`` events (``usage: {adapter: w}``)."""
         usage: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))

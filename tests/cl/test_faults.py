@@ -44,7 +44,7 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="forks and SIGKI
 PARAMS = {"finetune": {"epochs": 2}, "replay": {"epochs": 2, "budget": 12, "batch_size": 16}, "simplecil": {},
           "sema": {"epochs": 2, "batch_size": 32}}
 RESUME_POINTS = {"sema"}  # runs that also save a resume point after every training step (kills land in those too)
-VARYING = ("wall_time", "rss", "cuda")  # metrics.json keys that measure the machine, not the run
+VARYING = ("wall_time", "cpu_time", "phase_", "rss", "cuda")  # metrics.json keys that measure the machine, not the run
 
 
 def config(tmp_path: Path, strategy: str) -> dict[str, Any]:

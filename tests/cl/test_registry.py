@@ -64,8 +64,8 @@ def test_param_defaults_merge_over_the_bases_and_hidden_params_are_not_taken():
 
 
 def test_a_strategy_that_does_not_train_hides_the_training_parameters():
-    """``trains = False``: ``epochs``, ``lr``, ``optimizer``, ``weight_decay`` are neither shown nor taken, and the
-    strategy never steps an optimiser (epochs 0)."""
+    """``trains = False``: ``epochs``, ``lr``, ``optimizer``, ``weight_decay``, ``plateau_*`` are neither shown nor
+    taken, and the strategy never steps an optimiser (epochs 0)."""
     import strategies  # noqa: F401  (registers simplecil)
     from cl.registry import STRATEGIES
     from cl.strategy import TRAINING_PARAMS, Strategy
@@ -80,7 +80,7 @@ def test_a_strategy_that_does_not_train_hides_the_training_parameters():
     reg = Registry("strategy", n_positional=1)
     reg.register("counts")(Counts)
     assert set(reg.params_model("counts").model_fields) == {"decay", "batch_size", "cache_prefix"}
-    assert set(TRAINING_PARAMS) == {"epochs", "lr", "optimizer", "weight_decay"}
+    assert set(TRAINING_PARAMS) == {"epochs", "lr", "optimizer", "weight_decay", "plateau_delta", "plateau_patience"}
     for key in TRAINING_PARAMS:
         with pytest.raises(ConfigError, match=f"unknown key '{key}'"):
             reg.validate("counts", {key: 1})
