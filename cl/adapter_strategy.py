@@ -21,16 +21,18 @@ from cl.experience import Experience
 from cl.heads import HeadChoice, LinearHead, masked_cross_entropy
 from cl.routing import OFF, Routes, routing
 from cl.strategy import Strategy
+from cl.taps import TapChoice
 
 #: what the head of an adapter strategy sees: ``[frozen, adapted]`` embeddings, or the adapted one alone ("mixture":
 #: SEMA's word for it)
 HeadFeatures = Literal["concat", "adapted", "mixture"]
 
 
-class AdapterStrategy(HeadChoice, Strategy):
+class AdapterStrategy(TapChoice, HeadChoice, Strategy):
     """Base of the adapter methods (APER, SEMA, MOS, LAE, key retrieval): adapter pools injected into blocks
     ``layers`` of the frozen backbone (``pools``, by block index), a masked-CE ``train_head`` that trains them,
-    the frozen prefix up to the first adapted block, and a head chosen by name over ``routed_features``.
+    the frozen prefix up to the first adapted block, and a head chosen by name over ``routed_features``
+    (``[taps, frozen, adapted]``: ``taps`` and ``head_features`` say which parts).
 
     Args:
         layers: blocks to adapt (negative: from the end).
@@ -38,7 +40,8 @@ class AdapterStrategy(HeadChoice, Strategy):
         adapter_dim: bottleneck width or rank (default: the kind's).
         head_features: what the head sees: ``"concat"`` ``[frozen, adapted]`` embeddings, ``"adapted"`` (or
             ``"mixture"``) the adapted one alone (None: the class's ``param_defaults``).
-        kw: ``head`` and ``head_kw`` (``HeadChoice``) and the training parameters of ``Strategy``.
+        kw: ``taps`` (``TapChoice``: the frozen backbone's pooled block outputs in front of the head's features),
+            ``head`` and ``head_kw`` (``HeadChoice``) and the training parameters of ``Strategy``.
     """
 
     param_defaults: ClassVar[dict[str, Any]] = {"epochs": 3, "batch_size": 128, "head": "lda",
@@ -67,6 +70,9 @@ class AdapterStrategy(HeadChoice, Strategy):
         if params.get("head") == "linear" and params.get("head_features") == "concat":
             raise ValueError("head='linear' is the training head, over the adapted embedding alone: use "
                              "head_features='adapted'")
+        if params.get("head") == "linear" and params.get("taps"):
+            raise ValueError("head='linear' is the training head, over the adapted embedding alone: taps feed a "
+                             "statistics head (ncm, lda, ranpac)")
 
     @property
     def pool(self) -> AdapterPool:
@@ -77,7 +83,7 @@ class AdapterStrategy(HeadChoice, Strategy):
     @property
     def head_dim(self) -> int:
         """The width of what the head sees (``routed_features``)."""
-        return self.backbone.embed_dim * (2 if self.concat else 1)
+        return self.tap_dim + self.backbone.embed_dim * (2 if self.concat else 1)
 
     def adapter_config(self, config: AdapterConfig) -> AdapterConfig:
         """The pools' configuration (a subclass adds its router here); called before ``Strategy.__init__``."""
@@ -101,12 +107,17 @@ class AdapterStrategy(HeadChoice, Strategy):
             self.pools[i].freeze(name)
 
     def routed_features(self, state: State, routes: Routes = None, frozen: torch.Tensor | None = None) -> torch.Tensor:
-        """What the head sees with the adapters under ``routes`` (see ``embedding``): the adapted embedding, or with
-        ``head_features="concat"`` ``[frozen, adapted]`` (``frozen``: the frozen embedding, when already computed)."""
+        """What the head sees with the adapters under ``routes`` (see ``embedding``): the adapted embedding, with
+        ``head_features="concat"`` behind the frozen one, and behind the frozen backbone's ``taps`` when it taps
+        blocks: ``[taps, frozen, adapted]`` (``frozen``: the frozen embedding, when already computed)."""
         adapted = self.embedding(state, routes)
-        if not self.concat:
-            return adapted
-        return torch.cat([self.embedding(state, OFF) if frozen is None else frozen, adapted], 1)
+        parts = []
+        if self.taps:  # a frozen pass for taps of adapted blocks gives the frozen embedding too
+            taps, frozen = self.tap_features(state, frozen)
+            parts.append(taps)
+        if self.concat:
+            parts.append(self.embedding(state, OFF) if frozen is None else frozen)
+        return torch.cat([*parts, adapted], 1) if parts else adapted
 
     def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
         """Masked cross-entropy of ``train_head`` on the features through the adapters the current routes pick."""

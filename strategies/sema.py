@@ -23,6 +23,7 @@ from cl import distributed as dist
 from cl.adapter_strategy import AdapterStrategy
 from cl.adapters import AdapterConfig, AdapterPool, capturing
 from cl.backbones.base import Backbone, State
+from cl.backbones.state import untapped
 from cl.descriptors import ShiftDetector
 from cl.experience import Experience
 from cl.heads import Head, create_head, masked_cross_entropy
@@ -197,7 +198,8 @@ class SEMA(AdapterStrategy):
     @torch.no_grad()
     def route_experiences(self, state: State, frozen: torch.Tensor | None = None) -> torch.Tensor:
         """The experience ``[B]`` whose adapters each input takes (``route_by`` "task" or "head")."""
-        x, mask = (state[0], state[1]) if isinstance(state, tuple) else (state, None)
+        inner = untapped(state)
+        x, mask = (inner[0], inner[1]) if isinstance(inner, tuple) else (inner, None)
         if self._training_exp is not None:
             return torch.full((x.shape[0],), self._training_exp, dtype=torch.long, device=x.device)
         if self.task_head is not None:
