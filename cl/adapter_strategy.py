@@ -35,7 +35,7 @@ class AdapterStrategy(TapChoice, HeadChoice, Strategy):
     (``[taps, frozen, adapted]``: ``taps`` and ``head_features`` say which parts).
 
     Args:
-        layers: blocks to adapt (negative: from the end).
+        layers: blocks to adapt (negative: from the end), or ``"all"``.
         adapter: adapter kind (``bottleneck``, ``lora``, ``ssf``, ``rank1``).
         adapter_dim: bottleneck width or rank (default: the kind's).
         head_features: what the head sees: ``"concat"`` ``[frozen, adapted]`` embeddings, ``"adapted"`` (or
@@ -51,14 +51,16 @@ class AdapterStrategy(TapChoice, HeadChoice, Strategy):
         self,
         backbone: Backbone,
         *,
-        layers: Sequence[int] = (-3, -2, -1),
+        layers: Sequence[int] | Literal["all"] = (-3, -2, -1),
         adapter: str = "bottleneck",
         adapter_dim: PositiveInt | None = None,
         head_features: HeadFeatures | None = None,
         **kw: Any,
     ) -> None:
-        config = self.adapter_config(AdapterConfig(kind=adapter, dim=adapter_dim, layers=list(layers), router=None))
-        self.pools: dict[int, AdapterPool] = dict(sorted(inject(backbone, config).items()))
+        chosen = None if layers == "all" else list(layers)  # None: every block
+        config = AdapterConfig(kind=adapter, dim=adapter_dim, layers=chosen, router=None)
+        injected = {i: p for c in self.pool_configs(backbone, config) for i, p in inject(backbone, c).items()}
+        self.pools: dict[int, AdapterPool] = dict(sorted(injected.items()))
         super().__init__(backbone, **{**self.base_defaults(), **kw})
         self.head_features = self.defaults()["head_features"] if head_features is None else head_features
         self.concat = self.head_features == "concat"  # the head sees [frozen, adapted] (``routed_features``)
@@ -88,6 +90,12 @@ class AdapterStrategy(TapChoice, HeadChoice, Strategy):
     def adapter_config(self, config: AdapterConfig) -> AdapterConfig:
         """The pools' configuration (a subclass adds its router here); called before ``Strategy.__init__``."""
         return config
+
+    def pool_configs(self, backbone: Backbone, config: AdapterConfig) -> list[AdapterConfig]:
+        """The configurations the pools are injected with, one per group of blocks (default: ``adapter_config`` for
+        every adapted block; SEMA gives the blocks it never expands pools without descriptors); called before
+        ``Strategy.__init__``."""
+        return [self.adapter_config(config)]
 
     @property
     def frozen_depth(self) -> int:
