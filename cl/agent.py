@@ -26,7 +26,7 @@ import pydantic
 import torch
 
 from cl import distributed as dist
-from cl.backbones import Backbone, create_backbone
+from cl.backbones import Backbone, create_backbone, resolve_timm_name
 from cl.cache import PrefixCache
 from cl.callbacks.base import Callback, CallbackList
 from cl.checkpoint import load_checkpoint, load_memory, payload_problem, save_checkpoint, save_memory
@@ -36,8 +36,10 @@ from cl.errors import CheckpointError, ConfigError, TrainingError
 from cl.experience import Experience
 from cl.journal import Journal
 from cl.memory import ExperienceMemory, MemoryConfig
-from cl.progress import Progress
-from cl.registry import STRATEGIES, format_validation_error
+from cl.metrics import MetricsCallback
+from cl.plugins import import_plugins, source_of
+from cl.progress import Progress, library_bars
+from cl.registry import BACKBONES, STRATEGIES, format_validation_error
 from cl.seed import resolve_device, seed_everything
 from cl.strategy import Strategy
 
@@ -57,6 +59,11 @@ class Agent:
         rank / world_size: this process's place in a distributed run (``cl.distributed``; ``cl run`` sets them).
         journal: write a summary of each experience into ``memory`` (``agent.journal``).
         memory: the experience memory's settings (``MemoryConfig`` or its dict: index, metric, budget, path).
+        threads: CPU threads torch uses (``torch.set_num_threads``, for the whole process); None leaves them as they
+            are.
+
+    After each ``learn``, ``metrics()`` gives what ``cl run`` writes to ``metrics.json``: the accuracy matrix, average
+    incremental accuracy, final accuracy, forgetting, BWT, parameters and cost (docs/metrics.md).
     """
 
     def __init__(
@@ -78,7 +85,12 @@ class Agent:
         world_size: int = 1,
         journal: bool = True,
         memory: MemoryConfig | dict[str, Any] | None = None,
+        threads: int | None = None,
     ) -> None:
+        if threads is not None:
+            if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+                raise ConfigError(f"threads must be an int >= 1 (CPU threads for torch) or None, got {threads!r}")
+            torch.set_num_threads(threads)
         self.spec = {
             "backbone": backbone if isinstance(backbone, str) else None,
             "backbone_params": dict(backbone_params or {}),
@@ -87,19 +99,25 @@ class Agent:
         }
         self.seed, self.deterministic, self.task_aware = seed, deterministic, task_aware
         seed_everything(seed, deterministic=deterministic)
+        self.progress = Progress(enabled=progress)
         if isinstance(strategy, Strategy):
             self.strategy = strategy
         else:
-            bb = create_backbone(backbone, **(backbone_params or {})) if isinstance(backbone, str) else backbone
+            with library_bars(self.progress.enabled):  # progress=False silences the libraries' loading bars too
+                bb = create_backbone(backbone, **(backbone_params or {})) if isinstance(backbone, str) else backbone
             self.strategy = STRATEGIES.create(strategy, bb, **(strategy_params or {}))
         self.backbone: Backbone = self.strategy.backbone
         self.memory_config = memory_config(memory)
         self.memory = self.memory_config.build(self.backbone.embed_dim)
         self.journal: Journal | None = Journal(self) if journal else None
-        # the journal goes last: earlier callbacks keep their positions (and checkpointed state keys)
-        self.callbacks = CallbackList([*(callbacks or []), *([self.journal] if self.journal else [])])
+        callbacks = list(callbacks or [])
+        found = next((c for c in callbacks if isinstance(c, MetricsCallback)), None)
+        self.metrics_callback: MetricsCallback = found or MetricsCallback()
+        # the journal, then the metrics callback the caller did not give, go last: earlier callbacks keep their
+        # positions (and checkpointed state keys)
+        self.callbacks = CallbackList([*callbacks, *([self.journal] if self.journal else []),
+                                       *([] if found else [self.metrics_callback])])
         self.device = resolve_device(device)
-        self.progress = Progress(enabled=progress)
         self.seen: list[Experience] = []
         self._shards: dict[int, tuple[Any, Any]] = {}  # id(test set) -> (test set, this rank's shard of it)
         self.ctx = Context(
@@ -120,6 +138,10 @@ class Agent:
         self.ctx.last_resume_point = time.monotonic()  # the experience checkpoint is the latest resume point
         cb.before_experience(self, exp)
         strat.before_experience(exp)
+        if strat.experience is not exp:
+            raise TrainingError(f"{type(strat).__name__}.before_experience did not call "
+                                "super().before_experience(exp), which records the experience and its classes and "
+                                "lends the memory: call it first")
         strat.fit(exp)
         if (missed := strat.loops.resume) is not None:
             raise CheckpointError(f"the resume point of experience {exp.id} (training loop {missed['call']}) "
@@ -133,6 +155,13 @@ class Agent:
         results = self.evaluate([*self.seen, *future], purpose="stream")
         cb.after_experience(self, exp)
         return results
+
+    def metrics(self) -> dict[str, Any]:
+        """The metrics of the experiences learned so far, as ``cl run`` writes them to ``metrics.json``:
+        ``accuracy_matrix`` (row i: accuracy on experiences 0..i after learning i), ``accuracy_seen``,
+        ``avg_incremental_accuracy``, ``final_accuracy``, ``avg_forgetting``, ``forgetting_per_experience``, ``bwt``,
+        ``fwt``, parameters, wall time and peak memory (definitions: docs/metrics.md)."""
+        return self.metrics_callback.metrics(self)
 
     @torch.no_grad()
     def evaluate(self, exps: Sequence[Experience], purpose: str = "user") -> dict[str, Any]:
@@ -265,21 +294,34 @@ class Agent:
         path = Path(path)
         memory = self.save_memory(path / "memory")
         save_checkpoint(path, {**self.checkpoint_payload(), "callbacks": {}, "memory": memory}, name="agent")
-        spec = {**self.spec, "seed": self.seed, "memory": self.memory_config.model_dump()}
+        spec = {**self.spec, "seed": self.seed, "memory": self.memory_config.model_dump(),
+                "imports": self._imports()}
         (path / "agent_spec.json").write_text(json.dumps(spec, indent=2))
         return path
 
+    def _imports(self) -> list[str]:
+        """What to import so that this agent's backbone and strategy names are registered (``plugins.source_of``):
+        recorded by ``save`` so that ``load`` can name it."""
+        entries = [BACKBONES.get(self.spec["backbone"]) if self.spec["backbone"] in BACKBONES else None,
+                   STRATEGIES.get(self.spec["strategy"])]
+        return list(dict.fromkeys(s for e in entries if e is not None and (s := source_of(e)) is not None))
+
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto", **kwargs: Any) -> Agent:
+    def load(cls, path: str | Path, device: str = "auto", imports: Sequence[str] = (), **kwargs: Any) -> Agent:
         """Rebuild an agent saved with ``save``, with its memory (its seen experiences are not restored).
 
         Nothing in the directory runs: the spec is JSON naming registered components, the checkpoint tensors and
-        plain data, the memory JSON, SQLite and FAISS files."""
+        plain data, the memory JSON, SQLite and FAISS files. A strategy (or backbone) of your own must be registered
+        first: ``imports`` (module names or ``.py`` files, as ``cl run --import`` takes them) are imported before the
+        agent is built, which confirms that you trust them; the saved agent records which module registered its
+        strategy, and an error names it when it is not imported."""
         path = Path(path)
         spec_file = path / "agent_spec.json"
         if not spec_file.exists():
             raise CheckpointError(f"{path} is not a saved agent (no agent_spec.json)")
         spec = _read_spec(spec_file)
+        import_plugins(imports)
+        _check_registered(path, spec)
         payload = load_checkpoint(path, name="agent", require=("strategy",))
         agent = cls(
             spec["backbone"], spec["strategy"], backbone_params=spec["backbone_params"],
@@ -296,6 +338,27 @@ class Agent:
 
 
 _SPEC_TYPES = {"backbone": str, "strategy": str, "backbone_params": dict, "strategy_params": dict, "seed": int}
+
+
+def _check_registered(path: Path, spec: dict[str, Any]) -> None:
+    """Raise CheckpointError naming what to import when a saved agent's strategy or backbone is not registered."""
+    recorded = spec.get("imports", [])
+    for kind, registered in (("strategy", spec["strategy"] in STRATEGIES),
+                             ("backbone", spec["backbone"] in BACKBONES or resolve_timm_name(spec["backbone"]))):
+        if registered:
+            continue
+        name = spec[kind]
+        files = [s for s in recorded if s != "__main__"]
+        if files:
+            where = (f"it is registered by {', '.join(files)}, which is not imported; a saved agent runs no code by "
+                     f"itself: if you trust that code, load with Agent.load({str(path)!r}, imports={files!r})")
+        elif recorded:
+            where = ("it was defined in the script or notebook that saved the agent (__main__): run that definition "
+                     "before Agent.load")
+        else:
+            where = (f"import the module that registers it first (Agent.load({str(path)!r}, imports=[...]), or "
+                     "import it yourself)")
+        raise CheckpointError(f"saved agent {path} uses {kind} {name!r}, which is not registered: {where}")
 
 
 def memory_config(memory: MemoryConfig | dict[str, Any] | None) -> MemoryConfig:
@@ -317,6 +380,9 @@ def _read_spec(spec_file: Path) -> dict[str, Any]:
     if not isinstance(spec, dict):
         raise CheckpointError(f"{spec_file} does not hold a saved agent's spec (a JSON object)")
     bad = [f"{k} ({t.__name__})" for k, t in _SPEC_TYPES.items() if not isinstance(spec.get(k), t)]
+    imports = spec.get("imports", [])
+    if not (isinstance(imports, list) and all(isinstance(s, str) for s in imports)):
+        bad.append("imports (list of str)")
     if bad:
         raise CheckpointError(f"{spec_file} is missing or mistypes {', '.join(bad)}")
     return spec

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -77,13 +78,33 @@ def _sweep(args: argparse.Namespace) -> int:
     return 1 if any(s.startswith("failed") for s in status.values()) else 0
 
 
+#: where each registry's parameters are set, for ``cl list KIND NAME``
+_SET_WITH = {"strategy": "--set strategy.{p}=VALUE (or the config's strategy: section)",
+             "scenario": "--set scenario.{p}=VALUE (or the config's scenario: section)",
+             "backbone": "--set backbone.{p}=VALUE (or the config's backbone: section)",
+             "head": "a strategy's head_kw, e.g. --set 'strategy.head_kw={{{p}: VALUE}}'",
+             "router": "a strategy's router_kw, e.g. --set 'strategy.router_kw={{{p}: VALUE}}'",
+             "logger": "the logger itself (--logger NAME)"}
+
+
 def _list(args: argparse.Namespace) -> int:
+    from cl.plugins import import_plugins
     from cl.registry import BACKBONES, HEADS, LOGGERS, ROUTERS, SCENARIOS, STRATEGIES
 
+    import_plugins(args.imports)
     console = Console()
     registries = (STRATEGIES, SCENARIOS, BACKBONES, HEADS, ROUTERS, LOGGERS)
     if args.kind and args.kind not in {k for r in registries for k in (r.kind, r.plural)}:
-        raise CLError(f"cl list: unknown kind {args.kind!r} (choose from {', '.join(r.plural for r in registries)})")
+        owners = [r for r in registries if args.kind in r]
+        hint = f"; for the {owners[0].kind} {args.kind!r}: cl list {owners[0].plural} {args.kind}" if owners else ""
+        raise CLError(f"cl list: unknown kind {args.kind!r} (choose from {', '.join(r.plural for r in registries)})"
+                      + hint)
+    if args.name:
+        if not args.kind:
+            raise CLError("cl list NAME needs the kind first, e.g. cl list strategies sema")
+        reg = next(r for r in registries if args.kind in (r.kind, r.plural))
+        _print_params(console, reg, args.name)
+        return 0
     for reg in registries:
         if args.kind and args.kind not in (reg.kind, reg.plural):
             continue
@@ -96,10 +117,45 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_params(console: Console, reg, name: str) -> None:
+    """One entry's parameters: type, default and a line of its docstring each, and how to set them."""
+    params = reg.params(name)  # an unknown name raises ConfigError with a suggestion
+    console.print(f"[bold]{reg.kind} {escape(name)}[/]: {escape(reg.describe(name))}", highlight=False)
+    if not params:
+        console.print("no parameters")
+        return
+    table = Table()
+    for column in ("parameter", "type", "default", "description"):
+        table.add_column(column, style="bold" if column == "parameter" else None,
+                         overflow="fold" if column == "description" else None)
+    for p in params:
+        table.add_row(p.name, escape(p.type), "required" if p.required else escape(repr(p.default)), escape(p.doc))
+    console.print(table)
+    console.print(escape(f"set with {_SET_WITH[reg.kind].format(p='NAME')}"), highlight=False)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose help may end with text computed only when help is shown (``more_help``), so that
+    building the parser imports nothing heavy."""
+
+    more_help: Callable[[], str] | None = None
+
+    def format_help(self) -> str:
+        text = super().format_help()
+        return text + "\n" + self.more_help() + "\n" if self.more_help is not None else text
+
+
+def _config_keys() -> str:
+    from cl.config import keys_help
+
+    return keys_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cl", description="clagent: continual learning with pretrained models")
+    p = _Parser(prog="cl", description="clagent: continual learning with pretrained models")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a continual-learning stream")
+    r.more_help = _config_keys
     r.add_argument("config", nargs="?", help="YAML config (defaults apply to anything left out)")
     r.add_argument("--strategy", help="strategy name (see `cl list strategies`)")
     r.add_argument("--scenario", help="scenario name")
@@ -112,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="import code that registers a strategy/scenario/backbone first, e.g. "
                         "examples/custom_strategy.py (repeatable; recorded in config.yaml)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set strategy.lr=0.01 (repeatable)")
+                   help="override a config value, e.g. --set strategy.lr=0.01 or --set threads=1 (repeatable; the "
+                        "keys are listed below)")
     r.add_argument("--resume", metavar="RUN",
                    help="continue the run in directory RUN with its config.yaml; --device, --logger, --report, "
                         "--nproc and resume-safe --set keys apply, any other config option (and --out, "
@@ -144,9 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                     help="write OUT/report.html over the sweep's runs (default: on)")
     sw.set_defaults(fn=_sweep)
-    ls = sub.add_parser("list", help="list registered strategies, scenarios, backbones, loggers")
+    ls = sub.add_parser("list", help="list registered strategies, scenarios, backbones, heads, routers, loggers, or "
+                                     "one entry's parameters")
     ls.add_argument("kind", nargs="?", help="strategies | scenarios | backbones | heads | routers | loggers")
+    ls.add_argument("name", nargs="?", help="an entry of that kind: its parameters with types, defaults and meaning "
+                                            "(e.g. cl list strategies sema)")
     ls.add_argument("--pattern", default="*", help="wildcard filter, e.g. 'vit_*'")
+    ls.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
+                    help="import code that registers entries first, e.g. examples/custom_strategy.py (repeatable)")
     ls.set_defaults(fn=_list)
     return p
 

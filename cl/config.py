@@ -42,27 +42,38 @@ class EvalConfig(pydantic.BaseModel):
     future: bool = False  # also evaluate experiences not yet learned (for forward transfer)
 
 
+def _doc(text: str) -> Any:
+    return pydantic.Field(description=text)
+
+
 class RunConfig(pydantic.BaseModel):
-    """Everything a run needs; ``cl run CONFIG`` reads this from YAML."""
+    """Everything a run needs; ``cl run CONFIG`` reads this from YAML (``cl run --help`` lists the keys)."""
 
     model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN/inf are never a setting
-    seed: Seed = 0
-    device: str = "auto"  # auto, cpu, cuda, cuda:N (any torch device string)
-    out: str | None = None
-    threads: int | None = pydantic.Field(None, ge=1)
-    deterministic: bool = True
-    progress: bool = True
-    cache_max_gb: float = pydantic.Field(8.0, ge=0)
-    # a resume point inside an experience at most this often (seconds of training); None: only at the end of each
-    # experience and on SIGINT/SIGTERM
-    checkpoint_interval_s: float | None = pydantic.Field(600.0, gt=0)
-    loggers: list[str] = ["console"]
-    imports: list[str] = []  # modules or .py files that register entries (cl.plugins), imported first
-    scenario: Component = Component(name="split_fmnist")
-    backbone: Component = Component(name="efficientnet_lite0")
-    strategy: Component = Component(name="simplecil")
-    eval: EvalConfig = EvalConfig()
-    memory: MemoryConfig = MemoryConfig()  # the agent's experience memory (cl.memory.config)
+    seed: Annotated[Seed, _doc("run seed: weights, shuffling and, unless scenario.seed is set, the class order")] = 0
+    device: Annotated[str, _doc("auto, cpu, cuda or cuda:N")] = "auto"
+    out: Annotated[str | None, _doc("run directory (default runs/<scenario>-<strategy>-<backbone>-seed<N>)")] = None
+    threads: Annotated[int | None, pydantic.Field(ge=1), _doc("CPU threads torch uses (null: torch's default)")] \
+        = None
+    deterministic: Annotated[bool, _doc("deterministic algorithms, so a rerun is bit-identical")] = True
+    progress: Annotated[bool, _doc("progress bars (on a terminal)")] = True
+    cache_max_gb: Annotated[float, pydantic.Field(ge=0), _doc("memory for cached outputs of frozen blocks")] = 8.0
+    checkpoint_interval_s: Annotated[float | None, pydantic.Field(gt=0), _doc(
+        "a resume point inside an experience at most this often, in seconds of training (null: only after each "
+        "experience and on SIGINT/SIGTERM)")] = 600.0
+    loggers: Annotated[list[str], _doc("console, csv, tensorboard, wandb, report")] = ["console"]
+    imports: Annotated[list[str], _doc("modules or .py files that register strategies, scenarios or backbones, "
+                                       "imported first (--import)")] = []
+    scenario: Annotated[Component, _doc("the stream: {name, params} (cl list scenarios NAME)")] = \
+        Component(name="split_fmnist")
+    backbone: Annotated[Component, _doc("the pretrained model: {name, params} (cl list backbones NAME)")] = \
+        Component(name="efficientnet_lite0")
+    strategy: Annotated[Component, _doc("the method: {name, params} (cl list strategies NAME)")] = \
+        Component(name="simplecil")
+    eval: Annotated[EvalConfig, _doc("evaluation: batch_size, future (also test experiences not learned yet)")] = \
+        EvalConfig()
+    memory: Annotated[MemoryConfig, _doc("the experience memory: index, metric, budget, path (docs/memory.md)")] = \
+        MemoryConfig()
 
     @pydantic.field_validator("device")
     @classmethod
@@ -166,6 +177,26 @@ def resolve(cfg: RunConfig) -> RunConfig:
             params["seed"] = cfg.seed  # unless set, the class order follows the run seed (seeds = orders)
         setattr(out, key, Component(name=comp.name, **params))
     return out
+
+
+def _flow(value: Any) -> str:
+    """A value as YAML writes it on one line (``null``, ``true``, ``[console]``)."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def keys_help() -> str:
+    """The top-level keys of a run config, with their defaults and meaning (``cl run --help``)."""
+    lines = ["config keys (YAML, or --set KEY=VALUE; KEY.SUB for a section's keys):"]
+    for key, field in RunConfig.model_fields.items():
+        default = field.default
+        if isinstance(default, Component):
+            shown = f"name: {default.name}"
+        elif isinstance(default, pydantic.BaseModel):
+            shown = ", ".join(f"{k}: {_flow(v)}" for k, v in default.model_dump().items())
+        else:
+            shown = _flow(default)
+        lines.append(f"  {key} ({shown}): {field.description}")
+    return "\n".join(lines)
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -7,6 +7,7 @@ Preprocessing to the backbone's input (resize, normalise, tokenise) happens per 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -21,13 +22,22 @@ Index = Sequence[int] | np.ndarray | torch.Tensor
 
 
 class ArrayDataset(Dataset):
-    """In-memory inputs (a tensor ``[N, ...]`` or a list of ``N`` strings) with integer targets.
+    """In-memory inputs (a tensor or numpy array ``[N, ...]``, or a list of ``N`` strings) with integer targets.
+
+    Images are ``[N, C, H, W]``: uint8 (0-255) or float in [0, 1]. ``value_range=(lo, hi)`` declares another scale
+    (float images of 0-16, 16-bit integers of 0-65535): the inputs are stored as float32 ``(x - lo) / (hi - lo)``,
+    in [0, 1]; a value outside the declared range raises DataError.
 
     Indexing with an index array (``subset``) gives a view without copying per item, and
     ``iterate_batches`` slices whole batches instead of collating items one by one.
     """
 
-    def __init__(self, inputs: Inputs | np.ndarray, targets: Sequence[int] | np.ndarray | torch.Tensor) -> None:
+    def __init__(
+        self,
+        inputs: Inputs | np.ndarray,
+        targets: Sequence[int] | np.ndarray | torch.Tensor,
+        value_range: tuple[float, float] | None = None,
+    ) -> None:
         if isinstance(inputs, np.ndarray):
             inputs = torch.from_numpy(np.ascontiguousarray(inputs))
         targets = as_labels(targets)
@@ -35,6 +45,8 @@ class ArrayDataset(Dataset):
             raise DataError(f"targets must be 1-D, got shape {tuple(targets.shape)}")
         if len(inputs) != len(targets):
             raise DataError(f"{len(inputs)} inputs but {len(targets)} targets: they must match")
+        if value_range is not None:
+            inputs = scale_to_unit(inputs, value_range)
         self.inputs = inputs
         self.targets = targets
 
@@ -58,6 +70,58 @@ class ArrayDataset(Dataset):
         if isinstance(self.inputs, torch.Tensor):
             return self.inputs[index], self.targets[index]
         return [self.inputs[int(i)] for i in index], self.targets[index]
+
+
+#: how far float images may stray outside [0, 1] (resampling overshoot) before they are refused as another scale
+FLOAT_TOLERANCE = 0.1
+
+
+def image_value_problem(images: torch.Tensor) -> str | None:
+    """Why the values of an image tensor are not uint8-style 0-255 or float 0-1 (None when they are), with how to
+    scale them; an empty tensor is fine."""
+    if images.dtype == torch.uint8 or images.numel() == 0:
+        return None
+    if images.dtype == torch.bool or images.is_complex():
+        return f"expected uint8 (0-255) or float (0-1) images, got dtype {images.dtype}"
+    lo, hi = (float(v) for v in torch.aminmax(images.detach().reshape(-1).float()))
+    if not images.is_floating_point():
+        if lo >= 0 and hi <= 255:
+            return None
+        return (f"integer images must lie in 0-255, got values from {lo:g} to {hi:g}: scale them to 0-255 first, or "
+                f"store them with ArrayDataset(images, targets, value_range=({min(lo, 0):g}, {hi:g})), which scales "
+                "them to 0-1 (docs/your-data.md)")
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "float images hold NaN or inf values"
+    if lo >= -FLOAT_TOLERANCE and hi <= 1 + FLOAT_TOLERANCE:
+        return None
+    if lo < -FLOAT_TOLERANCE:
+        return (f"float images must lie in [0, 1], got values from {lo:.3g} to {hi:.3g}: they look normalised "
+                "already; pass them unnormalised (in [0, 1], or uint8 0-255): the backbone normalises with its own "
+                "mean and std")
+    return (f"float images must lie in [0, 1], got values from {lo:.3g} to {hi:.3g}: divide them by their largest "
+            f"possible value (images / 255 for 8-bit data; images / {hi:g} if {hi:g} is it), or store them with "
+            f"ArrayDataset(images, targets, value_range=(0, {hi:g})), which scales them to [0, 1] "
+            "(docs/your-data.md)")
+
+
+def scale_to_unit(inputs: Any, value_range: tuple[float, float]) -> torch.Tensor:
+    """A numeric tensor whose values lie in ``value_range = (lo, hi)``, as float32 ``(x - lo) / (hi - lo)``."""
+    if not isinstance(inputs, torch.Tensor) or inputs.dtype == torch.bool or inputs.is_complex():
+        raise DataError(f"value_range scales numeric tensors or arrays, got {type(inputs).__name__}"
+                        + (f" of dtype {inputs.dtype}" if isinstance(inputs, torch.Tensor) else ""))
+    try:
+        lo, hi = (float(v) for v in value_range)
+    except (TypeError, ValueError):
+        raise DataError(f"value_range must be (lowest, highest), got {value_range!r}") from None
+    if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+        raise DataError(f"value_range must be (lowest, highest) with lowest < highest, got {value_range!r}")
+    x = inputs.float()
+    if x.numel():
+        got_lo, got_hi = (float(v) for v in torch.aminmax(x.reshape(-1)))
+        if got_lo < lo or got_hi > hi:
+            raise DataError(f"value_range=({lo:g}, {hi:g}) but the inputs hold values from {got_lo:g} to "
+                            f"{got_hi:g}: give the range the data can take")
+    return (x - lo) / (hi - lo)
 
 
 def as_labels(targets: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:

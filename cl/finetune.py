@@ -19,7 +19,11 @@ from cl.strategy import Strategy
 
 class FinetuneBase(Strategy):
     """Trains the last ``train_blocks`` blocks and a linear head on each experience's data (``finetune``, ``joint``
-    and ``replay`` are built on it)."""
+    and ``replay`` are built on it).
+
+    Args:
+        train_blocks: how many of the backbone's last blocks train (0: the linear head alone).
+    """
 
     def __init__(
         self,

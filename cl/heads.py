@@ -195,6 +195,11 @@ class LDAHead(ClassStatsHead):
     formula of sklearn's ``ShrunkCovariance``). Scores ``w_c^T x + b_c`` with ``w_c = S^-1 mu_c`` and
     ``b_c = -mu_c^T S^-1 mu_c / 2``, plus ``log(n_c / N)`` with ``log_prior`` (default: equal priors).
     ``normalize`` L2-normalises embeddings before both ``update`` and scoring.
+
+    Args:
+        shrinkage: share of the scaled identity in the covariance (0-1).
+        normalize: L2-normalise embeddings before updating and scoring.
+        log_prior: add the log class frequencies to the scores (default: equal priors).
     """
 
     def __init__(self, dim: int, shrinkage: float = 0.01, normalize: bool = False, log_prior: bool = False) -> None:
@@ -249,6 +254,11 @@ class RanPACHead(ClassStatsHead):
     Cost: G is ``proj_dim^2`` float64 (32 MiB at the default 2048; 0.2-0.8 GiB at the paper's
     5000-10000) and a solve is one ``proj_dim``-sized eigendecomposition (a Cholesky with a given
     ridge); 2048 keeps both CPU-friendly for 768-1280-wide embeddings.
+
+    Args:
+        proj_dim: width of the random ReLU projection.
+        ridge: ridge penalty (None: chosen by generalised cross-validation at every solve).
+        seed: seed of the random projection.
     """
 
     GRID_EXPONENTS = tuple(range(-8, 5))

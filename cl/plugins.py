@@ -48,6 +48,20 @@ def plugin_key(spec: str) -> str:
     return str(Path(spec).expanduser().resolve()) if spec.endswith(".py") or "/" in spec else spec
 
 
+#: modules whose registrations are clagent's own (nothing to import for them)
+BUILT_IN = ("cl", "scenarios", "strategies")
+
+
+def source_of(entry: object) -> str | None:
+    """What to import so that a registry entry exists: None for clagent's own entries, the resolved path of a ``.py``
+    file imported with ``import_plugin``, else the defining module's name (``__main__`` for a script's own)."""
+    module = getattr(entry, "__module__", None)
+    if module is None or module.split(".")[0] in BUILT_IN:
+        return None
+    path = next((p for p, m in _FILES.items() if m.__name__ == module), None)
+    return str(path) if path is not None else module
+
+
 def import_plugins(specs: Iterable[str]) -> list[ModuleType]:
     """Import every plugin in order."""
     return [import_plugin(s) for s in specs]

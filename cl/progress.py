@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -18,6 +20,24 @@ from rich.progress import (
 )
 
 T = TypeVar("T")
+_LIBRARY_BARS: contextvars.ContextVar[bool | None] = contextvars.ContextVar("library_bars", default=None)
+
+
+@contextlib.contextmanager
+def library_bars(enabled: bool) -> Iterator[None]:
+    """Within the block, the progress bars of the libraries clagent calls (transformers' "Loading weights") show only
+    when ``enabled`` (an agent's ``progress``); outside any block, only when stderr is a terminal."""
+    token = _LIBRARY_BARS.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _LIBRARY_BARS.reset(token)
+
+
+def library_bars_enabled() -> bool:
+    """Whether a library called now may draw its own progress bars (``library_bars``)."""
+    enabled = _LIBRARY_BARS.get()
+    return Console(stderr=True).is_terminal if enabled is None else enabled
 
 
 class Progress:

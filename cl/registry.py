@@ -13,7 +13,11 @@ import difflib
 import fnmatch
 import importlib
 import inspect
+import re
+import types
+import typing
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pydantic
@@ -81,6 +85,14 @@ class Registry:
         doc = inspect.getdoc(self.get(name)) or ""
         return doc.splitlines()[0] if doc else ""
 
+    def params(self, name: str) -> list[Param]:
+        """The entry's parameters as the registry takes them (``params_model``): type, default and a line of
+        documentation each, from the docstrings of the entry (and, for a class, its ``__init__`` and its bases)."""
+        docs = param_docs(self.get(name))
+        return [Param(key, type_text(field.annotation, field.metadata), field.is_required(),
+                      None if field.is_required() else field.default, docs.get(key, ""))
+                for key, field in self.params_model(name).model_fields.items()]
+
     def params_model(self, name: str) -> type[pydantic.BaseModel]:
         """A pydantic model of the entry's keyword parameters (extra keys forbidden)."""
         if name not in self._models:
@@ -129,6 +141,125 @@ class Registry:
     def create(self, name: str, *args: Any, **params: Any) -> Any:
         """Validate ``params`` and call the entry for ``name``."""
         return self.get(name)(*args, **self.validate(name, params))
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a registry entry: name, type (as text), required or default, one line of documentation."""
+
+    name: str
+    type: str
+    required: bool
+    default: Any
+    doc: str
+
+
+_CONSTRAINTS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="), ("min_length", "length >="),
+                ("max_length", "length <="))
+
+
+def type_text(ann: Any, metadata: Any = ()) -> str:
+    """A type annotation as a reader writes it: ``int >= 1``, ``'adam' | 'sgd'``, ``list[int] | None``."""
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is typing.Annotated:
+        text = type_text(args[0], [*args[1:], *metadata])
+        metadata = ()
+    elif origin is typing.Literal:
+        text = " | ".join(repr(a) for a in args)
+    elif origin in (typing.Union, types.UnionType):
+        text = " | ".join(type_text(a) for a in args)
+    elif origin is not None:
+        base = getattr(origin, "__name__", str(origin))
+        text = f"{base}[{', '.join(type_text(a) for a in args)}]" if args else base
+    elif ann is type(None):
+        text = "None"
+    elif ann is Any:
+        text = "any"
+    elif isinstance(ann, type):
+        text = ann.__name__
+    else:
+        text = str(ann).replace("typing.", "")
+    for m in metadata:
+        for attr, sign in _CONSTRAINTS:
+            if getattr(m, attr, None) is not None:
+                text += f" {sign} {getattr(m, attr)}"
+    return text
+
+
+_ARGS_HEADER = re.compile(r"^\s*(Args|Arguments|Parameters|Params):\s*$")
+_ARG_LINE = re.compile(r"^(\s+)(\w+)(?:\s*\([^)]*\))?:\s*(.*)$")
+_NAMES_AT_START = re.compile(r"^((?:``\w+``(?:\s*(?:/|,|and|or)\s*)?)+)")
+
+
+def _docstrings(entry: Any) -> list[str]:
+    """The docstrings that may document an entry's parameters, nearest first: a function's own; a class's and its
+    ``__init__``'s, then its bases' (clagent's and the user's, not torch's or the standard library's); last, the
+    module docstrings of those (parameters every entry of a module shares are documented there once)."""
+    owners = [entry] if not inspect.isclass(entry) else [
+        k for k in entry.__mro__ if k.__module__.split(".")[0] not in ("torch", "builtins", "typing", "abc")]
+    out = []
+    for owner in owners:
+        out.append(owner.__doc__ if not inspect.isclass(owner) or "__doc__" in vars(owner) else None)
+        init = vars(owner).get("__init__") if inspect.isclass(owner) else None
+        out.append(init.__doc__ if init is not None else None)
+    for owner in owners:
+        out.append(getattr(inspect.getmodule(owner), "__doc__", None))
+    return [inspect.cleandoc(d) for d in dict.fromkeys(out) if d]
+
+
+def _sentence(text: str) -> str:
+    """The first sentence of ``text`` (ended by a period or semicolon outside brackets) with whitespace collapsed
+    and reST literals (````x````) as ```x```."""
+    text = re.sub(r"\s+", " ", text).strip()
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if depth == 0 and ch in ".;" and (i + 1 == len(text) or text[i + 1] == " ") and text[max(0, i - 3):i + 1] \
+                not in ("e.g.", "i.e.") and text[max(0, i - 1):i + 1] not in ("g.", "e."):
+            text = text[: i + (ch == ".")]
+            break
+    return re.sub(r"``([^`]+)``", r"`\1`", text).strip()
+
+
+def param_docs(entry: Any) -> dict[str, str]:
+    """One line of documentation per parameter name, from the entry's docstrings (``_docstrings``, nearest first):
+    an ``Args:`` section's ``name: text``, else a clause that starts with ````name```` (``name: text`` loses its
+    ``name:``)."""
+    docs = _docstrings(entry)
+    found: dict[str, str] = {}
+    for doc in docs:
+        for name, text in _args_section(doc).items():
+            found.setdefault(name, text)
+    for doc in docs:
+        for clause in re.split(r"(?<=[.;])\s+|\n\s*\n", doc):
+            clause = clause.strip()
+            if m := _NAMES_AT_START.match(clause):
+                text = clause[m.end():].lstrip()
+                text = text[1:] if text.startswith(":") and m.group(1).count("``") == 2 else clause
+                for name in re.findall(r"``(\w+)``", m.group(1)):
+                    found.setdefault(name, text)
+    return {name: _sentence(text) for name, text in found.items() if text.strip()}
+
+
+def _args_section(doc: str) -> dict[str, str]:
+    """``name -> text`` of the entries of a docstring's ``Args:`` section (continuation lines joined)."""
+    args: dict[str, str] = {}
+    header, indent, current = None, None, None  # the Args: line's indentation, its entries', the entry read
+    for line in doc.splitlines():
+        depth = len(line) - len(line.lstrip())
+        if _ARGS_HEADER.match(line):
+            header, indent, current = depth, None, None
+        elif header is None or not line.strip():
+            current = None
+        elif depth <= header:
+            header = None
+        elif (m := _ARG_LINE.match(line)) and depth == (indent or depth):
+            indent, current = depth, m.group(2)
+            args[current] = m.group(3)
+        elif current is not None and depth > (indent or 0):
+            args[current] += " " + line.strip()
+    return args
 
 
 def inherited_params(cls: type) -> dict[str, tuple[Any, Any]]:

@@ -269,6 +269,10 @@ class Strategy(MemoryEmbedding, LoadsByValue):
     @torch.no_grad()
     def update_statistics(self, head: nn.Module, dataset: Dataset, desc: str = "statistics") -> None:
         """Feed the features of ``dataset`` to a statistics head (NCM, LDA, RanPAC) batch by batch."""
+        if not callable(getattr(head, "update", None)):
+            raise TrainingError(f"{type(head).__name__} has no update(z, y): a statistics head adds features [B, dim] "
+                                "with global class ids [B] to its statistics (docs/writing-a-strategy.md, "
+                                "\"A strategy that does not train\")")
         for state, y in self.iterate_states(dataset, self.ctx.eval_batch_size, desc=desc):
             head.update(self.features(state), y.to(self.ctx.device))
 

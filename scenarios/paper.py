@@ -1,10 +1,19 @@
 """Registered paper benchmarks (as SEMA, MOS and the PILOT toolbox run them): class-incremental streams over
 CIFAR-100, CUB-200, ImageNet-R, ImageNet-A, ObjectNet, OmniBenchmark and VTAB.
 
-Every entry takes the same parameters: ``root`` (the data, see ``scenarios.sources.paper``), ``n_experiences`` or
-``classes_per_experience`` (an int increment or a list of sizes), ``seed`` (PILOT's class-order seed, 1993 in the
-papers; None keeps the class ids' order) or an explicit ``class_order``, ``size`` (the square the backbone sees),
-``augment`` and ``train_per_class`` / ``test_per_class`` (first N items of each class, for quick runs).
+Every entry takes the same parameters:
+
+Args:
+    root: the folder of the data (layouts: ``scenarios.sources.paper``).
+    n_experiences: how many experiences the classes are split into.
+    classes_per_experience: classes per experience, an int increment or a list of sizes (overrides
+        ``n_experiences``).
+    class_order: the order the classes arrive in (default: PILOT's order drawn from ``seed``).
+    seed: PILOT's class-order seed (1993 in the papers; None keeps the class ids' order).
+    size: the square side, in pixels, the backbone sees.
+    augment: give the training images PILOT's random-resized crop and flip, fresh on every access.
+    train_per_class: keep the first N training items of each class (quick runs; None: all).
+    test_per_class: keep the first N test items of each class (None: all).
 
 Images go through ``ImageView``: test items, and train items unless ``augment``, are resized (shorter side
 ``size * 256 / 224``) and centre-cropped, as PILOT evaluates. ``augment=True`` gives the train sets PILOT's

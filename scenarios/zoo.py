@@ -1,4 +1,19 @@
-"""Registered scenarios: each a thin function over a source and a builder, created by name."""
+"""Registered scenarios: each a thin function over a source and a builder, created by name.
+
+The parameters they share (``cl list scenarios NAME`` shows an entry's):
+
+Args:
+    n_experiences: how many experiences the classes are split into (it must divide the class count).
+    classes_per_experience: classes per experience as a list (an uneven split; it overrides ``n_experiences``).
+    class_order: the order the classes arrive in (default: a permutation drawn from ``seed``).
+    seed: the seed of the class order (default: the run's seed; None keeps the class ids' order).
+    train_per_class: keep the first N training items of each class (quick runs; None: all).
+    test_per_class: keep the first N test items of each class (None: all).
+    kind: ``class``-incremental, or ``task``-incremental (the task label is known at test time).
+    root: the folder the data is read from.
+    test_fraction: share of each class held out as test data.
+    size: the side, in pixels, images are resized to.
+"""
 
 # No ``from __future__ import annotations`` here: the registry reads these signatures' annotations
 # as objects to validate parameters, and string annotations would not resolve there.
@@ -116,6 +131,11 @@ def split_fortunes(
 ) -> Stream:
     """Text: fortune-cookie categories (Debian ``fortunes``) with >= ``min_entries`` entries, split in groups.
 
+    Args:
+        min_entries: a category needs at least this many entries to be a class.
+        max_categories: keep this many of the largest categories (default: as many as split evenly).
+
+
     Keeps the ``max_categories`` largest categories; by default as many as ``classes_per_experience``
     sums to, else the largest multiple of ``n_experiences`` available, so the split is even.
     """
@@ -157,7 +177,12 @@ def image_folder(
     test_per_class: int | None = None,
     kind: Kind = "class",
 ) -> Stream:
-    """Your images: ``train_root/<class>/*`` and ``test_root/<class>/*``, resized to ``size`` squares."""
+    """Your images: ``train_root/<class>/*`` and ``test_root/<class>/*``, resized to ``size`` squares.
+
+    Args:
+        train_root: the training images, one subfolder per class.
+        test_root: the test images, in subfolders named as the training ones (some may be missing).
+    """
     train = ImageFolderDataset(train_root, size)
     test = ImageFolderDataset(test_root, size, classes=train.classes)
     return _split(
@@ -203,7 +228,15 @@ def synthetic(
     seed: Seed = 0,
     kind: Kind = "class",
 ) -> Stream:
-    """Random uint8 images whose class sets a clear blocky pattern: tiny models learn it; for fast tests."""
+    """Random uint8 images whose class sets a clear blocky pattern: tiny models learn it; for fast tests.
+
+    Args:
+        n_classes: how many classes (one pattern each).
+        train_per_class: training images per class.
+        test_per_class: test images per class.
+        image_size: the images' side in pixels.
+        channels: channels per image.
+    """
     if min(n_classes, train_per_class, test_per_class, image_size, channels) < 1:
         raise ConfigError("synthetic: sizes and counts must all be >= 1")
     train = synthetic_images(n_classes, train_per_class, image_size, channels, seed, noise_seed=seed + 1)
@@ -230,6 +263,9 @@ def rotated_digits(
     test_per_class: int | None = None,
 ) -> Stream:
     """Domain-incremental digits: one experience per angle, the same images rotated.
+
+    Args:
+        angles: one experience per angle, in degrees counter-clockwise.
 
     A repeated angle (``angles=[0, 0, 90]``) repeats the same experience, domain name included.
     """

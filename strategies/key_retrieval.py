@@ -31,7 +31,18 @@ from cl.routing.keys import KeyRouter, RouteLog, experience_of
 
 @register_strategy("key_retrieval")
 class KeyRetrieval(AdapterStrategy):
-    """An adapter set per experience, routed per input by its nearest frozen-feature keys (FAISS memory)."""
+    """An adapter set per experience, routed per input by its nearest frozen-feature keys (FAISS memory).
+
+    Args:
+        metric: how keys and queries compare: ``cosine``, ``whitened`` (cosine after whitening by the shared
+            within-class covariance) or ``mahalanobis``.
+        mode: ``top1`` (the best key's adapters), ``vote`` (the adapters most of the ``top_k`` keys belong to)
+            or ``soft`` (a softmax over the ``top_k`` keys' similarities).
+        top_k: keys retrieved per input (``vote`` and ``soft``).
+        temperature: softmax temperature of ``soft`` (default: 0.05 for cosines, 1.0 for ``mahalanobis``).
+        keys_per_class: keys each class writes (more than 1: spherical k-means centroids).
+        shrinkage: shrinkage of the whitening covariance towards the scaled identity (0-1, as ``LDAHead``'s).
+    """
 
     def __init__(
         self,

@@ -54,7 +54,15 @@ def ensemble_scores(scores: Sequence[torch.Tensor], rule: str = "softmax") -> to
 
 @register_strategy("lae")
 class LAE(AdapterStrategy):
-    """Online adapters learn, offline EMA adapters accumulate; LDA on [frozen, offline] or a max-softmax ensemble."""
+    """Online adapters learn, offline EMA adapters accumulate; LDA on [frozen, offline] or a max-softmax ensemble.
+
+    Args:
+        momentum: EMA momentum of the offline adapters, per optimiser step (the paper: 0.9999).
+        adapter_lr_scale: the online adapters' learning rate after the first experience, as a share of ``lr``.
+        freeze_epochs: epochs of each later experience that train the classifier alone, the adapters frozen.
+        ensemble: what predicts: ``offline`` or ``online`` alone, or both by ``softmax`` (element-wise max) or
+            ``energy`` (per input, the member of lower free energy).
+    """
 
     param_defaults: ClassVar[dict[str, Any]] = {"lr": 1e-3, "optimizer": "adam"}
 

@@ -40,7 +40,14 @@ from cl.routing.keys import RouteLog, experience_of
 
 @register_strategy("mos")
 class MOS(AdapterStrategy):
-    """An adapter set per task merged once at its end; self-refined task retrieval; ensemble with the frozen model."""
+    """An adapter set per task merged once at its end; self-refined task retrieval; ensemble with the frozen model.
+
+    Args:
+        merge_momentum: share of the earlier adapters' mean a new adapter is merged with (0: no merging).
+        refine_steps: self-refinement rounds: an input whose adapted prediction belongs to another task runs that
+            task's adapter (0: none).
+        ensemble_weight: weight of the frozen model's softmax added to the adapted one.
+    """
 
     param_defaults: ClassVar[dict[str, Any]] = {"head_features": "adapted"}
 

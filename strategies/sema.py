@@ -38,7 +38,22 @@ from cl.routing import OFF, Routes, routes_to, routing
 
 @register_strategy("sema")
 class SEMA(AdapterStrategy):
-    """Self-expanding adapters: descriptors detect shifts, a pool per layer grows only when needed."""
+    """Self-expanding adapters: descriptors detect shifts, a pool per layer grows only when needed.
+
+    Args:
+        router: how a layer mixes its adapters: a registered router (``descriptor``: by the descriptors' z-scores,
+            no training; ``softmax``, ``topk``: learned; ``fixed``).
+        router_kw: the router's own parameters (default for ``descriptor``: ``{"hard": True}``, one adapter each).
+        tau: expansion threshold: a layer adds an adapter when the new data's loss z-score under every descriptor
+            of its pool is above it.
+        descriptor_hidden: hidden width of each adapter's descriptor (an autoencoder of the adapter's inputs).
+        buffer_size: how many of an experience's inputs set a new descriptor's loss statistics (its z-score scale).
+        descriptor_epochs: training epochs of each new descriptor.
+        descriptor_lr: learning rate of the descriptors (Adam).
+        scan_samples: training inputs per experience the shift test of each layer looks at.
+        rescan: train a new adapter before the later layers are tested (they then see its outputs).
+        warm_start: a new adapter starts as a copy of the one the nearest past experience (the journal's) used.
+    """
 
     always_expand = False  # True: a new adapter in every layer for every experience (no shift test)
 

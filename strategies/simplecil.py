@@ -52,6 +52,13 @@ class SimpleCIL(TapChoice, HeadChoice, Strategy):
 def ranpac(
     backbone: Backbone, *, proj_dim: int = 2048, ridge: float | None = None, seed: int = 0, batch_size: int = 256
 ) -> SimpleCIL:
-    """RanPAC without training: frozen features, random ReLU projection, ridge head (GCV-chosen ridge)."""
+    """RanPAC without training: frozen features, random ReLU projection, ridge head (GCV-chosen ridge).
+
+    Args:
+        proj_dim: width of the random ReLU projection.
+        ridge: ridge penalty of the head (None: chosen by generalised cross-validation).
+        seed: seed of the random projection.
+        batch_size: batch size of the statistics pass.
+    """
     return SimpleCIL(backbone, head="ranpac", head_kw={"proj_dim": proj_dim, "ridge": ridge, "seed": seed},
                      batch_size=batch_size)

@@ -128,3 +128,20 @@ def interrupted_and_resumed(cfg: dict[str, Any], at: int = 2) -> dict[str, Any]:
     with pytest.raises(KeyboardInterrupt):
         run(cfg, extra_callbacks=[StopBefore(at)])
     return run(cfg, resume=True)
+
+
+def doc_blocks(path: Any, lang: str = "python", section: str | None = None) -> list[str]:
+    """The fenced ``lang`` code blocks of a Markdown file, in order; ``section``: only those under the heading that
+    starts with it (up to the next heading of the same or a higher level)."""
+    import re
+    from pathlib import Path
+
+    text = Path(path).read_text()
+    if section is not None:
+        found = re.search(rf"^(#+) {re.escape(section)}.*$", text, flags=re.M)
+        assert found, f"no section {section!r} in {path}"
+        level = len(found.group(1))
+        rest = text[found.end():]
+        end = re.search(rf"^#{{1,{level}}} ", rest, flags=re.M)
+        text = rest[: end.start()] if end else rest
+    return re.findall(rf"^```{lang}\n(.*?)^```", text, flags=re.S | re.M)

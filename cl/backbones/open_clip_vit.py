@@ -1,4 +1,12 @@
-"""The visual tower of an open_clip model (ViT towers only) as a backbone."""
+"""The visual tower of an open_clip model (ViT towers only) as a backbone.
+
+Args:
+    model_name: the open_clip architecture, e.g. ``ViT-B-16``.
+    pretrained: an open_clip pretrained tag (needs the hub or its cache; offline, give ``checkpoint``).
+    checkpoint: a local weights file (a whole CLIP model or the visual tower alone) to load.
+    vision_cfg: overrides of the architecture's vision config (width, layers, image_size, ...).
+    embed_dim: width of the tower's output projection (None: the architecture's).
+"""
 
 from __future__ import annotations
 

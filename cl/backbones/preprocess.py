@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from cl.data import image_value_problem
 from cl.errors import DataError
 
 
@@ -27,16 +28,38 @@ class DataConfig:
         return asdict(self)
 
 
+def shape_hint(shape: tuple[int, ...], channels: int = 3) -> str:
+    """What an image batch of ``shape`` probably lacks, as a hint (``""`` when nothing obvious): the batch
+    dimension of one image ``[C, H, W]``, the channel dimension of grey images ``[B, H, W]``, channels last, alpha."""
+    ok = (1, channels)
+    if len(shape) == 2:
+        return "; one grey image [H, W]? make it [1, 1, H, W] with images[None, None]"
+    if len(shape) == 3:
+        grey = "the channel dimension with images[:, None] (a batch of grey images [B, H, W])"
+        if shape[0] in ok:
+            return f"; add the batch dimension with images[None] (one image [C, H, W]), or {grey}"
+        if shape[-1] in ok:
+            return "; one image with its channels last [H, W, C]? use images.permute(2, 0, 1)[None]"
+        return f"; add {grey}"
+    if len(shape) == 4 and shape[1] not in ok:
+        if shape[-1] in (*ok, 4) and shape[1] > 4:
+            return "; channels last [B, H, W, C]? use images.permute(0, 3, 1, 2)"
+        if shape[1] == 4:
+            return "; drop an alpha channel with images[:, :3]"
+    return ""
+
+
 def prepare_images(
     images: torch.Tensor,
     config: DataConfig,
     device: torch.device | str | None = None,
     channels_last: bool = False,
 ) -> torch.Tensor:
-    """uint8 (0-255) or float (0-1) ``[B, C, H, W]``, C = 1 or 3, any size -> normalised model input.
+    """uint8 or integer (0-255) or float (0-1) ``[B, C, H, W]``, C = 1 or 3, any size -> normalised model input.
 
     Grayscale is broadcast to the config's channels, the size is matched with bilinear
-    interpolation (only when it differs), and the work runs on ``device``.
+    interpolation (only when it differs), and the work runs on ``device``. Values outside those ranges (float
+    images of 0-255 or 0-16, normalised images, 16-bit integers) raise DataError saying how to scale them.
     """
     channels, height, width = config.input_size
     expected = f"[B, C, H, W] with C = 1 or {channels}"
@@ -47,15 +70,14 @@ def prepare_images(
         raise DataError(f"expected an image tensor {expected}, got {type(images).__name__} "
                         "(convert arrays with torch.as_tensor)")
     if images.ndim != 4 or images.shape[1] not in (1, channels):
-        hint = "; add the batch dimension with images[None]" if images.ndim == 3 else ""
-        hint = "; drop an alpha channel with images[:, :3]" if images.ndim == 4 and images.shape[1] == 4 else hint
+        hint = shape_hint(tuple(images.shape), channels)
         raise DataError(f"expected images of shape {expected}, got shape {tuple(images.shape)}{hint}")
     if images.shape[-1] == 0 or images.shape[-2] == 0:
         raise DataError(f"expected images of shape {expected} with H, W >= 1, got shape {tuple(images.shape)}")
-    if images.dtype != torch.uint8 and not images.is_floating_point():
-        raise DataError(f"expected uint8 (0-255) or float (0-1) images, got dtype {images.dtype}")
+    if (problem := image_value_problem(images)) is not None:
+        raise DataError(problem)
     x = images.to(device, non_blocking=True)
-    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    x = x.float() if x.is_floating_point() else x.float() / 255
     if x.shape[-2:] != (height, width):
         shrink = x.shape[-2] > height or x.shape[-1] > width
         x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=shrink)

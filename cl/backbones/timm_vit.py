@@ -1,5 +1,13 @@
 """Any timm VisionTransformer as a backbone: by registry alias, by the generic ``timm_vit`` entry,
-or by any timm ViT name (see ``resolve_timm_name``)."""
+or by any timm ViT name (see ``resolve_timm_name``).
+
+Args:
+    model_name: the timm architecture (``timm_vit`` only), e.g. ``vit_base_patch16_224``.
+    pretrained: load timm's pretrained weights (needs the model hub or its cache; offline, give ``checkpoint``).
+    checkpoint: a local weights file (.pth, .pt, .bin or .safetensors) to load instead.
+    img_size: input side in pixels (None: the architecture's own).
+    model_kwargs: further ``timm.create_model`` arguments (``timm_vit`` only), e.g. ``{"drop_path_rate": 0.1}``.
+"""
 
 from __future__ import annotations
 

@@ -1,12 +1,13 @@
 """``ExperienceMemory``: vectors with typed metadata over FAISS, searchable by kind and filters.
 
-Every kind (exemplar, adapter_key, prototype, task) has its own FAISS index, so a search for adapter
-keys never wades through a million exemplars, and each kind is exact (``IndexFlat``) until it outgrows
-``exact_threshold``; past it ``index="auto"`` uses IVF where that scans at most half the vectors at recall@10
->= ``tune_recall`` on a held-out sample, and stays exact where nothing does (``"ivf"``/``"hnsw"`` force a
-structure, tuned the same way); see ``cl.memory.index``.
-Filters on experience, class or adapter select ids in SQLite, which the kind's index then searches
-exactly (brute force over the subset) or through an ``IDSelector`` when the subset is large.
+Every kind (the built-in exemplar, adapter_key, prototype, task, and any a user declares) has its own FAISS index,
+so a search for adapter keys never wades through a million exemplars, and each kind is exact (``IndexFlat``) until
+it outgrows ``exact_threshold``; past it ``index="auto"`` uses IVF where that scans at most half the vectors at
+recall@10 >= ``tune_recall`` on a held-out sample, and stays exact where nothing does (``"ivf"``/``"hnsw"`` force
+a structure, tuned the same way); see ``cl.memory.index``.
+Filters on experience, class, adapter, a declared field (a typed, indexed column) or any other metadata key (read
+from the entry's JSON) select ids in SQLite, which the kind's index then searches exactly (brute force over the
+subset) or through an ``IDSelector`` when the subset is large.
 Metadata lives in SQLite (``cl.memory.store``); ``save`` writes an atomic, checksummed generation
 (``cl.memory.persist``).
 """
@@ -27,7 +28,7 @@ import cl
 from cl.errors import CheckpointError, ConfigError, DataError
 from cl.memory.index import METRICS, IndexConfig, KindIndex, Subset, Tuning, gpu_available
 from cl.memory.persist import FORMAT, FORMAT_VERSION, check_writable, is_memory_dir, read_generation, write_generation
-from cl.memory.store import KINDS, MetadataStore, check_kind, encode_rows, normalize_filters
+from cl.memory.store import KINDS, RESERVED, MetadataStore, check_name, encode_rows, field_type, unknown_kind
 
 METADATA_FILE = "metadata.sqlite"
 INDEX_MAGIC = (b"IxM2", b"IwFl")  # the FAISS index types a save writes: IndexIDMap2 (flat, HNSW), IndexIVFFlat
@@ -116,14 +117,6 @@ def _as_ids(ids: Any) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def _kinds_arg(kind: str | Sequence[str] | None) -> list[str]:
-    if kind is None:
-        return list(KINDS)
-    if isinstance(kind, str):
-        return [check_kind(kind)]
-    return [check_kind(k) for k in kind]
-
-
 def _filter_key(kind: str, filters: Mapping[str, Any]) -> tuple[Any, ...]:
     def freeze(v: Any) -> Any:
         if isinstance(v, np.ndarray):
@@ -146,7 +139,10 @@ class ExperienceMemory:
     vectors) when the index is built and each time the kind doubles; a number fixes them.
     ``path``: the directory ``save()`` writes; nothing is written before. ``gpu``: None uses a GPU when
     FAISS sees one. ``budget``: the most entries it may hold (None: no limit; an ``add`` past it is refused; a
-    setting of the run, not saved with the memory). The remaining keywords tune the indexes (``IndexConfig``).
+    setting of the run, not saved with the memory). ``kinds``: kinds of entry of your own besides the built-in
+    ``KINDS``; ``fields``: metadata keys of your own with their types (``{"source": str, "page": int}``; str, int,
+    float or bool), checked on every add and stored as indexed columns so filters on them stay fast (``declare``
+    adds both later). The remaining keywords tune the indexes (``IndexConfig``).
     """
 
     def __init__(
@@ -167,6 +163,8 @@ class ExperienceMemory:
         gpu: bool | None = None,
         overwrite: bool = False,
         budget: int | None = None,
+        kinds: Sequence[str] = (),
+        fields: Mapping[str, type | str] | None = None,
     ) -> None:
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
             raise ConfigError(f"memory dim must be a positive int, got {dim!r}")
@@ -196,6 +194,42 @@ class ExperienceMemory:
         self._indexes = {kind: KindIndex(self.dim, metric, config, self.gpu) for kind in KINDS}
         self._next_id = 0
         self._subsets: dict[tuple[Any, ...], Subset] = {}  # filter -> matching ids, until the next change
+        self.declare(kinds, fields)
+
+    # -- kinds and fields -------------------------------------------------------------------------
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """Every kind an entry may have: the built-in ``KINDS``, then the declared ones."""
+        return tuple(self._indexes)
+
+    @property
+    def fields(self) -> dict[str, str]:
+        """The declared metadata fields and their types (``{"source": "str"}``)."""
+        return dict(self._store.fields)
+
+    def declare(self, kinds: Sequence[str] | str = (), fields: Mapping[str, type | str] | None = None) -> None:
+        """Add kinds of entry and typed metadata fields of your own (declaring one again is a no-op).
+
+        A kind gets its own index, searched like the built-in ones. A field (type str, int, float or bool) is
+        checked on every ``add``/``update`` and stored as an indexed column, so filters on it stay fast; entries
+        that already hold the key move their values to the column (their values must have the type). Keys that are
+        not declared are kept and filter too, untyped and read from each entry's JSON."""
+        for kind in [kinds] if isinstance(kinds, str) else list(kinds):
+            if kind not in self._indexes:
+                check_name(kind, "kind")
+                self._indexes[kind] = KindIndex(self.dim, self.metric, self.config, self.gpu)
+        for name, type_ in (fields or {}).items():
+            self._store.declare_field(name, type_)
+        self._subsets.clear()
+
+    def _kinds_arg(self, kind: str | Sequence[str] | None) -> list[str]:
+        """``kind`` (None: every kind) as a list of known kinds; an unknown one raises ConfigError."""
+        wanted = list(self._indexes) if kind is None else [kind] if isinstance(kind, str) else list(kind)
+        for k in wanted:
+            if k not in self._indexes:
+                raise ConfigError(unknown_kind(k, self.kinds, "memory kind"))
+        return wanted
 
     # -- sizes ------------------------------------------------------------------------------------
 
@@ -226,9 +260,10 @@ class ExperienceMemory:
     def add(self, vectors: Any, metadata: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> np.ndarray:
         """Store ``vectors [n, dim]`` with one metadata dict per row (a single dict applies to every row).
 
-        Each dict needs ``kind`` (one of KINDS); ``experience`` and ``class`` (ints) and ``adapter`` (str
-        or int) are typed columns, other JSON-serializable keys are kept too. Returns the new ids, which
-        stay valid until the entry is removed.
+        Each dict needs ``kind`` (one of ``kinds``: the built-in ones and those declared); ``experience`` and
+        ``class`` (ints), ``adapter`` (str or int) and the declared ``fields`` are typed columns, other
+        JSON-serializable keys are kept too (and filter, untyped). Returns the new ids, which stay valid until the
+        entry is removed.
         """
         x = _as_matrix(vectors, self.dim, "vectors")
         if isinstance(metadata, Mapping):
@@ -242,12 +277,12 @@ class ExperienceMemory:
             raise DataError(f"the experience memory holds {len(self)} entries ({held}) of its budget of {self.budget}: "
                             f"{len(x)} more do not fit (raise memory.budget in the run config, or remove entries)")
         ids = np.arange(self._next_id, self._next_id + len(x), dtype=np.int64)
-        rows = encode_rows(ids, metadata)  # validates everything before anything changes
+        rows = encode_rows(ids, metadata, self.kinds, self._store.fields)  # validates all before anything changes
         kinds = np.array([r[1] for r in rows])
         for kind in np.unique(kinds).tolist():
             mask = kinds == kind
             self._indexes[kind].add(x[mask], ids[mask])
-        self._store.insert(rows)
+        self._store.insert(rows, {k for meta in metadata for k in meta})
         self._next_id += len(x)
         self._subsets.clear()
         return ids
@@ -279,15 +314,16 @@ class ExperienceMemory:
     ) -> SearchResult:
         """The ``k`` nearest entries of each query row, among ``kind`` (None: all kinds) matching ``filters``.
 
-        ``filters``: ``experience``, ``class`` (or ``class_``), ``adapter``; a value may be a scalar, a list
-        (any of) or None (unset). All queries are searched in one FAISS call per kind.
+        ``filters``: ``experience``, ``class`` (or ``class_``), ``adapter``, a declared field or any metadata key
+        entries hold; a value may be a scalar, a list (any of) or None (unset). All queries are searched in one
+        FAISS call per kind.
         """
         q = _as_matrix(queries, self.dim, "queries")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ConfigError(f"k must be a positive int, got {k!r}")
         k = int(k)
-        kinds = [kd for kd in _kinds_arg(kind) if len(self._indexes[kd])]
-        filters = normalize_filters(filters)
+        kinds = [kd for kd in self._kinds_arg(kind) if len(self._indexes[kd])]
+        filters = self._store.normalize_filters(filters)
         parts = [self._indexes[kd].search(q, k, self._subset(kd, filters) if filters else None) for kd in kinds]
         if filters:
             self._trim_subsets()
@@ -333,20 +369,20 @@ class ExperienceMemory:
 
     def ids(self, kind: str | Sequence[str] | None = None, **filters: Any) -> np.ndarray:
         """Ids (ascending) of the entries of ``kind`` matching ``filters``."""
-        kinds = None if kind is None else _kinds_arg(kind)
-        return self._store.ids(kinds, normalize_filters(filters))
+        kinds = None if kind is None else self._kinds_arg(kind)
+        return self._store.ids(kinds, self._store.normalize_filters(filters))
 
     def count(self, kind: str | Sequence[str] | None = None, **filters: Any) -> int:
         """Number of entries of ``kind`` matching ``filters``."""
         if not filters:
-            return sum(len(self._indexes[kd]) for kd in _kinds_arg(kind))
-        kinds = None if kind is None else _kinds_arg(kind)
-        return self._store.count(kinds, normalize_filters(filters))
+            return sum(len(self._indexes[kd]) for kd in self._kinds_arg(kind))
+        kinds = None if kind is None else self._kinds_arg(kind)
+        return self._store.count(kinds, self._store.normalize_filters(filters))
 
     def vectors(self, kind: str | Sequence[str] | None = None, **filters: Any) -> tuple[np.ndarray, np.ndarray]:
         """Ids (ascending) and vectors ``[n, dim]`` of the matching entries, without their metadata."""
-        kinds = _kinds_arg(kind)
-        filters = normalize_filters(filters)
+        kinds = self._kinds_arg(kind)
+        filters = self._store.normalize_filters(filters)
         ids = [self._store.ids([kd], filters) for kd in kinds]
         vecs = [self._indexes[kd].reconstruct(i) for kd, i in zip(kinds, ids, strict=True)]
         all_ids = np.concatenate(ids)
@@ -355,7 +391,8 @@ class ExperienceMemory:
 
     def entries(self, kind: str | Sequence[str] | None = None, **filters: Any) -> Entries:
         """Ids (ascending), vectors and metadata of the matching entries."""
-        ids, metadata = self._store.select(None if kind is None else _kinds_arg(kind), normalize_filters(filters))
+        ids, metadata = self._store.select(None if kind is None else self._kinds_arg(kind),
+                                           self._store.normalize_filters(filters))
         _, vectors = self.vectors(kind, **filters)
         return Entries(ids, vectors, metadata)
 
@@ -394,7 +431,8 @@ class ExperienceMemory:
             "config": asdict(self.config),
             "next_id": self._next_id,
             "entries": len(self),
-            "kinds": kinds,
+            "kinds": kinds,  # the built-in and the declared kinds
+            "fields": self._store.fields,  # the declared fields and their types, in column order
         }
         write_generation(target, write_files, manifest)
         self.path = target
@@ -416,14 +454,21 @@ class ExperienceMemory:
             kinds = manifest["kinds"]
             if not isinstance(kinds, dict) or not all(isinstance(v, dict) for v in kinds.values()):
                 raise TypeError("'kinds' is not an object of objects")
-        except (KeyError, TypeError, ValueError) as e:
+            fields = manifest.get("fields", {})  # format 3: declared fields
+            if not isinstance(fields, dict):
+                raise TypeError("'fields' is not an object")
+            fields = {check_name(f, "field"): field_type(f, t) for f, t in fields.items()}
+            if reserved := sorted(set(fields) & set(RESERVED)):
+                raise ValueError(f"fields {reserved} are built in")
+            mem.declare([check_name(k, "kind") for k in kinds if k not in KINDS])
+        except (KeyError, TypeError, ValueError, ConfigError) as e:
             raise CheckpointError(f"experience memory {root} has an invalid manifest ({e}); it is corrupted") from None
         mem.path = root
-        mem._store = MetadataStore.load(gen / METADATA_FILE)
+        mem._store = MetadataStore.load(gen / METADATA_FILE, mem.kinds, fields)
         mem._next_id = next_id
         files = manifest.get("files")
         for kind, info in kinds.items():
-            if kind not in KINDS or not info.get("file"):
+            if not info.get("file"):
                 continue
             name = info["file"]
             if not isinstance(files, dict) or name not in files or not (gen / name).is_file():

@@ -36,7 +36,7 @@ from typing import Any
 from cl.errors import CheckpointError, ConfigError
 
 FORMAT = "clagent.experience_memory"
-FORMAT_VERSION = 2  # 2: tuned search settings (config.tune_recall, kinds.*.tuning)
+FORMAT_VERSION = 3  # 2: tuned search settings (config.tune_recall, kinds.*.tuning); 3: declared kinds and fields
 CURRENT = "CURRENT"
 KEEP = "KEEP"
 MANIFEST = "manifest.json"

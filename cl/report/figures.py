@@ -148,23 +148,31 @@ def forgetting_bars(groups: list[RunGroup]) -> str | None:
 @styled
 def adapters_plot(group: RunGroup, index: int) -> str | None:
     """Adapters in each layer's pool after each experience (mean over seeds)."""
+    fig = adapters_figure(group, index)
+    return None if fig is None else to_svg(fig)
+
+
+def adapters_figure(group: RunGroup, index: int) -> Figure | None:
+    """``adapters_plot``'s figure: one bar per layer side by side at each experience, a colour per layer, so layers
+    whose pools grow alike stay visible (lines of equal counts would hide one another)."""
     layers = sorted({layer for r in group.runs for layer in r.adapters_per_layer()}, key=_as_int)
     if not layers:
         return None
     fig = _figure(6.4, 3.0)
     ax = _axes(fig, 1, 1, 1)
     n = 0
+    width = 0.8 / len(layers)
     for k, layer in enumerate(layers):
         mean, _ = group.mean_std(lambda r, layer=layer: r.adapters_per_layer().get(layer, []))
         n = max(n, len(mean))
-        ax.step(np.arange(len(mean)), mean + 0.04 * (k - len(layers) / 2), where="mid", marker=_marker(k), ms=4,
-                label=f"layer {layer}")
+        ax.bar(np.arange(len(mean)) - 0.4 + width * (k + 0.5), mean, width, color=color(k), label=f"layer {layer}")
     _steps(ax, n)
+    ax.set_xlim(-0.6, n - 0.4)
     ax.set_ylabel("adapters in the pool")
     ax.yaxis.get_major_locator().set_params(integer=True)
     ax.set_title(group.label, fontsize=9, color=color(index))
     ax.legend(fontsize=8, loc="upper left")
-    return to_svg(fig)
+    return fig
 
 
 @styled
@@ -172,38 +180,61 @@ def expansion_timeline(group: RunGroup, index: int) -> str | None:
     """Each expansion check: the smallest z-score over the layer's adapters against the threshold tau.
 
     SEMA adds an adapter when every descriptor's z-score is above tau, i.e. when the smallest one is.
-    Filled markers: expansion; hollow: reuse; checks without adapters yet (nothing to test) sit on the axis.
+    Filled markers: expansion; hollow: reuse. A layer's first adapter has no test (nothing to compare with): those
+    are marked in a strip along the bottom, not at a z-score.
     """
+    fig = expansion_figure(group, index)
+    return None if fig is None else to_svg(fig)
+
+
+def expansion_figure(group: RunGroup, index: int) -> Figure | None:
+    """``expansion_timeline``'s figure."""
     checks = [(r, c) for r in group.runs for c in r.expansion_checks()]
     if not checks:
         return None
     layers = sorted({str(c["layer"]) for _, c in checks}, key=_as_int)
     fig = _figure(6.4, 3.4)
-    ax = _axes(fig, 1, 1, 1)
+    untested = any(c["min_z"] is None for _, c in checks)
+    if untested:  # a strip of its own under the z-scores: a first adapter has no z-score to draw
+        ax, strip = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [8, 1], "hspace": 0.08})
+        strip.set_yticks([])
+        strip.set_ylim(-1, 1)
+        strip.set_ylabel("no test", rotation=0, ha="right", va="center", fontsize=8)
+        strip.spines["left"].set_visible(False)
+        strip.grid(False)
+    else:
+        ax, strip = _axes(fig, 1, 1, 1), None
     taus = sorted({float(c["tau"]) for _, c in checks if c["tau"] is not None})
     zs = [c["min_z"] for _, c in checks if c["min_z"] is not None]
-    floor = min([0.0, *zs]) if zs else 0.0
     for k, layer in enumerate(layers):
+        dx = 0.5 * (k + 0.5) / len(layers) - 0.25
         for kind, filled in (("expansion", True), ("reuse", False)):
-            pts = [c for _, c in checks if str(c["layer"]) == layer and c["kind"] == kind]
-            if not pts:
-                continue
-            dx = 0.5 * (k + 0.5) / len(layers) - 0.25
-            x = [c["experience"] + dx for c in pts]
-            y = [c["min_z"] if c["min_z"] is not None else floor for c in pts]
-            ax.scatter(x, y, marker=_marker(k), s=30, facecolors=f"C{k}" if filled else "none",
-                       edgecolors=f"C{k}", label=f"layer {layer} {kind}", zorder=3)
+            pts = [c for _, c in checks if str(c["layer"]) == layer and c["kind"] == kind and c["min_z"] is not None]
+            if pts:
+                ax.scatter([c["experience"] + dx for c in pts], [c["min_z"] for c in pts], marker=_marker(k), s=30,
+                           facecolors=f"C{k}" if filled else "none", edgecolors=f"C{k}", label=f"layer {layer} {kind}",
+                           zorder=3)
+        first = [c["experience"] + dx for _, c in checks if str(c["layer"]) == layer and c["min_z"] is None]
+        if first and strip is not None:
+            strip.plot(first, [0] * len(first), ls="none", marker=_marker(k), ms=5, mfc="none", mec=f"C{k}")
+    if strip is not None:
+        ax.plot([], [], ls="none", marker="o", ms=5, mfc="none", mec="grey", label="first adapter (no test)")
     for tau in taus:
         ax.axhline(tau, color="crimson", ls="--", lw=1, label=f"tau = {tau:g}")
+    if taus:  # the threshold inside the axes, not on their edge
+        ax.update_datalim([(0, t) for t in taus])
+        ax.autoscale_view()
     if zs and max(zs) > 20 * max(taus or [1.0]):
         ax.set_yscale("symlog", linthresh=max(taus or [1.0]))
     n = max(int(c["experience"]) for _, c in checks) + 1
-    _steps(ax, n, "experience")
+    _steps(strip if strip is not None else ax, n, "experience")
+    if strip is not None:
+        ax.tick_params(labelbottom=False)
     ax.set_ylabel("min z-score over the pool")
     title = group.label + (f" ({len(group.runs)} seeds overlaid)" if len(group.runs) > 1 else "")
     ax.set_title(title, fontsize=9, color=color(index))
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    return to_svg(fig)
+    return fig
 
 
 @styled

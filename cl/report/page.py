@@ -147,7 +147,7 @@ def summary_section(groups: list[RunGroup], runs: list[RunData]) -> str:
     for g in groups:
         done = sum(r.finished for r in g.runs)
         status = "finished" if done == len(g.runs) else f"{done}/{len(g.runs)} finished"
-        row: list[Any] = [g.label, (", ".join(map(str, g.seeds)), len(g.runs)), status]
+        row: list[Any] = [g.label, (g.runs_text, len(g.runs)), status]
         for key, _, scale, digits in METRICS:
             mean, std, n = g.scalar(key)
             row.append((fmt(mean, std, n, scale, digits), "" if math.isnan(mean) else mean))
@@ -155,7 +155,7 @@ def summary_section(groups: list[RunGroup], runs: list[RunData]) -> str:
     parts = [
         "<h3>Comparison (mean ± sample std over seeds)</h3>" if any(len(g.runs) > 1 for g in groups)
         else "<h3>Comparison</h3>",
-        table(["config", "seeds", "status", *[m[1] for m in METRICS]], rows, "table-groups"),
+        table(["config", "runs (seeds)", "status", *[m[1] for m in METRICS]], rows, "table-groups"),
     ]
     run_rows = []
     for r in runs:
@@ -230,7 +230,8 @@ def expansions_section(groups: list[RunGroup]) -> str:
             continue
         parts.append(figure(svg, f"chart-expansions-{i}", "expansion-timeline",
                             "Expansion checks: smallest z-score of the new data under the layer's descriptors, against "
-                            "tau (filled: a new adapter; hollow: reuse; first experience: no test)"))
+                            "tau (filled: a new adapter; hollow: reuse; the strip below: a layer's first adapter, "
+                            "which has nothing to be tested against)"))
         rows = []
         for r in g.runs:
             for c in r.expansion_checks():

@@ -147,6 +147,12 @@ class RunGroup:
         return [r.seed for r in self.runs]
 
     @property
+    def runs_text(self) -> str:
+        """How many runs the group has and their seeds, e.g. ``1 (seed 0)``, ``3 (seeds 0, 1, 2)``."""
+        n = len(self.runs)
+        return f"{n} (seed{'s' if n > 1 else ''} {', '.join(map(str, self.seeds))})"
+
+    @property
     def config(self) -> dict[str, Any]:
         return self.runs[0].config
 
@@ -377,12 +383,22 @@ def group_runs(runs: list[RunData]) -> list[RunGroup]:
         members = sorted(keyed[k], key=lambda r: (str(r.seed), r.name))
         f = flats[k]
         if differing:
-            label = ", ".join(f"{d}={_short(f.get(d, '-'))}" for d in differing)
+            label = _label(f, differing)
         else:
             c = members[0].config
             label = "/".join(str(c.get(s, {}).get("name", "?")) for s in ("scenario", "strategy", "backbone"))
         groups.append(RunGroup(label=label, runs=members))
     return groups
+
+
+def _label(f: dict[str, Any], differing: list[str]) -> str:
+    """A group's label from the keys that differ: a component's name as ``strategy=sema`` (the name alone when it
+    is all that differs), other keys as ``strategy.lr=0.01``; ``imports`` only when nothing else differs (they
+    register the components whose names already say what differs)."""
+    keys = [d for d in differing if d != "imports"] or differing
+    if len(keys) == 1 and keys[0].endswith(".name"):
+        return _short(f.get(keys[0], "-"))
+    return ", ".join(f"{d.removesuffix('.name')}={_short(f.get(d, '-'))}" for d in keys)
 
 
 def _differing_keys(flats: list[dict[str, Any]]) -> list[str]:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cl.data import targets_of
+from cl.data import image_value_problem, targets_of
 from cl.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -20,7 +20,8 @@ def to_uint8_image(x: Any, size: int | None = None) -> torch.Tensor:
     """A PIL image, array or tensor -> uint8 tensor ``[C, H, W]``, resized to ``size`` x ``size`` if given.
 
     PIL images and arrays are read as ``[H, W]`` or ``[H, W, C]``; tensors as ``[H, W]`` or
-    ``[C, H, W]``; float values are taken to lie in ``[0, 1]``.
+    ``[C, H, W]``; float values must lie in ``[0, 1]`` and integer ones in 0-255 (else DataError, which says how
+    to scale them).
     """
     from PIL import Image
 
@@ -39,6 +40,8 @@ def to_uint8_image(x: Any, size: int | None = None) -> torch.Tensor:
         raise DataError(f"cannot read an image from a {type(x).__name__}")
     if t.ndim != 3:
         raise DataError(f"expected an image [C, H, W], got shape {tuple(t.shape)}")
+    if (problem := image_value_problem(t)) is not None:
+        raise DataError(problem)
     if t.is_floating_point():
         t = (t * 255).round().clamp(0, 255)
     t = t.to(torch.uint8)

@@ -83,8 +83,26 @@ def fresh_agent() -> Agent:
 BAD_RAW_IMAGES = {
     "5 channels": (images(c=5), r"C = 1 or 3, got shape \(2, 5, 16, 16\)"),
     "RGBA": (images(c=4), r"drop an alpha channel with images\[:, :3\]"),
-    "no batch dim": (images()[0], r"got shape \(3, 16, 16\); add the batch dimension with images\[None\]"),
-    "int64": (images(dtype=torch.int64), r"uint8 \(0-255\) or float \(0-1\) images, got dtype torch.int64"),
+    "no batch dim": (images()[0], r"got shape \(3, 16, 16\); add the batch dimension with images\[None\] \(one "
+                     r"image \[C, H, W\]\), or the channel dimension with images\[:, None\]"),
+    "bool": (images(dtype=torch.bool), r"uint8 \(0-255\) or float \(0-1\) images, got dtype torch.bool"),
+    "16-bit integers": (images(dtype=torch.int32) + 4000, r"integer images must lie in 0-255, got values from 4000 to "
+                        r"4000: scale them to 0-255 first, or store them with ArrayDataset\(images, targets, "
+                        r"value_range=\(0, 4000\)\)"),
+    "floats of 0-16": (torch.linspace(0, 16, 2 * 3 * 16 * 16).reshape(2, 3, 16, 16),
+                       r"float images must lie in \[0, 1\], got values from 0 to 16: divide them by their largest "
+                       r"possible value \(images / 255 for 8-bit data; images / 16 if 16 is it\), or store them with "
+                       r"ArrayDataset\(images, targets, value_range=\(0, 16\)\)"),
+    "normalised floats": (torch.linspace(-2, 2.5, 2 * 3 * 16 * 16).reshape(2, 3, 16, 16),
+                          r"got values from -2 to 2.5: they look normalised already; pass them unnormalised"),
+    "NaN": (images(dtype=torch.float32).fill_(float("nan")), r"float images hold NaN or inf values"),
+    "grey batch without channels": (torch.zeros(5, 16, 16, dtype=torch.uint8),
+                                    r"got shape \(5, 16, 16\); add the channel dimension with images\[:, None\] "
+                                    r"\(a batch of grey images \[B, H, W\]\)"),
+    "one image channels last": (torch.zeros(16, 16, 3, dtype=torch.uint8), r"images.permute\(2, 0, 1\)\[None\]"),
+    "channels last": (torch.zeros(2, 16, 16, 3, dtype=torch.uint8), r"channels last \[B, H, W, C\]\? use "
+                      r"images.permute\(0, 3, 1, 2\)"),
+    "one grey image": (torch.zeros(16, 16, dtype=torch.uint8), r"images\[None, None\]"),
     "zero height": (images(h=0), r"H, W >= 1"),
     "strings": (["a cat", "a dog"], r"got a list of strings \(text needs a text backbone, e.g. minilm\)"),
     "numpy": (images().numpy(), r"got ndarray \(convert arrays with torch.as_tensor\)"),
@@ -195,6 +213,29 @@ def test_predict_rejects_bad_images(agent: Agent, entry: str, case: str) -> None
     predict = agent.predict if entry == "agent" else agent.strategy.predict
     with pytest.raises(DataError, match=match), one_thread():
         predict(bad)
+
+
+def test_image_backbone_takes_integer_and_slightly_overshooting_float_images() -> None:
+    """Any integer dtype of 0-255 reads as uint8 does; floats a little outside [0, 1] (resampling overshoot) pass."""
+    backbone = tiny("vit_tiny_test")
+    want = backbone.prepare(images(dtype=torch.uint8) + 200)
+    assert torch.equal(backbone.prepare(images(dtype=torch.int64) + 200), want)
+    assert backbone.prepare(torch.full((2, 3, 16, 16), 1.05)).shape == want.shape
+
+
+def test_value_range_scales_another_scale_to_0_1() -> None:
+    """ArrayDataset(value_range=...) is the explicit way to give images of another scale (docs/your-data.md)."""
+    x = torch.arange(16.0).repeat(4, 1, 1, 1)  # one 0-15 row per image
+    ds = ArrayDataset(x, [0, 1, 0, 1], value_range=(0, 16))
+    assert ds.inputs.dtype == torch.float32 and torch.equal(ds.inputs, x / 16)
+    assert torch.equal(ArrayDataset(torch.full((2, 1, 2, 2), 65535, dtype=torch.int32), [0, 1],
+                                    value_range=(0, 65535)).inputs, torch.ones(2, 1, 2, 2))
+    with pytest.raises(DataError, match=r"value_range=\(0, 8\) but the inputs hold values from 0 to 15"):
+        ArrayDataset(x, [0, 1, 0, 1], value_range=(0, 8))
+    with pytest.raises(DataError, match=r"lowest < highest"):
+        ArrayDataset(x, [0, 1, 0, 1], value_range=(1, 1))
+    with pytest.raises(DataError, match=r"value_range scales numeric tensors or arrays, got list"):
+        ArrayDataset(["a", "b"], [0, 1], value_range=(0, 1))
 
 
 def test_predict_resizes_another_image_size(agent: Agent) -> None:

@@ -37,6 +37,84 @@ def test_list_one_kind_by_its_plural(capsys):
     assert main(["list", "strategis"]) == 2 and "unknown kind" in capsys.readouterr().err
 
 
+def _rows(out: str) -> dict[str, list[str]]:
+    """The cells of a rich table's rows, by their first cell (wrapped cells joined)."""
+    rows: dict[str, list[str]] = {}
+    last = None
+    for line in out.splitlines():
+        if not line.startswith("│"):
+            continue
+        cells = [c.strip() for c in line.strip("│").split("│")]
+        if cells[0]:
+            last = cells[0]
+            rows[last] = cells
+        elif last is not None:
+            rows[last] = [" ".join(filter(None, (a, b))) for a, b in zip(rows[last], cells, strict=True)]
+    return rows
+
+
+def test_list_one_entry_shows_its_parameters_types_defaults_and_meaning(capsys, monkeypatch):
+    from cl.registry import STRATEGIES
+
+    monkeypatch.setenv("COLUMNS", "300")  # one table row per parameter
+    assert main(["list", "strategies", "sema"]) == 0
+    out = capsys.readouterr().out
+    rows = _rows(out)
+    assert out.startswith("strategy sema: Self-expanding adapters")
+    assert list(rows) == list(STRATEGIES.params_model("sema").model_fields)
+    assert rows["tau"][1:3] == ["float", "2.0"] and rows["tau"][3].startswith("expansion threshold")
+    assert rows["descriptor_epochs"][1:3] == ["int >= 0", "20"]
+    assert rows["optimizer"][1:3] == ["'adam' | 'adamw' | 'sgd'", "'adam'"]
+    assert rows["route_by"][3].startswith("what picks the adapters of an input")  # from __init__'s docstring
+    assert rows["epochs"][3] == "training epochs per experience."  # inherited from Strategy's Args
+    assert "set with --set strategy.NAME=VALUE" in out
+
+    assert main(["list", "scenarios", "synthetic"]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert rows["n_classes"][1:] == ["int", "6", "how many classes (one pattern each)."]
+    assert main(["list", "backbones", "efficientnet_lite0"]) == 0
+    assert _rows(capsys.readouterr().out)["img_size"][1:3] == ["int", "224"]
+    assert main(["list", "heads", "lda"]) == 0
+    assert "head_kw" in capsys.readouterr().out
+    assert main(["list", "routers", "descriptor"]) == 0
+    assert "hard" in _rows(capsys.readouterr().out)
+
+
+def test_list_an_imported_strategy_and_bad_names(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")
+    assert main(["list", "strategies", "proto_adapter", "--import", "examples/custom_strategy.py"]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert rows["temperature"][1:3] == ["float", "16.0"] and rows["epochs"][1:3] == ["int >= 0", "2"]
+    assert main(["list", "strategies", "semaa"]) == 2
+    assert "unknown strategy 'semaa'; did you mean 'sema'?" in capsys.readouterr().err
+    assert main(["list", "sema"]) == 2
+    assert "for the strategy 'sema': cl list strategies sema" in capsys.readouterr().err
+
+
+def test_every_parameter_of_every_strategy_backbone_scenario_and_head_is_documented():
+    """``cl list KIND NAME`` shows a line for each of clagent's own entries (plugins imported by other tests are not
+    held to it; router parameters, set through ``router_kw``, neither)."""
+    from cl.plugins import source_of
+    from cl.registry import BACKBONES, HEADS, SCENARIOS, STRATEGIES
+
+    missing = {f"{reg.kind} {name}": [p.name for p in reg.params(name) if not p.doc]
+               for reg in (STRATEGIES, BACKBONES, SCENARIOS, HEADS) for name in reg.names()
+               if source_of(reg.get(name)) is None}
+    assert not {k: v for k, v in missing.items() if v}
+
+
+def test_run_help_lists_the_config_keys(capsys):
+    from cl.config import RunConfig
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    keys = out[out.index("config keys"):]
+    for key in RunConfig.model_fields:
+        assert f"\n  {key} (" in keys, key
+    assert "threads (null): CPU threads torch uses" in keys
+
+
 def test_run_end_to_end_prints_matrix(tmp_path, capsys):
     path = write_config(tmp_path)
     assert main(["run", str(path), "--strategy", "finetune", "--set", "strategy.epochs=2"]) == 0

@@ -532,3 +532,160 @@ def test_gpu_code_path_with_a_stand_in_device(monkeypatch):
         np.testing.assert_array_equal(gpu.search(q, 7).ids, cpu.search(q, 7).ids)
         np.testing.assert_array_equal(gpu.search(q, 7, class_=None).ids, cpu.search(q, 7).ids)  # filtered: CPU
     assert len(clones) == 4  # one mirror per index, rebuilt once after the remove
+
+
+# ---- kinds and fields of one's own --------------------------------------------------------------------------------
+def documents(n: int) -> list[dict]:
+    """Metadata of a kind of one's own: declared fields (source, page, score, public) and an undeclared one (lang)."""
+    return [{"kind": "document", "source": ("wiki", "book", "web")[i % 3], "page": i, "score": i / 10,
+             "public": i % 2 == 0, "lang": ("en", "fr")[i % 2]} for i in range(n)]
+
+
+FIELDS = {"source": str, "page": int, "score": float, "public": bool}
+
+
+def test_a_kind_and_fields_of_ones_own_store_filter_exactly_and_round_trip(tmp_path):
+    x, q = data(300), data(5, seed=1)
+    mem = ExperienceMemory(D, tmp_path / "mem", kinds=["document"], fields=FIELDS)
+    assert mem.kinds == (*KINDS, "document") and mem.fields == {"source": "str", "page": "int", "score": "float",
+                                                                "public": "bool"}
+    m = documents(200) + metas(100)
+    ids = mem.add(x, m)
+    assert mem.counts()["document"] == 200
+    assert mem.get(ids[:1]).metadata[0] == {"kind": "document", "experience": None, "class": None, "adapter": None,
+                                            **m[0]}
+    cases = [({"source": "wiki"}, lambda r: r["source"] == "wiki"),
+             ({"page": [3, 4, 5], "public": True}, lambda r: r["page"] in (3, 4, 5) and r["public"]),
+             ({"lang": "fr", "source": ["book", "web"]}, lambda r: r["lang"] == "fr" and r["source"] != "wiki"),
+             ({"score": 1.5}, lambda r: r["score"] == 1.5)]
+    for filters, keep in cases:
+        rows = [i for i, r in enumerate(m) if r["kind"] == "document" and keep(r)]
+        assert mem.count("document", **filters) == len(rows), filters
+        np.testing.assert_array_equal(mem.ids("document", **filters), ids[rows])
+        k = min(3, len(rows))
+        _, order = brute(x[rows], q, k, "ip")
+        np.testing.assert_array_equal(mem.search(q, k, kind="document", **filters).ids, ids[rows][order])
+    assert mem.count(lang="en") == 100 and mem.count(kind=None, source=None) == 100  # unset: the 100 built-in rows
+    mem.update(ids[:2], source="notes", lang="de")
+    assert mem.count("document", source="notes", lang="de") == 2
+
+    mem.save()
+    loaded = ExperienceMemory.load(tmp_path / "mem")
+    assert loaded.kinds == mem.kinds and loaded.fields == mem.fields
+    for filters, _ in cases:
+        np.testing.assert_array_equal(loaded.search(q, 3, kind="document", **filters).ids,
+                                      mem.search(q, 3, kind="document", **filters).ids)
+    assert loaded.get(ids[:5]).metadata == mem.get(ids[:5]).metadata
+    assert loaded.add(data(1), {"kind": "document", "page": 1}).tolist() == [300]
+
+
+def test_declared_fields_are_indexed_columns():
+    """Filters on a declared field stay fast: SQLite answers them from the field's index, not a scan."""
+    mem = ExperienceMemory(D, kinds=["document"], fields={"source": str})
+    mem.add(data(50), documents(50))
+    where, params = mem._store._where(["document"], {"source": ["wiki"]})
+    plan = " ".join(str(r) for r in mem._store.conn.execute(f"EXPLAIN QUERY PLAN SELECT id FROM entries{where}",
+                                                             params))
+    assert "USING INDEX entries_field_source" in plan or "USING COVERING INDEX entries_field_source" in plan, plan
+
+
+def test_declaring_later_moves_stored_values_to_a_typed_column():
+    mem = ExperienceMemory(D)
+    mem.declare(kinds="document")
+    ids = mem.add(data(20), documents(20))
+    assert mem.count("document", page=3) == 1  # undeclared: filters from the JSON
+    with pytest.raises(DataError, match=r"field 'lang' cannot be declared int: 20 entries hold values of another"):
+        mem.declare(fields={"lang": int})
+    assert mem.fields == {}  # the refused declaration changed nothing
+    mem.declare(fields={"page": int, "lang": "str"})
+    assert mem.fields == {"page": "int", "lang": "str"}
+    assert mem.get(ids[3:4]).metadata[0]["page"] == 3 and mem.count("document", page=3) == 1
+    assert mem._store.conn.execute("SELECT COUNT(*) FROM entries WHERE extra LIKE '%\"page\"%'").fetchone()[0] == 0
+    mem.declare(fields={"page": int})  # again: a no-op
+    with pytest.raises(ConfigError, match="field 'page' is already declared int, not str"):
+        mem.declare(fields={"page": str})
+
+
+BAD_OWN_CALLS = {
+    "add: a kind nobody declared": (
+        lambda m: m.add(data(1), {"kind": "documnet"}), DataError,
+        r"unknown kind 'documnet'; did you mean 'document'\? \(kinds: exemplar, adapter_key, prototype, task, "
+        r"document; declare a kind of your own with ExperienceMemory\(dim, kinds=\[...\]\) or "
+        r"memory.declare\(kinds=\[...\]\)\)"),
+    "search: a kind nobody declared": (
+        lambda m: m.search(data(1), 1, kind="report"), ConfigError,
+        r"unknown memory kind 'report' \(kinds: .*document"),
+    "filter: a key nothing holds": (
+        lambda m: m.search(data(1), 1, kind="document", src="wiki"), ConfigError,
+        r"unknown memory filter 'src'; did you mean 'source'\? \(filters: experience, class \(or class_\), adapter, "
+        r"source, page, lang; a key of your own filters once an entry holds it, or declare it"),
+    "add: a declared field of another type": (
+        lambda m: m.add(data(1), {"kind": "document", "page": "3"}), DataError,
+        r"metadata row 0: 'page' is declared int, got '3'"),
+    "update: a declared field of another type": (
+        lambda m: m.update([0], page=1.5), DataError, r"'page' is declared int, got 1.5"),
+    "declare: a built-in key": (lambda m: m.declare(fields={"class": int}), ConfigError, r"field 'class' is built in"),
+    "declare: an unknown type": (lambda m: m.declare(fields={"when": "date"}), ConfigError,
+                                 r"field 'when': unknown type 'date' \(choose one of str, int, float, bool\)"),
+    "declare: a kind that is no name": (lambda m: m.declare(kinds=["../x"]), ConfigError,
+                                        r"kind name '../x' must be 1-64 letters, digits or underscores"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_OWN_CALLS)
+def test_errors_about_ones_own_kinds_and_fields_list_what_exists(case):
+    mem = ExperienceMemory(D, kinds=["document"], fields={"source": str, "page": int})
+    mem.add(data(3), [{"kind": "document", "source": "wiki", "page": 1, "lang": "en"}] * 3)
+    call, error, match = BAD_OWN_CALLS[case]
+    with pytest.raises(error, match=match):
+        call(mem)
+
+
+def _tamper(path: Path, manifest_change=None, sql: str | None = None) -> None:
+    import hashlib
+    import sqlite3
+
+    gen = path / (path / "CURRENT").read_text().strip()
+    if sql is not None:
+        conn = sqlite3.connect(gen / "metadata.sqlite")
+        with conn:
+            conn.execute(sql)
+        conn.close()
+    manifest = json.loads((gen / "manifest.json").read_text())
+    if manifest_change is not None:
+        manifest_change(manifest)
+    for fname, info in manifest["files"].items():
+        blob = (gen / fname).read_bytes()
+        info.update(sha256=hashlib.sha256(blob).hexdigest(), bytes=len(blob))
+    (gen / "manifest.json").write_text(json.dumps(manifest))
+
+
+OWN_TAMPERING = {
+    "a field's type changed in the manifest": (
+        {"manifest_change": lambda m: m["fields"].update(page="str")}, r"types its fields \[\('source', 'TEXT'\), "
+        r"\('page', 'INTEGER'\)\], its manifest \[\('source', 'TEXT'\), \('page', 'TEXT'\)\]"),
+    "a column the manifest does not declare": (
+        {"sql": "ALTER TABLE entries ADD COLUMN secret TEXT"}, r"has columns \[.*'secret'\], expected"),
+    "a field left out of the manifest": (
+        {"manifest_change": lambda m: m["fields"].pop("page")}, r"has columns \[.*'page'\], expected"),
+    "a row of another type in a field": (
+        {"sql": "UPDATE entries SET page = 'three' WHERE id = 0"}, r"has 1 malformed rows"),
+    "a row of a kind the manifest does not know": (
+        {"manifest_change": lambda m: m["kinds"].pop("document")}, r"has 3 malformed rows"),
+    "a kind that is no name": (
+        {"manifest_change": lambda m: m["kinds"].update({"../../x": {"file": None}})}, r"invalid manifest"),
+    "a field that is built in": (
+        {"manifest_change": lambda m: m["fields"].update({"id": "int"})}, r"invalid manifest"),
+}
+
+
+@pytest.mark.parametrize("case", OWN_TAMPERING)
+def test_a_memory_with_own_kinds_refuses_what_a_save_never_writes(tmp_path, case):
+    tamper, says = OWN_TAMPERING[case]
+    mem = ExperienceMemory(D, tmp_path / "mem", kinds=["document"], fields={"source": str, "page": int})
+    mem.add(data(3), [{"kind": "document", "source": "wiki", "page": 1}] * 3)
+    mem.save()
+    ExperienceMemory.load(tmp_path / "mem")  # as saved: loads
+    _tamper(tmp_path / "mem", **tamper)
+    with pytest.raises(CheckpointError, match=says):
+        ExperienceMemory.load(tmp_path / "mem")

@@ -4,6 +4,7 @@ rendered by headless Chromium (no JavaScript errors, charts in the DOM, under 5 
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -64,12 +66,66 @@ def test_two_seeds_are_grouped_with_mean_and_std(runs, tmp_path):
     assert "mean ± std, 2 seeds" in page and "mean of 2 seeds" in page
 
 
-def test_several_configs_are_labelled_by_what_differs(runs):
+def test_several_configs_are_labelled_by_what_differs(runs, tmp_path):
     groups = group_runs(load_runs([runs]))  # a folder of runs
-    assert sorted(g.label for g in groups) == ["strategy.name=sema", "strategy.name=simplecil"]
+    assert sorted(g.label for g in groups) == ["sema", "simplecil"]  # the strategy's name alone: all that differs
     sema = next(g for g in groups if "sema" in g.label)
     mean, std = sema.mean_std(lambda r: r.accuracy_seen)
     assert len(mean) == 5 and (std >= 0).all()
+
+    # a strategy imported from a file: its imports differ too, and say nothing the name does not
+    plugin = tmp_path / "plugin"
+    shutil.copytree(runs / "simplecil", plugin)
+    cfg = yaml.safe_load((plugin / "config.yaml").read_text())
+    cfg.update(imports=["examples/statistics_strategy.py"], strategy={"name": "class_means", "batch_size": 64})
+    (plugin / "config.yaml").write_text(yaml.safe_dump(cfg))
+    labels = sorted(g.label for g in group_runs(load_runs([runs / "sema-seed0", runs / "simplecil", plugin])))
+    assert labels == ["class_means", "sema", "simplecil"]
+    lr = tmp_path / "lr"
+    shutil.copytree(runs / "sema-seed0", lr)
+    cfg = yaml.safe_load((lr / "config.yaml").read_text())
+    cfg["strategy"]["lr"] = 0.5
+    cfg["backbone"]["name"] = "other"
+    (lr / "config.yaml").write_text(yaml.safe_dump(cfg))
+    labels = sorted(g.label for g in group_runs(load_runs([runs / "sema-seed0", lr])))
+    assert labels == ["backbone=other, strategy.lr=0.5", "backbone=vit_tiny_test, strategy.lr=0.001"]
+
+
+def test_the_runs_column_counts_runs_and_names_their_seeds(runs, tmp_path):
+    page = write_report([runs], tmp_path / "r.html").read_text()
+    table = page[page.index('id="table-groups"') : page.index("</table>", page.index('id="table-groups"'))]
+    assert ">runs (seeds)<" in table and ">seeds<" not in table
+    assert "2 (seeds 0, 1)" in table and "1 (seed 0)" in table
+
+
+def test_adapter_layers_with_equal_pools_stay_visible(runs, tmp_path):
+    from cl.report import figures
+
+    group = next(g for g in group_runs(load_runs([runs])) if g.label == "sema")
+    per_layer = group.runs[0].adapters_per_layer()
+    assert len(per_layer) == 3 and len({tuple(v) for v in per_layer.values()}) == 1  # all three pools grow alike
+    ax = figures.adapters_figure(group, 0).axes[0]
+    by_colour: dict[tuple, list] = {}
+    for bar in ax.patches:
+        by_colour.setdefault(tuple(bar.get_facecolor()), []).append(bar)
+    assert len(by_colour) == 3  # one colour per layer
+    spans = sorted((b.get_x(), b.get_x() + b.get_width()) for bars in by_colour.values() for b in bars)
+    assert all(a[1] <= b[0] + 1e-9 for a, b in itertools.pairwise(spans))  # no bar hides another
+    assert 'id="chart-adapters-0"' in write_report([runs / "sema-seed0"], tmp_path / "a.html").read_text()
+
+
+def test_a_layers_first_adapter_is_not_drawn_as_a_z_score(runs):
+    from cl.report import figures
+
+    group = next(g for g in group_runs(load_runs([runs])) if g.label == "sema")
+    checks = [c for r in group.runs for c in r.expansion_checks()]
+    untested = [c for c in checks if c["min_z"] is None]
+    assert untested and all(c["experience"] == 0 for c in untested)
+    ax, strip = figures.expansion_figure(group, 0).axes  # the z-scores, and a strip of their own for the rest
+    drawn = np.concatenate([c.get_offsets()[:, 1] for c in ax.collections])
+    assert sorted(drawn.tolist()) == sorted(c["min_z"] for c in checks if c["min_z"] is not None)
+    assert sum(len(line.get_xdata()) for line in strip.lines) == len(untested) and not strip.get_yticks().size
+    assert "first adapter (no test)" in [t.get_text() for t in ax.get_legend().get_texts()]
 
 
 class StopAt(Callback):

@@ -72,6 +72,14 @@ def test_to_uint8_image_conversions():
     assert to_uint8_image(Image.new("RGB", (9, 9)), size=4).shape == (3, 4, 4)
     with pytest.raises(DataError):
         to_uint8_image("not an image")
+    assert int(to_uint8_image(np.full((2, 2), 200, dtype=np.int64))[0, 0, 0]) == 200  # any integer dtype of 0-255
+
+
+def test_to_uint8_image_refuses_another_scale_instead_of_saturating_or_wrapping():
+    with pytest.raises(DataError, match=r"float images must lie in \[0, 1\], got values from 200 to 200"):
+        to_uint8_image(torch.full((3, 4, 4), 200.0))  # was clamped to 255: a white image
+    with pytest.raises(DataError, match=r"integer images must lie in 0-255, got values from 300 to 300"):
+        to_uint8_image(np.full((4, 4), 300, dtype=np.int32))  # was wrapped to 44
 
 
 class FakeVision(Dataset):
