@@ -66,7 +66,8 @@ ENGINE_ROWS: dict[str, dict[str, Any]] = {
     "lae+taps": {"name": "lae", "head": "lda", "taps": "all"},
     "sema+taps": {"name": "sema", "head": "lda", "taps": "all"},
 }
-# item 2, text: the full split_fortunes stream (25 categories, 5 experiences), MiniLM-L6; name -> strategy params
+# item 2, text: split_fortunes (25 categories, 5 experiences; --text-per-class caps it), MiniLM-L6;
+# name -> strategy params
 TEXT = {"scenario": {"name": "split_fortunes", "n_experiences": 5}, "backbone": {"name": "minilm"},
         "eval": {"batch_size": 256}}
 TEXT_ROWS: dict[str, dict[str, Any]] = {
@@ -174,11 +175,18 @@ def head_row(name: str, feats: dict[str, torch.Tensor], seed: int) -> dict[str, 
 
 
 # ---- engine rows --------------------------------------------------------------------------------------------------
-def engine_row(name: str, seed: int, work: Path, threads: int | None) -> dict[str, Any]:
-    """A whole run through ``cl.run.run``: ``split_fmnist_best.yaml`` with another strategy, or a text row."""
+def engine_row(
+    name: str, seed: int, work: Path, threads: int | None, text_per_class: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    """A whole run through ``cl.run.run``: ``split_fmnist_best.yaml`` with another strategy, or a text row
+    (``text_per_class``: train / test items per category, None: the full stream)."""
     from cl.run import run
 
-    cfg = dict(TEXT) if name in TEXT_ROWS else yaml.safe_load(BEST.read_text())
+    cfg = yaml.safe_load(BEST.read_text())
+    if name in TEXT_ROWS:
+        cfg = json.loads(json.dumps(TEXT))
+        if text_per_class:
+            cfg["scenario"].update(train_per_class=text_per_class[0], test_per_class=text_per_class[1])
     cfg.update(seed=seed, out=str(work / f"{name.replace(':', '-')}-s{seed}"), progress=False, loggers=[])
     if threads:
         cfg["threads"] = threads
@@ -194,15 +202,18 @@ def engine_row(name: str, seed: int, work: Path, threads: int | None) -> dict[st
 
 # ---- table --------------------------------------------------------------------------------------------------------
 def print_table(folder: Path) -> None:
+    """One Markdown row per result file: head rows first (by feature set), then engine and text rows."""
+    results = [json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))]
+    order = {"head": 0, "engine": 1, "text": 2}
     rows = []
-    for f in sorted(folder.glob("*.json")):
-        r = json.loads(f.read_text())
-        what = f"{r['features']} | {r['head']}" if r["kind"] == "head" else r["row"]
-        rows.append({"row": what, "px": r.get("img_size", "" if r["kind"] == "text" else 64), "seed": r["seed"],
-                     "final": round(r["final_accuracy"], 4), "avg_inc": round(r["avg_incremental_accuracy"], 4),
-                     "forgetting": round(r["avg_forgetting"], 4), "val0": r.get("val0", ""),
-                     "routing": r.get("routing", ""), "wall_s": r.get("wall_s", r.get("wall_time_s")),
-                     "cpu_s": r.get("row_cpu_s"), "load": r.get("other_processes_cpu_cores")})
+    for r in sorted(results, key=lambda r: (order[r["kind"]], r["row"], r["seed"])):
+        what = f"`{r['features']}`, {r['head']} {r['head_kw'] or ''}".strip() if r["kind"] == "head" else r["row"]
+        f4 = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+        rows.append({"row": what, "px": r.get("img_size", ""), "seed": r["seed"], "final": f4(r["final_accuracy"]),
+                     "avg_inc": f4(r["avg_incremental_accuracy"]), "forgetting": f4(r["avg_forgetting"]),
+                     "val0": r.get("val0", ""), "routing": r.get("routing", ""),
+                     "wall_s": r.get("row_wall_s"), "cpu_s": r.get("row_cpu_s"),
+                     "load": r.get("other_processes_cpu_cores")})
     print(table(rows, ["row", "px", "seed", "final", "avg_inc", "forgetting", "val0", "routing", "wall_s", "cpu_s",
                        "load"]))
 
@@ -218,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=OUT, help="one JSON per row")
     p.add_argument("--cache", type=Path, default=ROOT / "runs" / "fidelity_ablation",
                    help="the feature files (0.9 GB per image side) and the engine rows' run directories")
+    p.add_argument("--text-per-class", type=int, nargs=2, default=[100, 30], metavar=("TRAIN", "TEST"),
+                   help="text rows: train / test items per category (the peers benchmark's subset; 0 0: the full "
+                        "stream, about 13,600 texts: hours on 1 thread)")
     p.add_argument("--table", action="store_true", help="print the table of the rows in --out, run nothing")
     args = p.parse_args(argv)
     if args.table:
@@ -231,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in every]
     if unknown:
         raise SystemExit(f"unknown rows {unknown} (available: {', '.join(every)})")
+    text_per_class = tuple(args.text_per_class) if all(args.text_per_class) else None
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -249,8 +264,10 @@ def main(argv: list[str] | None = None) -> int:
                     loaded = {img: features(img, args.cache)}
                 result = head_row(name, loaded[img], seed)
             else:
-                result = engine_row(name, seed, args.cache, args.threads)
+                result = engine_row(name, seed, args.cache, args.threads, text_per_class)
         cmd = f"python -m benchmarks.fidelity_ablation --rows {name} --seeds {seed}"
+        if name in TEXT_ROWS:
+            cmd += f" --text-per-class {args.text_per_class[0]} {args.text_per_class[1]}"
         result.update(command=cmd + (f" --threads {args.threads}" if args.threads else ""), machine=machine_info(),
                       row_wall_s=round(time.perf_counter() - t0, 1), row_cpu_s=round(_self_cpu_s() - cpu0, 1),
                       threads=args.threads, other_processes_cpu_cores=load.other_cores)
