@@ -205,3 +205,19 @@ def test_taps_beat_the_embedding_alone_on_real_digits():
 
     alone, tapped = final_accuracy(None), final_accuracy("all")
     assert tapped > alone + 0.04, (alone, tapped)  # measured 0.651 -> 0.744
+
+
+def test_the_shipped_best_config_runs_a_tiny_version(tmp_path):
+    """examples/split_fmnist_best.yaml as shipped (simplecil, taps: all, LDA), on 30 / 10 images per class."""
+    from pathlib import Path
+
+    from cl.config import read_yaml
+
+    data = read_yaml(Path(__file__).resolve().parents[2] / "examples" / "split_fmnist_best.yaml")
+    assert data["strategy"] == {"name": "simplecil", "head": "lda", "head_kw": {"shrinkage": 0.01}, "taps": "all"}
+    data["scenario"] |= {"train_per_class": 30, "test_per_class": 10}
+    data |= {"device": "cpu", "out": str(tmp_path / "run"), "progress": False, "loggers": []}
+    with one_thread():
+        metrics = run(data)
+    assert len(metrics["accuracy_matrix"]) == 5 and metrics["params_trainable"] == 0
+    assert metrics["final_accuracy"] > 0.5  # 10 classes from 30 images each
