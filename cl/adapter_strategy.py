@@ -21,24 +21,27 @@ from cl.experience import Experience
 from cl.heads import HeadChoice, LinearHead, masked_cross_entropy
 from cl.routing import OFF, Routes, routing
 from cl.strategy import Strategy
+from cl.taps import TapChoice
 
 #: what the head of an adapter strategy sees: ``[frozen, adapted]`` embeddings, or the adapted one alone ("mixture":
 #: SEMA's word for it)
 HeadFeatures = Literal["concat", "adapted", "mixture"]
 
 
-class AdapterStrategy(HeadChoice, Strategy):
+class AdapterStrategy(TapChoice, HeadChoice, Strategy):
     """Base of the adapter methods (APER, SEMA, MOS, LAE, key retrieval): adapter pools injected into blocks
     ``layers`` of the frozen backbone (``pools``, by block index), a masked-CE ``train_head`` that trains them,
-    the frozen prefix up to the first adapted block, and a head chosen by name over ``routed_features``.
+    the frozen prefix up to the first adapted block, and a head chosen by name over ``routed_features``
+    (``[taps, frozen, adapted]``: ``taps`` and ``head_features`` say which parts).
 
     Args:
-        layers: blocks to adapt (negative: from the end).
+        layers: blocks to adapt (negative: from the end), or ``"all"``.
         adapter: adapter kind (``bottleneck``, ``lora``, ``ssf``, ``rank1``).
         adapter_dim: bottleneck width or rank (default: the kind's).
         head_features: what the head sees: ``"concat"`` ``[frozen, adapted]`` embeddings, ``"adapted"`` (or
             ``"mixture"``) the adapted one alone (None: the class's ``param_defaults``).
-        kw: ``head`` and ``head_kw`` (``HeadChoice``) and the training parameters of ``Strategy``.
+        kw: ``taps`` (``TapChoice``: the frozen backbone's pooled block outputs in front of the head's features),
+            ``head`` and ``head_kw`` (``HeadChoice``) and the training parameters of ``Strategy``.
     """
 
     param_defaults: ClassVar[dict[str, Any]] = {"epochs": 3, "batch_size": 128, "head": "lda",
@@ -48,14 +51,16 @@ class AdapterStrategy(HeadChoice, Strategy):
         self,
         backbone: Backbone,
         *,
-        layers: Sequence[int] = (-3, -2, -1),
+        layers: Sequence[int] | Literal["all"] = (-3, -2, -1),
         adapter: str = "bottleneck",
         adapter_dim: PositiveInt | None = None,
         head_features: HeadFeatures | None = None,
         **kw: Any,
     ) -> None:
-        config = self.adapter_config(AdapterConfig(kind=adapter, dim=adapter_dim, layers=list(layers), router=None))
-        self.pools: dict[int, AdapterPool] = dict(sorted(inject(backbone, config).items()))
+        chosen = None if layers == "all" else list(layers)  # None: every block
+        config = AdapterConfig(kind=adapter, dim=adapter_dim, layers=chosen, router=None)
+        injected = {i: p for c in self.pool_configs(backbone, config) for i, p in inject(backbone, c).items()}
+        self.pools: dict[int, AdapterPool] = dict(sorted(injected.items()))
         super().__init__(backbone, **{**self.base_defaults(), **kw})
         self.head_features = self.defaults()["head_features"] if head_features is None else head_features
         self.concat = self.head_features == "concat"  # the head sees [frozen, adapted] (``routed_features``)
@@ -67,6 +72,9 @@ class AdapterStrategy(HeadChoice, Strategy):
         if params.get("head") == "linear" and params.get("head_features") == "concat":
             raise ValueError("head='linear' is the training head, over the adapted embedding alone: use "
                              "head_features='adapted'")
+        if params.get("head") == "linear" and params.get("taps"):
+            raise ValueError("head='linear' is the training head, over the adapted embedding alone: taps feed a "
+                             "statistics head (ncm, lda, ranpac)")
 
     @property
     def pool(self) -> AdapterPool:
@@ -77,11 +85,17 @@ class AdapterStrategy(HeadChoice, Strategy):
     @property
     def head_dim(self) -> int:
         """The width of what the head sees (``routed_features``)."""
-        return self.backbone.embed_dim * (2 if self.concat else 1)
+        return self.tap_dim + self.backbone.embed_dim * (2 if self.concat else 1)
 
     def adapter_config(self, config: AdapterConfig) -> AdapterConfig:
         """The pools' configuration (a subclass adds its router here); called before ``Strategy.__init__``."""
         return config
+
+    def pool_configs(self, backbone: Backbone, config: AdapterConfig) -> list[AdapterConfig]:
+        """The configurations the pools are injected with, one per group of blocks (default: ``adapter_config`` for
+        every adapted block; SEMA gives the blocks it never expands pools without descriptors); called before
+        ``Strategy.__init__``."""
+        return [self.adapter_config(config)]
 
     @property
     def frozen_depth(self) -> int:
@@ -101,12 +115,17 @@ class AdapterStrategy(HeadChoice, Strategy):
             self.pools[i].freeze(name)
 
     def routed_features(self, state: State, routes: Routes = None, frozen: torch.Tensor | None = None) -> torch.Tensor:
-        """What the head sees with the adapters under ``routes`` (see ``embedding``): the adapted embedding, or with
-        ``head_features="concat"`` ``[frozen, adapted]`` (``frozen``: the frozen embedding, when already computed)."""
+        """What the head sees with the adapters under ``routes`` (see ``embedding``): the adapted embedding, with
+        ``head_features="concat"`` behind the frozen one, and behind the frozen backbone's ``taps`` when it taps
+        blocks: ``[taps, frozen, adapted]`` (``frozen``: the frozen embedding, when already computed)."""
         adapted = self.embedding(state, routes)
-        if not self.concat:
-            return adapted
-        return torch.cat([self.embedding(state, OFF) if frozen is None else frozen, adapted], 1)
+        parts = []
+        if self.taps:  # a frozen pass for taps of adapted blocks gives the frozen embedding too
+            taps, frozen = self.tap_features(state, frozen)
+            parts.append(taps)
+        if self.concat:
+            parts.append(self.embedding(state, OFF) if frozen is None else frozen)
+        return torch.cat([*parts, adapted], 1) if parts else adapted
 
     def frozen_embeddings(self, dataset) -> torch.Tensor | None:
         """The frozen model's embeddings ``[N, embed_dim]`` (adapters off) of every item of ``dataset``, computed once

@@ -6,13 +6,13 @@ an item never changes; caching it makes an epoch cost only the adapted suffix.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from cl.backbones.base import Backbone
-from cl.backbones.state import State, pad_cat, take_rows
+from cl.backbones.state import State, Tapped, pad_cat, take_rows
 from cl.data import iterate_batches, num_batches, targets_of
 from cl.errors import DataError
 
@@ -21,35 +21,43 @@ class CachedStates(Dataset):
     """Prefix states of a dataset held in memory (tensors with the batch first), with targets.
 
     Tuple states (text: hidden states and a 0/1 attention mask) are padded to one length;
-    ``take`` trims a batch back to its longest item. ``derived`` holds per-item tensors computed from the states
-    that never change either (e.g. ``MemoryEmbedding.pretrained_embeddings``), kept as long as the states.
+    ``take`` trims a batch back to its longest item. ``taps`` ``[N, T]`` (``Tapped`` states) are kept beside the
+    parts and never trimmed. ``derived`` holds per-item tensors computed from the states that never change either
+    (e.g. ``MemoryEmbedding.pretrained_embeddings``), kept as long as the states.
     """
 
-    def __init__(self, parts: tuple[torch.Tensor, ...], targets: torch.Tensor, is_tuple: bool) -> None:
+    def __init__(self, parts: tuple[torch.Tensor, ...], targets: torch.Tensor, is_tuple: bool,
+                 taps: torch.Tensor | None = None) -> None:
         self.parts = parts
         self.targets = targets
         self.is_tuple = is_tuple
+        self.taps = taps
         self.derived: dict[str, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def nbytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in (*self.parts, *self.derived.values()))
+        extra = () if self.taps is None else (self.taps,)
+        return sum(p.numel() * p.element_size() for p in (*self.parts, *extra, *self.derived.values()))
 
     @staticmethod
     def cat(items: list[CachedStates]) -> CachedStates:
         """One set of states over several (e.g. the cached experiences of a joint run)."""
         parts = tuple(pad_cat([it.parts[i] for it in items]) for i in range(len(items[0].parts)))
-        return CachedStates(parts, torch.cat([it.targets for it in items]), items[0].is_tuple)
+        taps = None if items[0].taps is None else torch.cat([it.taps for it in items])
+        return CachedStates(parts, torch.cat([it.targets for it in items]), items[0].is_tuple, taps)
 
     def take(self, index: torch.Tensor) -> tuple[State, torch.Tensor]:
         parts = take_rows(self.parts, index)
         if self.is_tuple:
             length = int(parts[1].sum(1).max().item()) if len(parts) > 1 else parts[0].shape[1]
-            parts = tuple(p[:, :length] if p.ndim >= 2 else p for p in parts)
-            return parts, self.targets[index]
-        return parts[0], self.targets[index]
+            state: State = tuple(p[:, :length] if p.ndim >= 2 else p for p in parts)
+        else:
+            state = parts[0]
+        if self.taps is not None:
+            state = Tapped(state, self.taps[index])
+        return state, self.targets[index]
 
     def batches(
         self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
@@ -68,23 +76,29 @@ def compute_states(
     batch_size: int = 256,
     dtype: torch.dtype = torch.float32,
     progress: Callable[[Iterator, int, str], Iterator] | None = None,
+    taps: Sequence[int] = (),
 ) -> CachedStates:
-    """Run the frozen prefix (stem + ``depth`` blocks) over a dataset; states kept on the CPU."""
+    """Run the frozen prefix (stem + ``depth`` blocks) over a dataset; states kept on the CPU. ``taps``: blocks
+    (below ``depth``) whose pooled outputs the states carry (``Tapped``)."""
     was_training = backbone.training
     backbone.eval()
     chunks: list[tuple[torch.Tensor, ...]] = []
+    tapped: list[torch.Tensor] = []
     it = iterate_batches(dataset, batch_size)
     if progress is not None:
         it = progress(it, num_batches(dataset, batch_size), f"prefix (blocks < {depth})")
     is_tuple = False
     for x, _ in it:
-        state = backbone.forward_until(backbone.prepare(x, device), depth)
+        state = backbone.forward_until(backbone.prepare(x, device), depth, taps)
+        if isinstance(state, Tapped):
+            tapped.append(state.taps.to("cpu", dtype))
+            state = state.state
         is_tuple = isinstance(state, tuple)
         parts = state if is_tuple else (state,)
         chunks.append(tuple(p.to("cpu", dtype if p.is_floating_point() else p.dtype) for p in parts))
     backbone.train(was_training)
     parts = tuple(pad_cat([c[i] for c in chunks]) for i in range(len(chunks[0])))
-    return CachedStates(parts, targets_of(dataset), is_tuple)
+    return CachedStates(parts, targets_of(dataset), is_tuple, torch.cat(tapped) if tapped else None)
 
 
 def is_augmented(dataset: Dataset) -> bool:
@@ -98,24 +112,24 @@ def is_augmented(dataset: Dataset) -> bool:
 
 
 class PrefixCache:
-    """States per (backbone, dataset, depth), kept while they fit in ``max_bytes``.
+    """States per (backbone, dataset, depth, taps), kept while they fit in ``max_bytes``.
 
     The cache holds a reference to each backbone and dataset it keys, so an id is never reused for another one.
     """
 
     def __init__(self, max_bytes: int = 8 << 30) -> None:
         self.max_bytes = max_bytes
-        self._store: dict[tuple[int, int, int], tuple[Backbone, Dataset, CachedStates]] = {}
+        self._store: dict[tuple[int, int, int, tuple[int, ...]], tuple[Backbone, Dataset, CachedStates]] = {}
 
     def get(
-        self, backbone: Backbone, dataset: Dataset, depth: int, device: torch.device, **kw
+        self, backbone: Backbone, dataset: Dataset, depth: int, device: torch.device, taps: Sequence[int] = (), **kw
     ) -> CachedStates:
         if is_augmented(dataset):
             raise DataError("prefix cache: an augmented dataset changes on every access; compute its states fresh")
-        key = (id(backbone), id(dataset), depth)
+        key = (id(backbone), id(dataset), depth, tuple(taps))
         if key in self._store:
             return self._store[key][2]
-        states = compute_states(backbone, dataset, depth, device, **kw)
+        states = compute_states(backbone, dataset, depth, device, taps=taps, **kw)
         if states.nbytes() + self.nbytes() <= self.max_bytes:
             self._store[key] = (backbone, dataset, states)
         return states

@@ -118,7 +118,8 @@ class ReplayMixin:
         bs = self.replay_batch_size or self.batch_size
         if self.cache_prefix and self.ctx.cache is not None and self._buffer_states is None:
             self._buffer_states = compute_states(self.backbone, self.exemplars.dataset(), self.frozen_depth,
-                                                 self.ctx.device, batch_size=self.ctx.eval_batch_size)
+                                                 self.ctx.device, batch_size=self.ctx.eval_batch_size,
+                                                 taps=self.prefix_taps)
         while True:
             if self._buffer_states is not None:
                 for s, y in self._buffer_states.batches(bs, True, generator):

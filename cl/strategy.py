@@ -117,6 +117,16 @@ class Strategy(MemoryEmbedding, LoadsByValue):
         """How many leading blocks are frozen (their output may be cached). Default: all."""
         return self.backbone.num_blocks
 
+    @property
+    def prefix_taps(self) -> tuple[int, ...]:
+        """Blocks before ``frozen_depth`` whose pooled outputs the prefix states carry (``Tapped`` states, computed
+        and cached with them); none unless the strategy taps blocks (``cl.taps.TapChoice``)."""
+        return ()
+
+    def prefix(self, x: State) -> State:
+        """Model input (``backbone.prepare``'s) -> the prefix state at ``frozen_depth``, with ``prefix_taps``."""
+        return self.backbone.forward_until(x, self.frozen_depth, self.prefix_taps)
+
     def bind(self, ctx: Context) -> None:
         """Attach the engine's context (and its memory: ``use_memory``) and move to its device."""
         self.ctx = ctx
@@ -222,7 +232,7 @@ class Strategy(MemoryEmbedding, LoadsByValue):
             return CachedStates.cat([self.states(d, depth) for d in dataset.datasets])
         with self.ctx.phase("cache_fill"):
             return self.ctx.cache.get(
-                self.backbone, dataset, depth, self.ctx.device,
+                self.backbone, dataset, depth, self.ctx.device, taps=[i for i in self.prefix_taps if i < depth],
                 batch_size=self.ctx.fill_batch(), progress=self.ctx.progress,
             )
 
@@ -252,7 +262,8 @@ class Strategy(MemoryEmbedding, LoadsByValue):
     def _fresh_states(self, dataset, depth, batch_size, shuffle, generator):
         for x, y in iterate_batches(dataset, batch_size, shuffle, generator):
             with torch.no_grad():  # yield outside the block: the consumer may need gradients
-                state = self.backbone.forward_until(self.backbone.prepare(x, self.ctx.device), depth)
+                taps = [i for i in self.prefix_taps if i < depth]
+                state = self.backbone.forward_until(self.backbone.prepare(x, self.ctx.device), depth, taps)
             yield state, y
 
     def train_batches(self, dataset, exp_id: int, epoch: int) -> Iterator[tuple[State, torch.Tensor]]:
@@ -285,8 +296,7 @@ class Strategy(MemoryEmbedding, LoadsByValue):
     def predict(self, inputs) -> torch.Tensor:
         """Predicted global class ids for a raw batch (images or strings); no task id needed."""
         self.eval()
-        state = self.backbone.forward_until(self.backbone.prepare(inputs, self.ctx.device), self.frozen_depth)
-        return self.scores(state).argmax(1).cpu()
+        return self.scores(self.prefix(self.backbone.prepare(inputs, self.ctx.device))).argmax(1).cpu()
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         """State dict without the untouched pretrained backbone weights."""

@@ -4,6 +4,8 @@ Per experience: scan the adaptable layers in order; a layer whose representation
 flag the new data as shifted (loss z-score > tau) gets one new adapter (at most one per layer per
 experience), which is trained before the following layers are scanned. Descriptors are then
 trained on the adapter's inputs; old adapters, router columns and descriptors stay frozen.
+``expandable`` gives the paper's layout: every adapted block (``layers: all``) gets an adapter at the first
+experience, only the ``expandable`` ones (the paper: blocks 9-11 of 12) have descriptors and grow after it.
 
 The defaults follow what we measured (README): hard routing by descriptors needs no training on current
 data, so most old inputs keep their routes and features; the classifier is an LDA head over ``[frozen,
@@ -22,8 +24,11 @@ from torch.utils.data import Dataset
 from cl import distributed as dist
 from cl.adapter_strategy import AdapterStrategy
 from cl.adapters import AdapterConfig, AdapterPool
+from cl.adapters.pool import select_blocks
 from cl.backbones.base import Backbone, State
+from cl.backbones.state import untapped
 from cl.descriptors import ShiftDetector
+from cl.errors import ConfigError
 from cl.experience import Experience
 from cl.heads import Head, create_head, masked_cross_entropy
 from cl.registry import register_strategy
@@ -70,15 +75,21 @@ class SEMA(AdapterStrategy):
         scan_samples: PositiveInt = 1024,
         rescan: bool = True,
         warm_start: bool = False,
+        expandable: list[int] | None = None,
         **kw: Any,
     ) -> None:
         """``route_by``: what picks the adapters of an input: each layer's router (``layer``), the first layer's
         descriptors (``task``: one experience's adapters everywhere) or an LDA head on frozen features (``head``).
+        ``expandable``: the adapted blocks that may grow after the first experience (None: all of them); the others
+        get one adapter at the first experience, trained with it and shared by every later one, no descriptor,
+        and a router only if ``router`` is a learned one (the paper: ``layers: all``, ``expandable: [-3, -2, -1]``).
         ``kw``: ``AdapterStrategy``'s (adapter layers and kind, head, training parameters for the adapters)."""
         if router_kw is None:  # hard descriptor routes keep old inputs on exactly their old adapters
             router_kw = {"hard": True} if router == "descriptor" else {}
         self._pool_options = {"router": router, "router_kw": dict(router_kw), "descriptor_hidden": descriptor_hidden}
+        self._expandable = expandable
         super().__init__(backbone, **kw)
+        self.expandable = tuple(i for i in self.pools if self.pools[i].descriptors is not None)
         self.router_name, self.route_by = router, route_by
         self.detector = ShiftDetector(tau)
         self.buffer_size, self.descriptor_epochs, self.descriptor_lr = buffer_size, descriptor_epochs, descriptor_lr
@@ -97,10 +108,33 @@ class SEMA(AdapterStrategy):
         if params.get("route_by") == "task" and params.get("router") != "descriptor":
             raise ValueError("route_by='task' picks the experience with the first layer's descriptors: use "
                              "router='descriptor'")
+        if params.get("route_by") == "task" and params.get("expandable") is not None:
+            raise ValueError("route_by='task' reads the first adapted block's descriptors, which a block that is not "
+                             "expandable has none of: use route_by='head' or 'layer' with expandable")
 
     def adapter_config(self, config: AdapterConfig) -> AdapterConfig:
         """The pools get SEMA's router and representation descriptors."""
         return AdapterConfig(**{**config.model_dump(), **self._pool_options})
+
+    def pool_configs(self, backbone: Backbone, config: AdapterConfig) -> list[AdapterConfig]:
+        """With ``expandable``: SEMA's pools for the expandable blocks; for the others, pools without descriptors
+        (and with the router only if it is a learned one, as the paper's)."""
+        if self._expandable is None:
+            return [self.adapter_config(config)]
+        n, blocks = backbone.num_blocks, select_blocks(backbone, config)
+        grow = sorted({i % n for i in self._expandable if -n <= i < n})
+        if len(grow) != len(set(self._expandable)) or not grow or not set(grow) <= set(blocks):
+            raise ConfigError(f"expandable {list(self._expandable)} must name some of the adapted blocks {blocks} "
+                              f"(negative: from the end of {n})")
+        fixed = [i for i in blocks if i not in grow]
+        router = self._pool_options["router"]
+        learned = router not in ("descriptor", "fixed")
+        configs = [self.adapter_config(config.model_copy(update={"layers": grow}))]
+        if fixed:
+            configs.append(config.model_copy(update={
+                "layers": fixed, "router": router if learned else None,
+                "router_kw": self._pool_options["router_kw"] if learned else {}}))
+        return configs
 
     # ---- hooks ------------------------------------------------------------------------------
     def before_experience(self, exp: Experience) -> None:
@@ -127,6 +161,8 @@ class SEMA(AdapterStrategy):
         first = all(len(p) == 0 for p in self.pools.values())  # every layer expands: train once
         gen = self.ctx.generator(exp.id, -1)
         for layer, pool in self.pools.items():
+            if len(pool) and layer not in self.expandable:  # adapted at the first experience only
+                continue
             if len(pool) and not self.always_expand:
                 with self.ctx.phase("scan"):
                     pooled = self.pooled_inputs(exp.train, [layer], limit=self.scan_samples, generator=gen)
@@ -139,7 +175,8 @@ class SEMA(AdapterStrategy):
             if not shift:
                 continue
             pool.add(name, owner=exp.id)
-            pool.descriptors[name].requires_grad_(False)
+            if pool.descriptors is not None:
+                pool.descriptors[name].requires_grad_(False)
             if self.warm_start and len(pool) > 1:
                 self._warm_start(exp, layer, pool, name)
             new[layer] = name
@@ -166,14 +203,16 @@ class SEMA(AdapterStrategy):
 
     def _train_expansion(self, exp: Experience, new: dict[int, str]) -> None:
         """Train the new adapters (routed to them alone), then their descriptors; freeze both."""
+        described = [layer for layer in new if self.pools[layer].descriptors is not None]
         with self._forced(new):
             with self.ctx.phase(f"train: layer{'s' if len(new) > 1 else ''} {', '.join(map(str, new))}"):
                 super().fit(exp)
             with self.ctx.phase("descriptors"):
-                pooled = self.pooled_inputs(exp.train, list(new))
+                pooled = self.pooled_inputs(exp.train, described) if described else {}
         for layer, name in new.items():
-            with self.ctx.phase("descriptors"):
-                self._train_descriptor(self.pools[layer], name, pooled[layer], exp.id)
+            if layer in pooled:
+                with self.ctx.phase("descriptors"):
+                    self._train_descriptor(self.pools[layer], name, pooled[layer], exp.id)
             self.pools[layer].freeze(name)
 
     def _forced(self, new: dict[int, str]):
@@ -222,7 +261,8 @@ class SEMA(AdapterStrategy):
     @torch.no_grad()
     def route_experiences(self, state: State, frozen: torch.Tensor | None = None) -> torch.Tensor:
         """The experience ``[B]`` whose adapters each input takes (``route_by`` "task" or "head")."""
-        x, mask = (state[0], state[1]) if isinstance(state, tuple) else (state, None)
+        inner = untapped(state)
+        x, mask = (inner[0], inner[1]) if isinstance(inner, tuple) else (inner, None)
         if self._training_exp is not None:
             return torch.full((x.shape[0],), self._training_exp, dtype=torch.long, device=x.device)
         if self.task_head is not None:
@@ -282,6 +322,7 @@ class SEMA(AdapterStrategy):
                                  generator=generator, desc="descriptor inputs")
         for state, _ in it:
             with routed(self.pools, self.routes(state)):
+                state = untapped(state)  # the blocks read the state; taps matter to the routes only
                 for i in range(self.frozen_depth, last + 1):
                     if i in chunks:
                         x, mask = (state[0], state[1]) if isinstance(state, tuple) else (state, None)

@@ -11,29 +11,38 @@ from cl.experience import Experience
 from cl.heads import HeadChoice
 from cl.registry import register_strategy
 from cl.strategy import Strategy
+from cl.taps import TapChoice
 
 
 @register_strategy("simplecil")
-class SimpleCIL(HeadChoice, Strategy):
+class SimpleCIL(TapChoice, HeadChoice, Strategy):
     """Frozen pretrained features + class statistics; ``head="ncm"`` is SimpleCIL (Zhou et al., 2023).
 
     ``head="lda"`` (shared covariance) and ``head="ranpac"`` (random projection + ridge) are training-free
-    baselines too; all are updated from each experience without old data. Nothing trains (``trains = False``):
-    ``batch_size`` is kept for the configs that name it, and sizes nothing.
+    baselines too; all are updated from each experience without old data. ``taps`` puts the pooled outputs of
+    the backbone's blocks in front of the embedding (``cl.taps``; ``taps="all"`` with ``head="lda"`` is
+    ``examples/split_fmnist_best.yaml``). Nothing trains (``trains = False``): ``batch_size`` is kept for the
+    configs that name it, and sizes nothing.
     """
 
     trains = False
     param_defaults: ClassVar[dict[str, Any]] = {"head": "ncm", "batch_size": 256}
 
     def __init__(self, backbone: Backbone, **kw: Any) -> None:
-        """``kw``: ``head``, ``head_kw`` (``HeadChoice``), ``cache_prefix`` (``Strategy``)."""
+        """``kw``: ``taps`` (``TapChoice``), ``head``, ``head_kw`` (``HeadChoice``), ``cache_prefix`` (``Strategy``)."""
         super().__init__(backbone, **{**self.base_defaults(), **kw})
-        self.head = self.make_head(backbone.embed_dim)
+        self.head = self.make_head(backbone.embed_dim + self.tap_dim)
 
     @torch.no_grad()
     def after_experience(self, exp: Experience) -> None:
         self.head.add_classes(exp.classes)
         self.update_statistics(self.head, exp.train, desc=f"exp {exp.id} statistics")
+
+    def features(self, state: State) -> torch.Tensor:
+        """The frozen embedding, behind the taps (``[taps, embedding]``) when the strategy taps blocks."""
+        if not self.taps:
+            return self.embedding(state)
+        return torch.cat([self.tap_features(state)[0], self.embedding(state)], 1)
 
     def scores(self, state: State) -> torch.Tensor:
         return self.head(self.features(state))

@@ -4,22 +4,29 @@ A backbone is ``stem -> blocks[0] -> ... -> blocks[n-1] -> pool``. Adapters go o
 everything before block ``k`` is the frozen prefix whose output (the *state*) can be cached:
 ``forward_features(x) == forward_from(forward_until(x, k), k)`` for every ``k``.
 A state is a tensor, or for text a tuple ``(hidden [B, L, D], attention_mask [B, L] of 0/1)``.
+
+*Taps*: the pooled output of a block (``pool_block``: global average pool of a feature map, (masked) token mean of
+tokens), a cheap multi-layer description of an input for statistics heads. ``forward_until(x, k, taps)`` returns
+the state ``Tapped`` with the taps of blocks before ``k``, from the same single pass; ``forward_from_tapped`` gives
+those of the blocks after.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import nn
 
 from cl.backbones.preprocess import DataConfig, prepare_images
-from cl.backbones.state import State
-from cl.errors import DataError
+from cl.backbones.state import State, Tapped, untapped
+from cl.errors import ConfigError, DataError
 
 F = TypeVar("F", bound=Callable[..., Any])
+#: which blocks to tap: every block, these indices (negative: from the end), or none
+TapSpec = Literal["all"] | Sequence[int] | None
 
 
 @dataclass(frozen=True)
@@ -107,20 +114,53 @@ class Backbone(nn.Module):
         """State after the last block -> embedding ``[B, embed_dim]``."""
         raise NotImplementedError
 
-    # The three compositions below are shared by every backbone.
-    def forward_until(self, x: State, stop: int) -> State:
-        """Model input -> state before ``blocks[stop]`` (the frozen prefix output)."""
+    def pool_block(self, state: State) -> torch.Tensor:
+        """A block's output -> ``[B, width]``: the global average pool of a feature map ``[B, C, H, W]``, the
+        token mean of ``[B, L, D]`` tokens, or the mean over the real tokens of a text state ``(hidden, mask)``."""
+        state = untapped(state)
+        if isinstance(state, tuple):
+            hidden, mask = state[0], state[1]
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
+        if self.block_kind == "channel":
+            return state.mean((2, 3))
+        return state.mean(1)
+
+    # The compositions below are shared by every backbone.
+    def forward_until(self, x: State, stop: int, taps: Sequence[int] = ()) -> State:
+        """Model input -> state before ``blocks[stop]`` (the frozen prefix output); with ``taps`` (block indices
+        below ``stop``), that state ``Tapped`` with their pooled outputs (``pool_block``), from the same pass."""
         self.check_input(x)
+        if taps and not all(0 <= i < stop for i in taps):
+            raise ConfigError(f"taps {list(taps)} of a prefix that stops before block {stop}: tap blocks 0..{stop - 1}")
         state = self.forward_stem(x)
+        pooled = []
         for i in range(stop):
             state = self.forward_block(i, state)
-        return state
+            if i in taps:
+                pooled.append(self.pool_block(state))
+        return Tapped(state, torch.cat(pooled, 1)) if taps else state
 
     def forward_from(self, state: State, start: int) -> torch.Tensor:
-        """State before ``blocks[start]`` -> embedding."""
+        """State before ``blocks[start]`` -> embedding (the taps of a ``Tapped`` state play no part)."""
+        state = untapped(state)
         for i in range(start, len(self.blocks)):
             state = self.forward_block(i, state)
         return self.forward_pool(state)
+
+    def forward_from_tapped(self, state: State, start: int, taps: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """State before ``blocks[start]`` -> (embedding, pooled outputs ``[B, T]`` of the blocks ``taps``, all at or
+        after ``start``, in block order), from one pass."""
+        if not all(start <= i < self.num_blocks for i in taps):
+            raise ConfigError(f"taps {list(taps)} after block {start}: tap blocks {start}..{self.num_blocks - 1}")
+        state = untapped(state)
+        pooled = []
+        for i in range(start, len(self.blocks)):
+            state = self.forward_block(i, state)
+            if i in taps:
+                pooled.append(self.pool_block(state))
+        embedding = self.forward_pool(state)
+        return embedding, torch.cat(pooled, 1) if pooled else embedding.new_zeros(embedding.shape[0], 0)
 
     def forward_features(self, x: State) -> torch.Tensor:
         """Model input -> embedding ``[B, embed_dim]``."""
@@ -129,6 +169,27 @@ class Backbone(nn.Module):
 
     def forward(self, x: State) -> torch.Tensor:
         return self.forward_features(x)
+
+    def tap_blocks(self, taps: TapSpec) -> tuple[int, ...]:
+        """Block indices (sorted, non-negative) of a tap choice: ``"all"``, indices (negative: from the end), or
+        None (none); an index out of range raises ConfigError."""
+        n = self.num_blocks
+        if taps is None:
+            return ()
+        if isinstance(taps, str):
+            if taps != "all":
+                raise ConfigError(f"taps must be 'all', a list of block indices or None; got {taps!r}")
+            return tuple(range(n))
+        bad = [i for i in taps if not -n <= int(i) < n]
+        if bad:
+            raise ConfigError(f"taps {bad} out of range for {self.name or 'the backbone'} with {n} blocks "
+                              f"(valid: {-n}..{n - 1})")
+        return tuple(sorted({int(i) % n for i in taps}))
+
+    def tap_dim(self, taps: Sequence[int]) -> int:
+        """Width of the concatenated pooled outputs of blocks ``taps``."""
+        dims = self.block_dims()
+        return sum(dims[i] for i in taps)
 
     def block_dims(self) -> list[int]:
         """Feature width (tokens' D or channels' C) at the output of each block."""
