@@ -20,19 +20,17 @@ def _seed() -> None:
 
 
 @pytest.fixture(autouse=True)
-def _registries_restored():
-    """What a test registers (a strategy, a scenario, ...) is gone after it: the registries are process-wide, and a
-    test's entry would otherwise show up in later tests (``cl list``, did-you-mean suggestions)."""
+def _test_registrations_removed():
+    """What a test module registers inside a test (a strategy class defined in ``tests/``) is gone after it: the
+    registries are process-wide, and such an entry would otherwise show up in later tests (``cl list``, did-you-mean
+    suggestions). Plugins a test imports (``--import`` files, examples/) stay: their modules import once."""
     from cl import registry
 
     registries = [r for r in vars(registry).values() if isinstance(r, registry.Registry)]
-    for r in registries:
-        r._load()  # the built-in entries are in the snapshot (their modules import once)
-    saved = [(dict(r._entries), dict(r._models)) for r in registries]
+    before = [set(r._entries) for r in registries]
     yield
-    for r, (entries, models) in zip(registries, saved, strict=True):
-        r._entries.clear()
-        r._entries.update(entries)
-        r._models.clear()
-        r._models.update(models)
-
+    for r, names in zip(registries, before, strict=True):
+        for name in set(r._entries) - names:
+            if getattr(r._entries[name], "__module__", "").startswith("tests."):
+                del r._entries[name]
+                r._models.pop(name, None)

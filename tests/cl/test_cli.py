@@ -27,7 +27,8 @@ def test_list_shows_all_registries(capsys):
         assert name in out, name
 
 
-def test_list_one_kind_by_its_plural(capsys):
+def test_list_one_kind_by_its_plural(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # no wrapping, whatever names earlier tests registered
     assert main(["list", "strategies"]) == 0
     out = capsys.readouterr().out
     for name in ("sema", "mos", "lae", "key_retrieval", "replay", "aper"):
