@@ -309,10 +309,12 @@ def recurring_fmnist(
     train_per_class: int = 300,
     test_per_class: int = 100,
 ) -> Stream:
-    """Domain-incremental FashionMNIST whose domains recur: ``domains`` in turn, ``repeats`` times, all 10 classes
-    in every experience. Each recurrence is its domain with a small shift (a rotation and a contrast change drawn
-    from ``seed``), on fresh images: experience k holds the k-th slice of ``train_per_class`` / ``test_per_class``
-    items of each class, so no image is seen twice. A stream where self-expansion should reuse adapters.
+    """Domain-incremental FashionMNIST whose domains (original, inverted, rotated...) recur with small shifts.
+
+    ``domains`` in turn, ``repeats`` times, all 10 classes in every experience. Each recurrence is its domain with a
+    small shift (a rotation and a contrast change drawn from ``seed``), on fresh images: experience k holds the k-th
+    slice of ``train_per_class`` / ``test_per_class`` items of each class, so no image is seen twice. A stream where
+    self-expansion should reuse adapters.
 
     Args:
         domains: the domains in the order they first appear (``original``, ``inverted``, ``rot90``, ``rot180``,
