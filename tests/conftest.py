@@ -17,3 +17,22 @@ torch.set_num_threads(int(os.environ.get("CL_TEST_THREADS", min(2, os.cpu_count(
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _registries_restored():
+    """What a test registers (a strategy, a scenario, ...) is gone after it: the registries are process-wide, and a
+    test's entry would otherwise show up in later tests (``cl list``, did-you-mean suggestions)."""
+    from cl import registry
+
+    registries = [r for r in vars(registry).values() if isinstance(r, registry.Registry)]
+    for r in registries:
+        r._load()  # the built-in entries are in the snapshot (their modules import once)
+    saved = [(dict(r._entries), dict(r._models)) for r in registries]
+    yield
+    for r, (entries, models) in zip(registries, saved, strict=True):
+        r._entries.clear()
+        r._entries.update(entries)
+        r._models.clear()
+        r._models.update(models)
+

@@ -1,7 +1,7 @@
 """``MemoryConfig``: the run config's ``memory:`` section, how the agent's experience memory is built.
 
     memory:
-      index: auto      # auto (exact, then HNSW when a kind grows), flat, hnsw, ivf
+      index: auto      # auto (exact up to 10k vectors of a kind, then IVF with a tuned nprobe where it pays), flat, hnsw, ivf
       metric: ip       # ip (inner product: the journal's normalised vectors give cosine) or l2
       budget: null     # the most entries it may hold (null: no limit)
       path: memory     # its folder inside the run directory, saved with every checkpoint
