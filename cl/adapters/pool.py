@@ -235,8 +235,8 @@ class AdapterPool(nn.Module):
 
     def get_extra_state(self) -> dict[str, Any]:
         owners = {n: o for n, o in zip(self.names, self.owners, strict=True) if o >= 0}
-        return {"kind": self.config.kind, "names": self.names, "frozen": sorted(self.frozen), "owners": owners,
-                "reused": dict(self._reused)}
+        state = {"kind": self.config.kind, "names": self.names, "frozen": sorted(self.frozen), "owners": owners}
+        return {**state, "reused": dict(self._reused)} if self._reused else state  # as before unless reuse was used
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         if state.get("kind", self.config.kind) != self.config.kind:
