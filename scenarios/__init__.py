@@ -23,7 +23,15 @@ from scenarios.sources import (
     load_fortunes,
     to_avalanche,
 )
-from scenarios.zoo import image_folder, rotated_digits, split_digits, split_fmnist, split_fortunes, synthetic
+from scenarios.zoo import (
+    image_folder,
+    recurring_fmnist,
+    rotated_digits,
+    split_digits,
+    split_fmnist,
+    split_fortunes,
+    synthetic,
+)
 
 assert zoo  # imported for its registrations
 
@@ -55,6 +63,7 @@ __all__ = [
     "load_digits",
     "load_fashion_mnist",
     "load_fortunes",
+    "recurring_fmnist",
     "rotated_digits",
     "split_digits",
     "split_fmnist",

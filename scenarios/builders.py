@@ -18,19 +18,22 @@ from cl.errors import ConfigError, DataError
 from cl.experience import Experience, Stream
 
 
-def head_per_class(dataset: Dataset, n: int | None) -> Dataset:
-    """The first ``n`` items of each class, in dataset order (all items when ``n`` is None)."""
+def head_per_class(dataset: Dataset, n: int | None, start: int = 0) -> Dataset:
+    """The first ``n`` items of each class, in dataset order (all items when ``n`` is None); with ``start``, the
+    ``n`` items of each class that follow its first ``start`` (disjoint slices of one dataset)."""
     if n is None:
         return dataset
     if n < 1:
         raise ConfigError(f"items per class must be >= 1 or None, got {n}")
+    if start < 0:
+        raise ConfigError(f"start must be >= 0, got {start}")
     t = targets_of(dataset).numpy()
     order = np.argsort(t, kind="stable")
     sorted_t = t[order]
     starts = np.searchsorted(sorted_t, sorted_t, side="left")
     rank = np.empty_like(order)
     rank[order] = np.arange(len(t)) - starts
-    return subset(dataset, np.flatnonzero(rank < n))
+    return subset(dataset, np.flatnonzero((rank >= start) & (rank < start + n)))
 
 
 def resolve_class_order(
@@ -197,10 +200,11 @@ def domain_incremental(
     domains: Sequence[tuple[str, Dataset, Dataset]],
     name: str = "domain_incremental",
     class_names: Sequence[str] | None = None,
+    info: dict | None = None,
 ) -> Stream:
     """Domain-incremental stream: one experience per ``(domain, train, test)``, same label space.
 
-    A domain name may repeat (the same distribution seen again).
+    A domain name may repeat (the same distribution seen again). ``info``: what describes the stream (``Stream.info``).
     """
     if not domains:
         raise ConfigError(f"{name}: give at least one (domain, train, test) triple")
@@ -215,4 +219,4 @@ def domain_incremental(
         experiences.append(
             Experience(id=i, train=train, test=test, classes=sorted(train_t.unique().tolist()), domain=domain)
         )
-    return Stream(experiences, kind="domain", name=name, class_names=class_names)
+    return Stream(experiences, kind="domain", name=name, class_names=class_names, info=dict(info or {}))

@@ -10,7 +10,7 @@ Args:
     train_per_class: keep the first N training items of each class (quick runs; None: all).
     test_per_class: keep the first N test items of each class (None: all).
     kind: ``class``-incremental, or ``task``-incremental (the task label is known at test time).
-    root: the folder the data is read from.
+    root: the folder the data is read from (default: ``$CLAGENT_FMNIST_ROOT``, else the Debian path).
     test_fraction: share of each class held out as test data.
     size: the side, in pixels, images are resized to.
 """
@@ -278,3 +278,84 @@ def rotated_digits(
         pair = [ArrayDataset(rotate_images(d.inputs, angle), d.targets) for d in (train, test)]  # type: ignore[union-attr]
         domains.append((f"rot{angle:g}", pair[0], pair[1]))
     return domain_incremental(domains, name="rotated_digits", class_names=names)
+
+
+#: the domains of ``recurring_fmnist``: uint8 images ``[N, 1, H, W]`` -> the same images in that domain
+FMNIST_DOMAINS = {
+    "original": lambda x: x,
+    "inverted": lambda x: 255 - x,
+    "rot90": lambda x: torch.rot90(x, 1, dims=(-2, -1)).contiguous(),
+    "rot180": lambda x: torch.rot90(x, 2, dims=(-2, -1)).contiguous(),
+    "low_contrast": lambda x: x // 2 + 64,
+}
+
+
+def perturb(images: torch.Tensor, angle: float, contrast: float) -> torch.Tensor:
+    """uint8 images rotated by ``angle`` degrees (black fill) and their intensities scaled by ``contrast``."""
+    from torchvision.transforms.functional import rotate
+
+    out = rotate(images, float(angle)) if angle else images
+    return (out.float() * contrast).round().clamp(0, 255).to(torch.uint8)
+
+
+@register_scenario("recurring_fmnist")
+def recurring_fmnist(
+    domains: Sequence[str] = ("original", "inverted", "rot90"),
+    repeats: int = 3,
+    jitter: float = 10.0,
+    contrast_jitter: float = 0.15,
+    seed: Seed = 0,
+    root: str | None = None,
+    train_per_class: int = 300,
+    test_per_class: int = 100,
+) -> Stream:
+    """Domain-incremental FashionMNIST whose domains (original, inverted, rotated...) recur with small shifts.
+
+    ``domains`` in turn, ``repeats`` times, all 10 classes in every experience. Each recurrence is its domain with a
+    small shift (a rotation and a contrast change drawn from ``seed``), on fresh images: experience k holds the k-th
+    slice of ``train_per_class`` / ``test_per_class`` items of each class, so no image is seen twice. A stream where
+    self-expansion should reuse adapters.
+
+    Args:
+        domains: the domains in the order they first appear (``original``, ``inverted``, ``rot90``, ``rot180``,
+            ``low_contrast``); an experience's ``domain`` is its name, the same at every recurrence.
+        repeats: how many times the list of domains is run through (experiences: ``len(domains) * repeats``).
+        jitter: a recurrence is rotated by an angle drawn uniformly in [-jitter, jitter] degrees.
+        contrast_jitter: a recurrence's intensities are scaled by a factor drawn in [1 - it, 1 + it].
+        seed: the seed of the recurrences' shifts.
+        train_per_class: training items of each class per experience (a fresh slice each time).
+        test_per_class: test items of each class per experience (a fresh slice each time).
+
+    The first round is the domains unshifted; ``stream.info["shifts"]`` lists each experience's
+    ``(domain, round, angle, contrast)``.
+    """
+    unknown = [d for d in domains if d not in FMNIST_DOMAINS]
+    if unknown or not domains:
+        raise ConfigError(f"recurring_fmnist: unknown domains {unknown} (choose from {', '.join(FMNIST_DOMAINS)})")
+    if repeats < 1 or min(train_per_class, test_per_class) < 1:
+        raise ConfigError("recurring_fmnist: repeats, train_per_class and test_per_class must be >= 1")
+    if not (0 <= contrast_jitter < 1) or jitter < 0:
+        raise ConfigError("recurring_fmnist: jitter must be >= 0 and contrast_jitter in [0, 1)")
+    train, test, names = load_fashion_mnist(root)
+    n_exp = len(domains) * repeats
+    for split, data, n in (("train", train, train_per_class), ("test", test, test_per_class)):
+        have = int(torch.bincount(data.targets).min())
+        if n * n_exp > have:
+            raise ConfigError(f"recurring_fmnist: {n_exp} experiences x {split}_per_class={n} need {n * n_exp} "
+                              f"{split} items per class, FashionMNIST has {have}: lower {split}_per_class or repeats")
+    rng = np.random.default_rng(seed)
+    experiences, shifts = [], []
+    for k in range(n_exp):
+        domain, round_ = domains[k % len(domains)], k // len(domains)
+        angle, contrast = 0.0, 1.0
+        if round_:
+            angle = float(rng.uniform(-jitter, jitter))
+            contrast = float(rng.uniform(1 - contrast_jitter, 1 + contrast_jitter))
+        pair = []
+        for data, n in ((train, train_per_class), (test, test_per_class)):
+            part = head_per_class(data, n, start=k * n)
+            pair.append(ArrayDataset(FMNIST_DOMAINS[domain](perturb(part.inputs, angle, contrast)), part.targets))
+        experiences.append((domain, pair[0], pair[1]))
+        shifts.append({"domain": domain, "round": round_, "angle": round(angle, 3), "contrast": round(contrast, 4)})
+    return domain_incremental(experiences, name="recurring_fmnist", class_names=names,
+                              info={"shifts": shifts, "seed": seed})

@@ -46,6 +46,9 @@ class SEMA(AdapterStrategy):
         router_kw: the router's own parameters (default for ``descriptor``: ``{"hard": True}``, one adapter each).
         tau: expansion threshold: a layer adds an adapter when the new data's loss z-score under every descriptor
             of its pool is above it.
+        reuse: which adapter an experience uses in a layer where it added none: ``latest`` (the latest one added
+            there before it) or ``nearest`` (the one whose descriptor gave its data the lowest z-score: on a stream
+            whose domains recur, the one trained on the same domain).
         descriptor_hidden: hidden width of each adapter's descriptor (an autoencoder of the adapter's inputs).
         buffer_size: how many of an experience's inputs set a new descriptor's loss statistics (its z-score scale).
         descriptor_epochs: training epochs of each new descriptor.
@@ -68,6 +71,7 @@ class SEMA(AdapterStrategy):
         router_kw: dict[str, Any] | None = None,
         route_by: Literal["layer", "task", "head"] = "head",
         tau: float = 2.0,
+        reuse: Literal["latest", "nearest"] = "latest",
         descriptor_hidden: PositiveInt = 128,
         buffer_size: PositiveInt = 500,
         descriptor_epochs: NonNegativeInt = 20,
@@ -92,6 +96,7 @@ class SEMA(AdapterStrategy):
         self.expandable = tuple(i for i in self.pools if self.pools[i].descriptors is not None)
         self.router_name, self.route_by = router, route_by
         self.detector = ShiftDetector(tau)
+        self.reuse = reuse
         self.buffer_size, self.descriptor_epochs, self.descriptor_lr = buffer_size, descriptor_epochs, descriptor_lr
         self.scan_samples, self.rescan, self.warm_start = scan_samples, rescan, warm_start
         # route_by="head": which experience a frozen embedding belongs to, via its predicted class
@@ -173,6 +178,8 @@ class SEMA(AdapterStrategy):
             self.emit("expansion" if shift else "reuse", layer=layer, adapter=name if shift else None,
                       zscores=z, tau=self.detector.tau, adapters=len(pool) + int(shift))
             if not shift:
+                if self.reuse == "nearest":
+                    pool.reuse(min(z, key=z.get), exp.id)
                 continue
             pool.add(name, owner=exp.id)
             if pool.descriptors is not None:

@@ -46,6 +46,7 @@ class AdapterPool(nn.Module):
         self.adapters = nn.ModuleDict()
         self.frozen: set[str] = set()
         self._owners: dict[str, int] = {}  # adapter name -> the experience it was made for
+        self._reused: dict[int, str] = {}  # experience that added no adapter here -> the adapter it uses (``reuse``)
         self.descriptors: DescriptorSet | None = None
         if config.descriptor_hidden or config.router == "descriptor":
             self.use_descriptors(config.descriptor_hidden or 128)
@@ -104,6 +105,16 @@ class AdapterPool(nn.Module):
         """The owning experience of each adapter, in ``names`` order (-1: none)."""
         return [self._owners.get(n, -1) for n in self.names]
 
+    def reuse(self, name: str, experience: int) -> None:
+        """Experience ``experience``, which added no adapter to this pool, uses adapter ``name`` here (``adapter_for``
+        routes it there instead of to the latest adapter added before it)."""
+        if name not in self.adapters:
+            raise ConfigError(f"no adapter {name!r} (have: {', '.join(self.names) or 'none'})")
+        if int(experience) < 0 or self.owned_by(int(experience)) is not None:
+            raise ConfigError(f"experience {experience} cannot reuse {name!r}: give an experience id >= 0 that added "
+                              f"no adapter to this pool")
+        self._reused[int(experience)] = name
+
     def owned_by(self, experience: int) -> str | None:
         """The name of the adapter experience ``experience`` added to this pool (the last one, if several); None
         if it added none."""
@@ -111,12 +122,15 @@ class AdapterPool(nn.Module):
 
     def adapter_for(self, experiences: torch.Tensor) -> torch.Tensor:
         """Index into ``names`` of the adapter each experience of ``experiences`` ``[B]`` uses in this pool: the
-        one it added, or where it added none (it reused the pool), the latest added by an earlier experience."""
+        one it added, or where it added none (it reused the pool), the one ``reuse`` gave it, else the latest added
+        by an earlier experience."""
         owners = torch.tensor(self.owners, dtype=torch.long, device=experiences.device)
         exps = experiences.long().reshape(-1)
         usable = (owners >= 0) & (owners <= exps[:, None])  # [B, K]
         index = torch.where(usable, torch.arange(len(owners), device=exps.device), -1)
         found = index.amax(1) if len(owners) else torch.full_like(exps, -1)
+        for experience, name in self._reused.items():
+            found = torch.where(exps == experience, self.names.index(name), found)
         if bool((found < 0).any()):
             missing = sorted(set(exps[found < 0].tolist()))
             have = ", ".join(f"{n} (experience {o})" for n, o in zip(self.names, self.owners, strict=True) if o >= 0)
@@ -221,7 +235,8 @@ class AdapterPool(nn.Module):
 
     def get_extra_state(self) -> dict[str, Any]:
         owners = {n: o for n, o in zip(self.names, self.owners, strict=True) if o >= 0}
-        return {"kind": self.config.kind, "names": self.names, "frozen": sorted(self.frozen), "owners": owners}
+        state = {"kind": self.config.kind, "names": self.names, "frozen": sorted(self.frozen), "owners": owners}
+        return {**state, "reused": dict(self._reused)} if self._reused else state  # as before unless reuse was used
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         if state.get("kind", self.config.kind) != self.config.kind:
@@ -257,6 +272,7 @@ class AdapterPool(nn.Module):
                 self.add(name, owner=owners.get(name))
             elif name in owners:
                 self._owners[name] = int(owners[name])
+        self._reused = {int(e): n for e, n in (saved.get("reused") or {}).items()}
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

@@ -254,6 +254,26 @@ def test_owners_survive_a_checkpoint_and_old_checkpoints_get_them_from_names() -
     assert ops[3].owners == [0, -1, 7]  # e<id> names: experience id
 
 
+def test_an_experience_that_reuses_a_pool_goes_to_the_adapter_it_was_given_and_keeps_it_after_a_checkpoint() -> None:
+    b = tiny("vit_tiny_test")
+    pool = inject(b, AdapterConfig(layers=[-1]))[3]
+    for k in (0, 1):
+        pool.add(f"e{k}", owner=k)
+    exps = torch.tensor([0, 1, 2, 3])
+    assert pool.adapter_for(exps).tolist() == [0, 1, 1, 1]  # 2 and 3 added none: the latest before them
+    pool.reuse("e0", 2)  # experience 2 (a recurrence of experience 0's domain) uses e0
+    assert pool.adapter_for(exps).tolist() == [0, 1, 0, 1]
+    assert pool.route_to(2).tolist() == [1.0, 0.0]
+    fresh = tiny("vit_tiny_test")
+    again = inject(fresh, AdapterConfig(layers=[-1]))[3]
+    fresh.load_state_dict(b.state_dict())
+    assert again.adapter_for(exps).tolist() == [0, 1, 0, 1]
+    with pytest.raises(ConfigError, match="no adapter 'e5'"):
+        pool.reuse("e5", 3)
+    with pytest.raises(ConfigError, match="added no adapter"):
+        pool.reuse("e0", 1)  # experience 1 has its own
+
+
 @pytest.mark.parametrize("name", ["vit_tiny_test", "efficientnet_lite0"])
 def test_hard_routes_run_each_adapter_on_its_inputs_only(name: str) -> None:
     """One-hot routes dispatch inputs to their adapter: same outputs and gradients as the dense sum."""

@@ -6,9 +6,10 @@ from PIL import Image
 
 from cl.data import targets_of
 from cl.errors import ConfigError
-from scenarios import create_scenario, list_scenarios, split_digits
+from scenarios import create_scenario, head_per_class, list_scenarios, load_fashion_mnist, split_digits
 
-NAMES = ["image_folder", "rotated_digits", "split_digits", "split_fmnist", "split_fortunes", "synthetic"]
+NAMES = ["image_folder", "recurring_fmnist", "rotated_digits", "split_digits", "split_fmnist", "split_fortunes",
+         "synthetic"]
 
 
 def test_list_scenarios():
@@ -83,6 +84,54 @@ def test_rotated_digits_repeats_and_rotates():
     assert torch.equal(s[2].train.inputs, torch.rot90(s[0].train.inputs, 1, dims=(-2, -1)))
     assert s[3].test.inputs.shape == (20, 1, 8, 8) and s[3].test.inputs.dtype == torch.uint8
     assert torch.equal(targets_of(s[3].test), targets_of(s[0].test))
+
+
+def test_recurring_fmnist_domains_return_with_small_shifts_on_fresh_images(fmnist_root):
+    kw = {"domains": ["original", "inverted", "rot90"], "repeats": 2, "train_per_class": 4, "test_per_class": 2}
+    s = create_scenario("recurring_fmnist", **kw)
+    assert s.kind == "domain" and len(s) == 6
+    assert [e.domain for e in s] == ["original", "inverted", "rot90"] * 2
+    for e in s:
+        assert e.classes == list(range(10)) and e.train.inputs.shape == (40, 1, 28, 28)
+        assert e.train.inputs.dtype == torch.uint8
+        assert torch.equal(torch.bincount(e.train.targets), torch.full((10,), 4))
+        assert len(e.test) == 20 and torch.equal(torch.bincount(e.test.targets), torch.full((10,), 2))
+    train, _, _ = load_fashion_mnist(fmnist_root)
+    raw = [head_per_class(train, 4, start=4 * k) for k in range(6)]  # experience k: the k-th slice of each class
+    assert torch.equal(s[0].train.inputs, raw[0].inputs) and torch.equal(s[1].train.inputs, 255 - raw[1].inputs)
+    assert torch.equal(s[2].train.inputs, torch.rot90(raw[2].inputs, 1, dims=(-2, -1)))
+    assert len({tuple(r.inputs.flatten()[:200].tolist()) for r in raw}) == 6  # fresh images every time
+    shifts = s.info["shifts"]
+    assert [(x["angle"], x["contrast"]) for x in shifts[:3]] == [(0.0, 1.0)] * 3  # the first round is unshifted
+    for x in shifts[3:]:  # recurrences: shifted, but within the jitter
+        assert 0 < abs(x["angle"]) <= 10 and x["contrast"] != 1 and abs(x["contrast"] - 1) <= 0.15
+
+    def mean_image(e):
+        return e.train.inputs.float().mean(0)
+
+    for k in range(3, 6):  # a recurrence is nearer its own domain than any other domain of the first round
+        gaps = [float((mean_image(s[k]) - mean_image(s[j])).norm()) for j in range(3)]
+        assert min(range(3), key=gaps.__getitem__) == k - 3
+    again = create_scenario("recurring_fmnist", **kw)
+    assert again.info == s.info
+    assert all(torch.equal(a.train.inputs, b.train.inputs) for a, b in zip(s, again, strict=True))
+    other = create_scenario("recurring_fmnist", **kw, seed=1)
+    assert other.info["shifts"][3:] != s.info["shifts"][3:]
+
+
+def test_recurring_fmnist_bad_settings(fmnist_root):
+    with pytest.raises(ConfigError, match="unknown domains \\['sepia'\\]"):
+        create_scenario("recurring_fmnist", domains=["original", "sepia"])
+    with pytest.raises(ConfigError, match="lower train_per_class or repeats"):
+        create_scenario("recurring_fmnist", repeats=10, train_per_class=1000)
+
+
+def test_head_per_class_start_gives_disjoint_slices(make_toy):
+    data = make_toy(3, 6)
+    a, b = head_per_class(data, 2), head_per_class(data, 2, start=2)
+    assert torch.equal(torch.bincount(b.targets), torch.full((3,), 2))
+    assert not set(a.inputs.flatten(1).sum(1).tolist()) & set(b.inputs.flatten(1).sum(1).tolist())
+    assert len(head_per_class(data, 4, start=4)) == 6  # only 2 items of each class are left
 
 
 def test_image_folder_scenario(tmp_path):
