@@ -483,7 +483,7 @@ def test_build_config_rejects_bad_values(tmp_path: Path, case: str) -> None:
 
 def test_a_nameless_component_section_tunes_the_default() -> None:
     """``--set strategy.epochs=...`` alone refers to the default strategy, which takes no epochs."""
-    with pytest.raises(ConfigError, match=r"unknown key 'epochs' for strategy 'simplecil' \(valid keys: head"):
+    with pytest.raises(ConfigError, match=r"unknown key 'epochs' for strategy 'simplecil' \(valid keys: taps, head"):
         resolve(build_config({}, ["strategy.epochs=abc"]))
 
 
