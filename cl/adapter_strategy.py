@@ -12,14 +12,15 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import PositiveInt
+from torch.utils.data import Dataset
 
 from cl.adapters import AdapterConfig, AdapterPool, inject
 from cl.backbones.base import Backbone
-from cl.backbones.state import State
+from cl.backbones.state import State, untapped
 from cl.errors import ConfigError
 from cl.experience import Experience
 from cl.heads import HeadChoice, LinearHead, masked_cross_entropy
-from cl.routing import OFF, Routes, routing
+from cl.routing import OFF, Routes, routed, routing
 from cl.strategy import Strategy
 from cl.taps import TapChoice
 
@@ -140,6 +141,45 @@ class AdapterStrategy(TapChoice, HeadChoice, Strategy):
         for state, y in self.iterate_states(dataset, batch_size, desc=desc):
             yield state, None if frozen is None else frozen[start : start + len(y)], y
             start += len(y)
+
+    @torch.no_grad()
+    def pooled_inputs(
+        self, dataset: Dataset, layers: list[int], limit: int | None = None, generator: torch.Generator | None = None
+    ) -> dict[int, torch.Tensor]:
+        """Pooled inputs ``[N, c]`` of ``layers`` for (up to ``limit`` shuffled items of) ``dataset``: each layer's
+        block input (the blocks before it under the current routes), pooled as its pool pools it; the blocks from
+        the last of ``layers`` on are not run."""
+        chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+        last, seen = max(layers), 0
+        was = self.training
+        self.eval()
+        it = self.iterate_states(dataset, self.ctx.eval_batch_size, shuffle=generator is not None,
+                                 generator=generator, desc="descriptor inputs")
+        for state, _ in it:
+            with routed(self.pools, self.routes(state)):
+                state = untapped(state)  # the blocks read the state; taps matter to the routes only
+                for i in range(self.frozen_depth, last + 1):
+                    if i in chunks:
+                        x, mask = (state[0], state[1]) if isinstance(state, tuple) else (state, None)
+                        chunks[i].append(self.pools[i].pool_input(x, mask))
+                    if i < last:
+                        state = self.backbone.forward_block(i, state)
+            seen += len(chunks[last][-1])
+            if limit is not None and seen >= limit:
+                break
+        self.train(was)
+        return {layer: torch.cat(c)[:limit] for layer, c in chunks.items()}
+
+    def pool_metrics(self) -> dict[str, Any]:
+        """Adapters per layer (count and names) and the parameters the pools added: functional (adapters +
+        routers) and descriptors."""
+        counts = [p.parameter_counts() for p in self.pools.values()]
+        return {
+            "adapters_per_layer": {str(layer): len(p) for layer, p in self.pools.items()},
+            "adapter_names_per_layer": {str(layer): p.names for layer, p in self.pools.items()},
+            "params_functional": sum(c["adapters"] + c["router"] for c in counts),
+            "params_descriptors": sum(c["descriptors"] for c in counts),
+        }
 
     def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
         """Masked cross-entropy of ``train_head`` on the features through the adapters the current routes pick."""

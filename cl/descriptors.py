@@ -106,6 +106,26 @@ class DescriptorSet(nn.ModuleDict):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+def train_descriptor(
+    d: Descriptor, x: torch.Tensor, *, lr: float, epochs: int, batch_size: int, keep: int,
+    generator: torch.Generator | None = None, progress: Any = None, desc: str = "descriptor",
+) -> None:
+    """Fit descriptor ``d`` to the pooled inputs ``x`` ``[N, c]`` (Adam, ``epochs`` shuffled passes in batches of
+    ``batch_size``), then freeze it and record the losses of the last ``keep`` rows as its reference statistics.
+    ``progress``: the engine's progress-bar wrapper (``ctx.progress``) or None."""
+    d.requires_grad_(True)
+    opt = torch.optim.Adam(d.parameters(), lr=lr)
+    steps = range(epochs) if progress is None else progress(range(epochs), epochs, desc)
+    for _ in steps:
+        for idx in torch.randperm(len(x), generator=generator).split(batch_size):
+            opt.zero_grad(set_to_none=True)
+            d.loss(x[idx]).backward()
+            opt.step()
+    d.requires_grad_(False)
+    with torch.no_grad():
+        d.record(d.losses(x[-keep:]))
+
+
 @dataclass(frozen=True)
 class ShiftDecision:
     """Whether a batch is new to a layer: ``shift`` when every descriptor's mean z-score exceeds ``tau``."""

@@ -27,13 +27,13 @@ from cl.adapters import AdapterConfig, AdapterPool
 from cl.adapters.pool import select_blocks
 from cl.backbones.base import Backbone, State
 from cl.backbones.state import untapped
-from cl.descriptors import ShiftDetector
+from cl.descriptors import ShiftDetector, train_descriptor
 from cl.errors import ConfigError
 from cl.experience import Experience
 from cl.heads import Head, create_head, masked_cross_entropy
 from cl.registry import register_strategy
 from cl.replay import with_replay
-from cl.routing import OFF, Routes, routed, routes_to, routing
+from cl.routing import OFF, Routes, routes_to, routing
 
 
 @register_strategy("sema")
@@ -229,21 +229,10 @@ class SEMA(AdapterStrategy):
         return routing(self.pools, {layer: self.pools[layer].route_to(name) for layer, name in new.items()})
 
     def _train_descriptor(self, pool: AdapterPool, name: str, x: torch.Tensor, exp_id: int) -> None:
-        d = pool.descriptors[name]
-        d.requires_grad_(True)
-        opt = torch.optim.Adam(d.parameters(), lr=self.descriptor_lr)
-        gen = self.ctx.generator(exp_id, 10_000 + len(pool))
-        steps = range(self.descriptor_epochs)
-        if self.ctx.progress is not None:
-            steps = self.ctx.progress(steps, self.descriptor_epochs, f"descriptor {name}")
-        for _ in steps:
-            for idx in torch.randperm(len(x), generator=gen).split(self.batch_size):
-                opt.zero_grad(set_to_none=True)
-                d.loss(x[idx]).backward()
-                opt.step()
-        d.requires_grad_(False)
-        with torch.no_grad():
-            d.record(d.losses(x[-self.buffer_size :]))
+        train_descriptor(pool.descriptors[name], x, lr=self.descriptor_lr, epochs=self.descriptor_epochs,
+                         batch_size=self.batch_size, keep=self.buffer_size,
+                         generator=self.ctx.generator(exp_id, 10_000 + len(pool)), progress=self.ctx.progress,
+                         desc=f"descriptor {name}")
 
     def training_step(self, state: State, y: torch.Tensor) -> torch.Tensor:
         return masked_cross_entropy(self.train_head(self.embedding(state, self.routes(state))), y,
@@ -313,43 +302,8 @@ class SEMA(AdapterStrategy):
         for state, frozen, y in self.states_with_frozen(dataset, batch_size, desc):
             yield self.head(self.features(state, frozen)), y
 
-    # ---- helpers ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def pooled_inputs(
-        self, dataset: Dataset, layers: list[int], limit: int | None = None, generator: torch.Generator | None = None
-    ) -> dict[int, torch.Tensor]:
-        """Pooled inputs ``[N, c]`` of ``layers`` for (up to ``limit`` shuffled items of) ``dataset``: each layer's
-        block input (the blocks before it under the current routes), pooled as its pool pools it; the blocks from
-        the last of ``layers`` on are not run."""
-        chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-        last, seen = max(layers), 0
-        was = self.training
-        self.eval()
-        it = self.iterate_states(dataset, self.ctx.eval_batch_size, shuffle=generator is not None,
-                                 generator=generator, desc="descriptor inputs")
-        for state, _ in it:
-            with routed(self.pools, self.routes(state)):
-                state = untapped(state)  # the blocks read the state; taps matter to the routes only
-                for i in range(self.frozen_depth, last + 1):
-                    if i in chunks:
-                        x, mask = (state[0], state[1]) if isinstance(state, tuple) else (state, None)
-                        chunks[i].append(self.pools[i].pool_input(x, mask))
-                    if i < last:
-                        state = self.backbone.forward_block(i, state)
-            seen += len(chunks[last][-1])
-            if limit is not None and seen >= limit:
-                break
-        self.train(was)
-        return {layer: torch.cat(c)[:limit] for layer, c in chunks.items()}
-
     def extra_metrics(self) -> dict[str, Any]:
-        counts = [p.parameter_counts() for p in self.pools.values()]
-        return {
-            "adapters_per_layer": {str(layer): len(p) for layer, p in self.pools.items()},
-            "adapter_names_per_layer": {str(layer): p.names for layer, p in self.pools.items()},
-            "params_functional": sum(c["adapters"] + c["router"] for c in counts),
-            "params_descriptors": sum(c["descriptors"] for c in counts),
-        }
+        return self.pool_metrics()
 
 
 @register_strategy("adapter_per_task")
