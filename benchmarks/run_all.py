@@ -18,7 +18,8 @@ from pathlib import Path
 
 from benchmarks._common import RESULTS_DIR
 
-BENCHMARKS = ["prefix_cache", "mixture_inference", "adapter_pool", "memory_search", "mos_inference", "distributed"]
+BENCHMARKS = ["prefix_cache", "fold", "mixture_inference", "adapter_pool", "memory_search", "mos_inference",
+              "distributed"]
 
 
 def main(argv: list[str] | None = None) -> int:

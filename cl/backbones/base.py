@@ -20,6 +20,7 @@ from typing import Any, Literal, TypeVar
 import torch
 from torch import nn
 
+from cl.backbones.fold import FoldedCopies, is_frozen_and_unhooked
 from cl.backbones.preprocess import DataConfig, prepare_images
 from cl.backbones.state import State, Tapped, untapped
 from cl.errors import ConfigError, DataError
@@ -126,17 +127,38 @@ class Backbone(nn.Module):
             return state.mean((2, 3))
         return state.mean(1)
 
+    def fold_batchnorm_in_prefix(self, stem: Sequence[nn.Module]) -> None:
+        """Let the frozen prefix run with BatchNorm folded into the convolutions (``cl.backbones.fold``): CNN
+        backbones call it once built, naming the modules ``forward_stem`` runs. Only the blocks there now fold;
+        a block replaced later (an adapted block) and everything after it run as they are."""
+        self.__dict__["_foldable"] = (list(stem), list(self.blocks), FoldedCopies())  # kept out of the module tree
+
+    def prefix_runner(self, stop: int) -> Backbone:
+        """What runs the stem and ``blocks[:stop]``: a copy with BatchNorm folded into the convolutions (same
+        outputs up to float rounding) when this backbone folds (``fold_batchnorm_in_prefix``), those blocks are the
+        backbone's own and nothing there trains, is in train mode or hooked; else the backbone itself."""
+        foldable = self.__dict__.get("_foldable")
+        if foldable is None:
+            return self
+        stem, own, copies = foldable
+        prefix = [*stem, *self.blocks[:stop]]
+        if any(b is not o for b, o in zip(self.blocks[:stop], own, strict=False)) or not is_frozen_and_unhooked(prefix):
+            return self
+        return copies.get(self, stop, prefix, shared=list(self.blocks[stop:]))
+
     # The compositions below are shared by every backbone.
     def forward_until(self, x: State, stop: int, taps: Sequence[int] = ()) -> State:
         """Model input -> state before ``blocks[stop]`` (the frozen prefix output); with ``taps`` (block indices
-        below ``stop``), that state ``Tapped`` with their pooled outputs (``pool_block``), from the same pass."""
+        below ``stop``), that state ``Tapped`` with their pooled outputs (``pool_block``), from the same pass.
+        The prefix runs through ``prefix_runner``."""
         self.check_input(x)
         if taps and not all(0 <= i < stop for i in taps):
             raise ConfigError(f"taps {list(taps)} of a prefix that stops before block {stop}: tap blocks 0..{stop - 1}")
-        state = self.forward_stem(x)
+        run = self.prefix_runner(stop)
+        state = run.forward_stem(x)
         pooled = []
         for i in range(stop):
-            state = self.forward_block(i, state)
+            state = run.forward_block(i, state)
             if i in taps:
                 pooled.append(self.pool_block(state))
         return Tapped(state, torch.cat(pooled, 1)) if taps else state
@@ -163,9 +185,8 @@ class Backbone(nn.Module):
         return embedding, torch.cat(pooled, 1) if pooled else embedding.new_zeros(embedding.shape[0], 0)
 
     def forward_features(self, x: State) -> torch.Tensor:
-        """Model input -> embedding ``[B, embed_dim]``."""
-        self.check_input(x)
-        return self.forward_from(self.forward_stem(x), 0)
+        """Model input -> embedding ``[B, embed_dim]`` (through ``prefix_runner``, as ``forward_until``)."""
+        return self.forward_from(self.forward_until(x, self.num_blocks), self.num_blocks)
 
     def forward(self, x: State) -> torch.Tensor:
         return self.forward_features(x)

@@ -62,6 +62,7 @@ class EfficientNetLite(Backbone):
         self.min_input_size = MIN_INPUT_SIZE
         if channels_last:
             model.to(memory_format=torch.channels_last)
+        self.fold_batchnorm_in_prefix([model.conv_stem, model.bn1])
 
     @property
     def blocks(self) -> nn.Sequential:

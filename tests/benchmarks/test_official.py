@@ -16,13 +16,6 @@ from benchmarks.official.__main__ import main
 from benchmarks.official.checkouts import MOS_CODE, SEMA_CODE, locate, official_code
 
 
-@pytest.fixture
-def restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def _git(root, *args):
     subprocess.run(["git", "-C", str(root), "-c", "user.email=t@t", "-c", "user.name=t", *args], check=True,
                    capture_output=True)

@@ -14,13 +14,6 @@ from benchmarks.peers.report import markdown, summarize_runs
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]  # Debian FashionMNIST and fortunes; random-init backbones
 
 
-@pytest.fixture
-def restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def test_quick_grid_has_every_method_and_resumes(tmp_path, capsys, restore_threads):
     out, work = tmp_path / "peers", tmp_path / "work"
     argv = ["--quick", "--weights", "none", "--out", str(out), "--work", str(work)]

@@ -1,0 +1,100 @@
+"""BatchNorm folded into the convolution before it: a faster inference copy of a frozen CNN prefix.
+
+A frozen backbone runs in eval mode, where ``BatchNorm2d`` is a fixed per-channel affine map; folded into the
+preceding convolution's weights and bias (``torch.nn.utils.fusion.fuse_conv_bn_weights``) it costs nothing. On
+EfficientNet-Lite0 at 64 px this makes the frozen prefix 1.6-1.7x faster on CPU (``benchmarks.prefix_cache``).
+
+The copy is made lazily and kept while the source's tensors stay the same (identity, in-place version counter,
+``requires_grad`` and device of every parameter and buffer): loading other weights or unfreezing a block makes the
+next call rebuild or refuse it. The source module (its state dict, parameter counts, hooks) is never touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Hashable, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+
+def fold_batchnorm(module: nn.Module, keep: Sequence[nn.Module] = ()) -> int:
+    """Fold, in place, every ``BatchNorm2d`` that directly follows a ``Conv2d`` among its parent's children into that
+    convolution; the norm becomes its activation (timm's ``BatchNormAct2d``) or ``nn.Identity``. Modules in ``keep``
+    (and what they hold) are left alone. Returns how many were folded. Only for modules whose children are declared
+    in the order they run (timm's CNN blocks)."""
+    skip = {id(m) for m in keep}
+
+    def walk(m: nn.Module) -> Iterator[nn.Module]:
+        if id(m) not in skip:
+            yield m
+            for child in m.children():
+                yield from walk(child)
+
+    folded = 0
+    for parent in list(walk(module)):
+        names = list(parent._modules)
+        for a, b in itertools.pairwise(names):
+            conv, bn = parent._modules[a], parent._modules[b]
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats):
+                continue
+            w, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                           bn.weight, bn.bias)
+            if conv.weight.is_contiguous(memory_format=torch.channels_last):
+                w = nn.Parameter(w.contiguous(memory_format=torch.channels_last), requires_grad=False)
+            conv.weight, conv.bias = w, bias
+            after = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
+            parent._modules[b] = nn.Sequential(*after) if after else nn.Identity()
+            folded += 1
+    return folded
+
+
+def tensor_key(modules: Sequence[nn.Module]) -> Hashable:
+    """What a copy of ``modules`` depends on: each parameter's and buffer's identity, in-place version, grad flag and
+    device (cheap: no data is read). Tensors made under ``torch.inference_mode`` keep no version: for them, only
+    replacing the tensor (``load_state_dict`` outside inference mode, ``.to``) is seen."""
+    return tuple(
+        (id(t), -1 if t.is_inference() else t._version, t.requires_grad, t.device)
+        for m in modules
+        for t in (*m.parameters(), *m.buffers())
+    )
+
+
+def is_frozen_and_unhooked(modules: Sequence[nn.Module]) -> bool:
+    """True when nothing in ``modules`` trains, is in training mode, or has a forward hook a copy would bypass."""
+    for m in modules:
+        for sub in m.modules():
+            if sub.training or sub._forward_hooks or sub._forward_pre_hooks:
+                return False
+        if any(p.requires_grad for p in m.parameters()):
+            return False
+    return True
+
+
+class FoldedCopies:
+    """Folded copies of a module, one per ``key`` (e.g. a prefix length), rebuilt when the source's tensors change.
+
+    Kept outside the module tree (no submodule registration): it never shows in state dicts or parameter counts.
+    """
+
+    def __init__(self) -> None:
+        self._copies: dict[Hashable, tuple[Hashable, nn.Module]] = {}
+
+    def get(self, source: nn.Module, key: Hashable, depends_on: Sequence[nn.Module],
+            shared: Sequence[nn.Module] = ()) -> nn.Module:
+        """A folded deep copy of ``source`` that is current for the tensors of ``depends_on``; ``shared`` modules are
+        not copied (the copy refers to the source's)."""
+        version = tensor_key(depends_on)
+        found = self._copies.get(key)
+        if found is not None and found[0] == version:
+            return found[1]
+        memo: dict[int, object] = {id(m): m for m in shared}
+        clone = copy.deepcopy(source, memo)
+        fold_batchnorm(clone, keep=shared)
+        self._copies[key] = (version, clone)
+        return clone
+
+    def __deepcopy__(self, memo: dict[int, object]) -> FoldedCopies:
+        return FoldedCopies()  # a copied backbone makes its own

@@ -1,0 +1,129 @@
+"""The frozen CNN prefix runs BatchNorm-folded: same outputs, source untouched, rebuilt or refused when it changes."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cl.backbones import Backbone, create_backbone
+from cl.backbones.fold import fold_batchnorm
+from tests.helpers import TINY
+
+
+def frozen_effnet(seed: int = 0) -> Backbone:
+    """A random-init EfficientNet-Lite0 whose BatchNorms are not the identity (random statistics and affine)."""
+    torch.manual_seed(seed)
+    b = create_backbone("efficientnet_lite0", **TINY["efficientnet_lite0"])
+    for m in b.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return b.requires_grad_(False).eval()
+
+
+def images(b: Backbone, n: int = 4) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return b.prepare(torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g))
+
+
+def unfolded_until(b: Backbone, x: torch.Tensor, stop: int) -> torch.Tensor:
+    state = b.forward_stem(x)
+    for i in range(stop):
+        state = b.forward_block(i, state)
+    return state
+
+
+@torch.no_grad()
+def test_folded_prefix_matches_and_leaves_the_source_alone() -> None:
+    b = frozen_effnet()
+    keys, params = list(b.state_dict()), sum(p.numel() for p in b.parameters())
+    x = images(b)
+    for stop in (0, 5, b.num_blocks):
+        assert b.prefix_runner(stop) is not b
+        torch.testing.assert_close(b.forward_until(x, stop), unfolded_until(b, x, stop), atol=1e-4, rtol=1e-4)
+    taps = b.forward_until(x, 6, taps=(1, 4))
+    torch.testing.assert_close(taps.taps, torch.cat([b.pool_block(unfolded_until(b, x, k + 1)) for k in (1, 4)], 1),
+                               atol=1e-4, rtol=1e-4)
+    assert list(b.state_dict()) == keys and sum(p.numel() for p in b.parameters()) == params
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in b.modules()) == 49  # the source keeps every norm
+    folded = b.prefix_runner(b.num_blocks)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.model.blocks.modules())
+    assert folded.blocks[0] is not b.blocks[0]
+
+
+@torch.no_grad()
+def test_later_blocks_are_shared_not_copied_or_folded() -> None:
+    b = frozen_effnet()
+    run = b.prefix_runner(10)
+    assert all(run.blocks[i] is b.blocks[i] for i in range(10, b.num_blocks))
+    assert any(isinstance(m, nn.BatchNorm2d) for m in b.blocks[12].modules())
+
+
+@torch.no_grad()
+def test_new_weights_rebuild_the_copy() -> None:
+    b, other = frozen_effnet(0), frozen_effnet(1)
+    x = images(b)
+    before = b.forward_until(x, 8)
+    b.load_state_dict(other.state_dict())  # in-place copies: the version counters move
+    after = b.forward_until(x, 8)
+    assert not torch.allclose(before, after, atol=1e-3)
+    torch.testing.assert_close(after, unfolded_until(other, x, 8), atol=1e-4, rtol=1e-4)
+
+
+def test_training_unfrozen_or_hooked_prefix_runs_unfolded() -> None:
+    b = frozen_effnet()
+    assert b.prefix_runner(8) is not b
+    b.blocks[3].requires_grad_(True)  # a fine-tuned block: its norm must stay a norm
+    assert b.prefix_runner(8) is b and b.prefix_runner(3) is not b
+    b.blocks[3].requires_grad_(False)
+    seen = []
+    handle = b.blocks[2].register_forward_hook(lambda m, a, o: seen.append(len(o)))
+    assert b.prefix_runner(8) is b
+    with torch.no_grad():
+        b.forward_until(images(b), 8)
+    assert seen == [4]  # the hook ran on the real block
+    handle.remove()
+    b.train()
+    assert b.prefix_runner(8) is b
+
+
+def test_backbones_without_batchnorm_never_copy() -> None:
+    torch.manual_seed(0)
+    vit = create_backbone("vit_tiny_test", **TINY["vit_tiny_test"]).requires_grad_(False).eval()
+    assert vit.prefix_runner(2) is vit
+
+
+def test_fold_batchnorm_counts_and_keeps() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),
+                          nn.BatchNorm2d(4)).eval()
+    for m in model:
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 8, 8)
+    ref = model(x)
+    assert fold_batchnorm(model, keep=[]) == 2
+    assert isinstance(model[1], nn.Identity) and model[0].bias is not None
+    torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+    kept = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    assert fold_batchnorm(nn.Sequential(kept), keep=[kept]) == 0
+
+
+def test_adapted_blocks_end_the_folded_prefix_and_copies_fold_too() -> None:
+    import copy
+
+    b = frozen_effnet()
+    twin = copy.deepcopy(b)
+    assert twin.prefix_runner(8) is not twin and twin.prefix_runner(8).blocks[0] is not b.prefix_runner(8).blocks[0]
+    b.blocks[4] = nn.Sequential(b.blocks[4])  # what adapter injection does: a wrapper in the block's place
+    assert b.prefix_runner(4) is not b and b.prefix_runner(5) is b
+
+
+def test_backbone_built_under_inference_mode_folds() -> None:
+    with torch.inference_mode():
+        b = frozen_effnet()
+        x = images(b)
+        torch.testing.assert_close(b.forward_until(x, 8), unfolded_until(b, x, 8), atol=1e-4, rtol=1e-4)
+        assert b.prefix_runner(8) is not b
