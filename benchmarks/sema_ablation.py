@@ -44,6 +44,9 @@ ROUTER_PARAMS: dict[str, dict[str, Any]] = {
     "topk": {"router": "topk", "router_kw": {"k": 2}},  # k=1 would pass no gradient to the router
 }
 BACKBONE = {"weights": "imagenet", "img_size": 64}
+#: the settings the ablation's rows were measured with: per-layer routes unless a run names ``route_by``, heads over
+#: ``[frozen, mixture]`` (sema's defaults now route and classify with the prefix's taps instead)
+ABLATION_BASE: dict[str, Any] = {"route_by": "layer", "head_features": "concat", "taps": None}
 
 
 def strategy_params(spec: str) -> tuple[str, dict[str, Any]]:
@@ -51,7 +54,7 @@ def strategy_params(spec: str) -> tuple[str, dict[str, Any]]:
     parts = spec.split(":")
     if len(parts) not in (2, 3) or parts[1] not in ROUTER_PARAMS:
         raise SystemExit(f"bad run {spec!r}: use strategy:router[:route_by] with router in {list(ROUTER_PARAMS)}")
-    params = dict(ROUTER_PARAMS[parts[1]])
+    params = {**ABLATION_BASE, **ROUTER_PARAMS[parts[1]]}
     if len(parts) == 3:
         params["route_by"] = parts[2]
     return parts[0], params

@@ -1,13 +1,15 @@
-"""What ``sema``'s inference costs against the plain frozen forward, with its defaults and in its one-pass setting.
+"""What ``sema``'s inference costs against the plain frozen forward, with its defaults and two other settings.
 
-For each backbone and batch size, three agents predict the same random images (``Agent.predict``, the path of
+For each backbone and batch size, four agents predict the same random images (``Agent.predict``, the path of
 new, uncached inputs): ``plain``, the frozen backbone with a prototype head (``simplecil``: one backbone pass);
-``sema`` with its defaults (``route_by="head"``: an LDA head on the frozen embedding picks each input's
-experience, so the adapted blocks run twice, frozen and adapted; the head sees ``[frozen, mixture]``); and
-``sema`` in one pass (``route_by="layer"``, ``head_features="mixture"``: each adapted block's descriptors route,
-the head sees the mixture alone). Each ``sema`` agent first learns two tasks of a few random images (one epoch,
-an adapter per layer per task: 2 adapters in each of the last 3 blocks). The three are timed in turn, A B C A B C
-..., after one untimed call each; figures are median img/s and the ratio of each ``sema`` to ``plain``.
+``sema`` with its defaults (one pass: the pooled outputs of the frozen blocks before the adapters, ``taps``, pick
+each input's experience with an LDA task head and feed the LDA head with the mixture); ``sema frozen routing``
+(the earlier defaults: ``route_by="head"``, an LDA head on the frozen embedding picks the experience, so the
+adapted blocks run twice, frozen and adapted; the head sees ``[frozen, mixture]``); and ``sema layer routing``
+(``route_by="layer"``, ``head_features="mixture"``: each adapted block's descriptors route, the head sees the
+mixture alone). Each ``sema`` agent first learns two tasks of a few random images (one epoch, an adapter per
+layer per task: 2 adapters in each of the last 3 blocks). The agents are timed in turn, A B C D A B C D ...,
+after one untimed call each; figures are median img/s and the ratio of each ``sema`` to ``plain``.
 
     python -m benchmarks.sema_inference [--quick] [--threads N] [--json PATH]
 
@@ -28,7 +30,8 @@ from cl.backbones import create_backbone
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "defaults": {},
-    "one pass": {"route_by": "layer", "head_features": "mixture"},
+    "frozen routing": {"route_by": "head", "head_features": "concat", "taps": None},
+    "layer routing": {"route_by": "layer", "head_features": "mixture", "taps": None},
 }
 
 
@@ -87,8 +90,9 @@ def run(quick: bool = False) -> dict[str, Any]:
                              "runs s": ", ".join(f"{t:.3f}" for t in ts), "other load": load.other_cores})
             print(f"  {label} batch {batch}: " + ", ".join(f"{k} {n / median(ts):.2f} img/s"
                                                            for k, ts in times.items()), flush=True)
-    notes = ["'sema defaults': route_by='head' (the frozen pass picks the experience) + head over [frozen, mixture];"
-             " 'sema one pass': route_by='layer', head_features='mixture'; plain: simplecil (one frozen pass)"]
+    notes = ["'sema defaults': route_by='taps' (the prefix's taps pick the experience) + head over [taps, mixture];"
+             " 'sema frozen routing': route_by='head' (a frozen pass picks it) + head over [frozen, mixture];"
+             " 'sema layer routing': route_by='layer', head_features='mixture'; plain: simplecil (one frozen pass)"]
     return {"rows": rows, "notes": notes}
 
 

@@ -128,6 +128,12 @@ class AdapterStrategy(TapChoice, HeadChoice, Strategy):
             parts.append(self.embedding(state, OFF) if frozen is None else frozen)
         return torch.cat([*parts, adapted], 1) if parts else adapted
 
+    @property
+    def uses_frozen(self) -> bool:
+        """Whether the head's features read the frozen embedding (``head_features="concat"``, or taps of adapted
+        blocks, whose frozen pass gives it); ``states_with_frozen`` computes it only then."""
+        return self.concat or any(i >= self.frozen_depth for i in self.taps)
+
     def frozen_embeddings(self, dataset) -> torch.Tensor | None:
         """The frozen model's embeddings ``[N, embed_dim]`` (adapters off) of every item of ``dataset``, computed once
         and kept with its cached prefix states (``pretrained_embeddings``: an adapter strategy trains adapters and
@@ -136,8 +142,8 @@ class AdapterStrategy(TapChoice, HeadChoice, Strategy):
 
     def states_with_frozen(self, dataset, batch_size: int, desc: str = "batches"):
         """``(prefix state, frozen embedding or None, targets)`` batches of ``dataset`` in order (``iterate_states``
-        with the matching rows of ``frozen_embeddings``; None where they are not cached)."""
-        frozen, start = self.frozen_embeddings(dataset), 0
+        with the matching rows of ``frozen_embeddings``; None where they are not cached or not ``uses_frozen``)."""
+        frozen, start = (self.frozen_embeddings(dataset) if self.uses_frozen else None), 0
         for state, y in self.iterate_states(dataset, batch_size, desc=desc):
             yield state, None if frozen is None else frozen[start : start + len(y)], y
             start += len(y)

@@ -26,12 +26,14 @@ class TapChoice:
 
     Args:
         taps: blocks whose pooled outputs, from the frozen backbone, the head sees in front of the embedding(s):
-            ``"all"``, a list of block indices (negative: from the end), or None (no taps).
+            ``"all"``, ``"prefix"`` (the blocks before the first adapted one: no pass beyond the prefix's), a list
+            of block indices (negative: from the end), or None (no taps).
     """
 
-    def __init__(self, *args: Any, taps: Literal["all"] | list[int] | None = None, **kw: Any) -> None:
+    def __init__(self, *args: Any, taps: Literal["all", "prefix"] | list[int] | None = None, **kw: Any) -> None:
         super().__init__(*args, **kw)
-        self.taps: tuple[int, ...] = self.backbone.tap_blocks(taps)
+        self.taps: tuple[int, ...] = (tuple(range(self.frozen_depth)) if taps == "prefix"
+                                      else self.backbone.tap_blocks(taps))
 
     @property
     def prefix_taps(self) -> tuple[int, ...]:
@@ -43,6 +45,13 @@ class TapChoice:
         """Width of ``tap_features``."""
         return self.backbone.tap_dim(self.taps)
 
+    def prefix_tap_features(self, state: State) -> torch.Tensor:
+        """The pooled outputs ``[B, T]`` of the ``prefix_taps`` blocks, which come with the prefix states."""
+        if not isinstance(state, Tapped):
+            raise DataError(f"{type(self).__name__} taps blocks {list(self.prefix_taps)} but got prefix states "
+                            "without taps: compute them with Strategy.prefix / iterate_states")
+        return state.taps
+
     def tap_features(
         self, state: State, frozen: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -50,12 +59,7 @@ class TapChoice:
         those of blocks from ``frozen_depth`` on from one pass of the frozen model (every adapter off), which also
         gives the frozen embedding. ``frozen``: the frozen embedding when already computed (returned as is; None
         stays None when no pass was needed)."""
-        parts = []
-        if self.prefix_taps:
-            if not isinstance(state, Tapped):
-                raise DataError(f"{type(self).__name__} taps blocks {list(self.prefix_taps)} but got prefix states "
-                                "without taps: compute them with Strategy.prefix / iterate_states")
-            parts.append(state.taps)
+        parts = [self.prefix_tap_features(state)] if self.prefix_taps else []
         later = [i for i in self.taps if i >= self.frozen_depth]
         if later:
             with routed(pools(self.backbone), OFF):

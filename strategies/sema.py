@@ -7,10 +7,14 @@ trained on the adapter's inputs; old adapters, router columns and descriptors st
 ``expandable`` gives the paper's layout: every adapted block (``layers: all``) gets an adapter at the first
 experience, only the ``expandable`` ones (the paper: blocks 9-11 of 12) have descriptors and grow after it.
 
-The defaults follow what we measured (README): hard routing by descriptors needs no training on current
-data, so most old inputs keep their routes and features; the classifier is an LDA head over ``[frozen,
-mixture]`` features (``head_features="concat"``). ``head="linear"`` with ``head_features="mixture"`` gives the
-paper's masked-CE linear classifier. ``sema_replay`` (below) is SEMA trained with exemplar replay.
+The defaults follow what we measured (README): one backbone pass per input. The frozen prefix's pooled block
+outputs (``taps="prefix"``, from the same pass) pick each input's experience with an LDA task head
+(``route_by="taps"``), which routes it to that experience's adapters (hard routes: old inputs keep exactly their
+old adapters); the classifier is an LDA head over ``[prefix taps, mixture]`` (``head_features="adapted"``).
+``route_by="head"`` with ``head_features="concat"`` (the earlier defaults) routes and classifies with the frozen
+embedding too, which costs a second pass of the adapted blocks. ``head="linear"`` with ``head_features="mixture"``
+and ``route_by="layer"`` gives the paper's masked-CE linear classifier and per-layer routers. ``sema_replay``
+(below) is SEMA trained with exemplar replay.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ class SEMA(AdapterStrategy):
     always_expand = False  # True: a new adapter in every layer for every experience (no shift test)
     #: a training loop ends once an epoch improves the masked cross-entropy by less than 0.01 (or it is below 0.01):
     #: after the first loop of an experience the later layers' loops start near 0 (README, Speed)
-    param_defaults: ClassVar[dict[str, Any]] = {"plateau_delta": 0.01}
+    param_defaults: ClassVar[dict[str, Any]] = {"plateau_delta": 0.01, "head_features": "adapted"}
 
     def __init__(
         self,
@@ -69,7 +73,8 @@ class SEMA(AdapterStrategy):
         *,
         router: str = "descriptor",
         router_kw: dict[str, Any] | None = None,
-        route_by: Literal["layer", "task", "head"] = "head",
+        route_by: Literal["layer", "task", "head", "taps"] | None = None,
+        taps: Literal["all", "prefix", "auto"] | list[int] | None = "auto",
         tau: float = 2.0,
         reuse: Literal["latest", "nearest"] = "latest",
         descriptor_hidden: PositiveInt = 128,
@@ -83,7 +88,11 @@ class SEMA(AdapterStrategy):
         **kw: Any,
     ) -> None:
         """``route_by``: what picks the adapters of an input: each layer's router (``layer``), the first layer's
-        descriptors (``task``: one experience's adapters everywhere) or an LDA head on frozen features (``head``).
+        descriptors (``task``: one experience's adapters everywhere), an LDA head on the frozen embedding (``head``)
+        or on the prefix's taps (``taps``: no frozen pass of the adapted blocks; needs ``taps`` before them);
+        None: ``taps``, or ``head`` when the adapters start at block 0 (no prefix to tap).
+        ``taps``: as ``TapChoice``'s; ``"auto"``: ``"prefix"`` (every block before the first adapted one) when
+        routing by taps, else none. With ``head="linear"`` the taps only route.
         ``expandable``: the adapted blocks that may grow after the first experience (None: all of them); the others
         get one adapter at the first experience, trained with it and shared by every later one, no descriptor,
         and a router only if ``router`` is a learned one (the paper: ``layers: all``, ``expandable: [-3, -2, -1]``).
@@ -92,15 +101,26 @@ class SEMA(AdapterStrategy):
             router_kw = {"hard": True} if router == "descriptor" else {}
         self._pool_options = {"router": router, "router_kw": dict(router_kw), "descriptor_hidden": descriptor_hidden}
         self._expandable = expandable
-        super().__init__(backbone, **kw)
+        if taps == "auto":
+            taps = "prefix" if route_by in (None, "taps") else None
+        super().__init__(backbone, taps=taps, **kw)
+        if route_by is None:
+            route_by = "taps" if self.prefix_taps else "head"
         self.expandable = tuple(i for i in self.pools if self.pools[i].descriptors is not None)
         self.router_name, self.route_by = router, route_by
         self.detector = ShiftDetector(tau)
         self.reuse = reuse
         self.buffer_size, self.descriptor_epochs, self.descriptor_lr = buffer_size, descriptor_epochs, descriptor_lr
         self.scan_samples, self.rescan, self.warm_start = scan_samples, rescan, warm_start
-        # route_by="head": which experience a frozen embedding belongs to, via its predicted class
-        self.task_head: Head | None = create_head("lda", backbone.embed_dim) if route_by == "head" else None
+        # route_by="head" / "taps": which experience a frozen embedding / the prefix taps belong to, via the class
+        route_dim = {"head": backbone.embed_dim, "taps": backbone.tap_dim(self.prefix_taps)}.get(route_by)
+        if route_by == "taps" and not self.prefix_taps:
+            raise ConfigError(
+                "route_by='taps' routes by the pooled outputs of blocks before the first adapted one, and the "
+                "adapters start at block 0: use route_by='head' (or 'layer')" if self.frozen_depth == 0 else
+                f"route_by='taps' routes by the taps of blocks before the first adapted one ({self.frozen_depth}): "
+                f"set taps='prefix' (or some of 0..{self.frozen_depth - 1})")
+        self.task_head: Head | None = create_head("lda", route_dim) if route_dim else None
         # its labels are (experience, class) pairs, so a class met in several experiences (domain shifts) stays apart
         self.register_buffer("pairs", torch.zeros(0, 2, dtype=torch.long))  # row = task-head label: (exp, class)
         self._training_exp: int | None = None  # inside fit: the current experience routes every layer
@@ -109,7 +129,8 @@ class SEMA(AdapterStrategy):
 
     @classmethod
     def check_params(cls, params: dict[str, Any]) -> None:
-        super().check_params(params)
+        auto = params.get("taps") == "auto"
+        super().check_params({**params, "taps": None} if auto else params)  # with a linear head they only route
         if params.get("route_by") == "task" and params.get("router") != "descriptor":
             raise ValueError("route_by='task' picks the experience with the first layer's descriptors: use "
                              "router='descriptor'")
@@ -243,8 +264,7 @@ class SEMA(AdapterStrategy):
         bs, dev = self.ctx.eval_batch_size, self.ctx.device
         if self.task_head is not None:  # first: the statistics head below sees this experience's routes
             for state, frozen, y in self.states_with_frozen(exp.train, bs, desc=f"exp {exp.id} routes"):
-                frozen = self.embedding(state, OFF) if frozen is None else frozen
-                self.task_head.update(frozen, self.pair_labels(exp.id, y.to(dev)))
+                self.task_head.update(self.route_input(state, frozen), self.pair_labels(exp.id, y.to(dev)))
         if self.head is not self.train_head:
             for state, frozen, y in self.states_with_frozen(exp.train, bs, desc=f"exp {exp.id} head"):
                 self.head.update(self.features(state, frozen), y.to(dev))
@@ -262,11 +282,16 @@ class SEMA(AdapterStrategy):
         if self._training_exp is not None:
             return torch.full((x.shape[0],), self._training_exp, dtype=torch.long, device=x.device)
         if self.task_head is not None:
-            frozen = self.embedding(state, OFF) if frozen is None else frozen
-            return self.pairs[self.task_head(frozen).argmax(-1), 0]
+            return self.pairs[self.task_head(self.route_input(state, frozen)).argmax(-1), 0]
         first = self.pools[self.frozen_depth]
         chosen = first.descriptors.zscores(first.pool_input(x, mask)).argmin(-1)  # index into first.names
         return torch.tensor(first.owners, device=x.device)[chosen]
+
+    def route_input(self, state: State, frozen: torch.Tensor | None = None) -> torch.Tensor:
+        """What the task head reads: the prefix's taps (``route_by="taps"``) or the frozen embedding."""
+        if self.route_by == "taps":
+            return self.prefix_tap_features(state)
+        return self.embedding(state, OFF) if frozen is None else frozen
 
     def pair_labels(self, exp_id: int, y: torch.Tensor) -> torch.Tensor:
         """Task-head labels of classes ``y`` seen in experience ``exp_id`` (rows of ``pairs``)."""
@@ -289,9 +314,17 @@ class SEMA(AdapterStrategy):
     def features(self, state: State, frozen: torch.Tensor | None = None) -> torch.Tensor:
         """What the head sees: the mixture embedding, or ``[frozen, mixture]`` with ``head_features="concat"``
         (``frozen``: the frozen embedding, if already known)."""
-        if frozen is None and (self.concat or self.task_head is not None):
+        if frozen is None and self.uses_frozen:
             frozen = self.embedding(state, OFF)
+        if self.head is self.train_head:  # the linear head: the mixture alone (taps, if any, only route)
+            return self.embedding(state, self.routes(state, frozen))
         return self.routed_features(state, self.routes(state, frozen), frozen)
+
+    @property
+    def uses_frozen(self) -> bool:
+        """Whether routes or features read the frozen embedding (``route_by="head"``, ``head_features="concat"``,
+        taps of adapted blocks): only then is it computed."""
+        return self.route_by == "head" or super().uses_frozen
 
     def scores(self, state: State) -> torch.Tensor:
         return self.head(self.features(state))

@@ -187,7 +187,7 @@ NOTES = [
     "case 3 phases (medians, s): see each row's phases; theirs trains descriptors with full backbone "
     "passes (rd epochs), ours on cached pooled inputs",
     "case 4: after the case-3 task (2 tasks, adapters 2/1/1 in blocks 9/10/11); theirs _eval_cnn (forward, "
-    "top-5), ours Agent.predict (sema defaults: frozen pass for route_by=head + routed mixture, LDA head)",
+    "top-5), ours Agent.predict (sema defaults: one pass, taps route + routed mixture, LDA head)",
     "case 5: untrained adapters with random weights and random class statistics in the heads, so nearly every "
     "input is refined on our side (its worst case, refine_steps=1); passes/img: theirs T + 1 by construction, "
     "ours counted (MOS.extra_metrics)",

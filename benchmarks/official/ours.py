@@ -1,9 +1,10 @@
 """Our side of ``benchmarks.official``: ``sema`` and ``mos`` run through their own code paths on random images.
 
 Every function here works without the official checkouts (the smoke test runs them on a tiny ViT).
-``sema`` runs with its defaults (hard descriptor routes, ``route_by="head"``, LDA head over
-``[frozen, mixture]``) except for the settings the official run shares: batch, epochs, descriptor epochs,
-SGD with the official learning rate and weight decay, and a fixed expansion decision (``OneExpansion``).
+``sema`` runs with its defaults (hard routes picked by an LDA task head on the prefix's taps, LDA head over
+``[taps, mixture]``: one backbone pass) except for the settings the official run shares: batch, epochs,
+descriptor epochs, SGD with the official learning rate and weight decay, and a fixed expansion decision
+(``OneExpansion``).
 """
 
 from __future__ import annotations

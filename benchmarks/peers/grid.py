@@ -20,11 +20,13 @@ OUR_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "simplecil": ("simplecil", {}),
     "simplecil_lda": ("simplecil", {"head": "lda"}),
     "sema": ("sema", {}),
+    # the defaults of sema before issue 16's one-pass change: routes and head read the frozen embedding
+    "sema_frozen": ("sema", {"route_by": "head", "head_features": "concat", "taps": None}),
     "replay": ("replay", {"budget": 2000}),
     "lae": ("lae", {}),
     "aper_lda": ("aper", {"head": "lda"}),
 }
-TEXT_METHODS = ["simplecil", "sema", "replay"]
+TEXT_METHODS = ["simplecil", "simplecil_lda", "sema", "replay"]
 
 STREAMS: dict[str, dict[str, Any]] = {
     "fmnist": {"scenario": "split_fmnist", "backbone": {"name": "efficientnet_lite0", "weights": "imagenet",

@@ -101,10 +101,13 @@ def test_metrics_record_phases_that_add_up_and_the_report_shows_them(tmp_path):
 
 
 def test_kept_frozen_embeddings_give_the_scores_computed_without_them():
+    """Frozen embeddings of a cached data set are computed once, kept, and give the scores computed without them;
+    a strategy that never reads them (sema's defaults) does not compute them."""
     scen = {k: v for k, v in TINY_SCENARIO.items() if k != "name"}
     stream = create_scenario("synthetic", **{**scen, "n_experiences": 2})
     with one_thread():
-        agent = Agent("vit_tiny_test", "sema", strategy_params={"epochs": 1, "descriptor_epochs": 1},
+        frozen_routing = {"route_by": "head", "head_features": "concat"}  # routes and features read the frozen one
+        agent = Agent("vit_tiny_test", "sema", strategy_params={"epochs": 1, "descriptor_epochs": 1, **frozen_routing},
                       device="cpu", progress=False, journal=False)
         for exp in stream:
             agent.learn(exp)
@@ -116,3 +119,8 @@ def test_kept_frozen_embeddings_give_the_scores_computed_without_them():
         with torch.no_grad():
             plain = torch.cat([s.scores(state) for state, _ in s.iterate_states(test, 16)])
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
+    one_pass = Agent("vit_tiny_test", "sema", strategy_params={"epochs": 1, "descriptor_epochs": 1}, device="cpu",
+                     progress=False, journal=False)
+    for exp in stream:
+        one_pass.learn(exp)
+    assert not one_pass.strategy.uses_frozen and "pretrained" not in one_pass.strategy.states(stream[0].test).derived

@@ -53,7 +53,7 @@ def test_report_of_one_run(runs, tmp_path):
                     'id="chart-adapters-0"', 'id="chart-expansions-0"', 'id="chart-cost"', 'id="table-groups"'):
         assert element in page, element
     assert not re.search(r'(src|href)="(https?:)?//|url\((https?:)?//|@import', page)  # nothing to fetch
-    assert "head_features: concat" in page  # the resolved config
+    assert "head_features: adapted" in page  # the resolved config
     assert "in progress" not in page
 
 

@@ -125,6 +125,6 @@ def test_every_adapter_strategy_takes_its_head_settings_from_one_declaration(nam
         s = STRATEGIES.create(name, bb if features == "concat" else create_backbone("vit_tiny_test"),
                               head="lda", head_kw={"shrinkage": 0.5}, head_features=features)
         heads = list(s.heads.values()) if name == "lae" else [s.head]
-        assert all(h.dim == width and h.shrinkage == 0.5 for h in heads)
+        assert all(h.dim == width + s.tap_dim and h.shrinkage == 0.5 for h in heads)  # sema taps its prefix
     with pytest.raises(ConfigError, match="head_features"):
         STRATEGIES.create(name, create_backbone("vit_tiny_test"), head="linear", head_features="concat")

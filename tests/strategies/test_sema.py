@@ -85,7 +85,8 @@ def test_prefix_cache_does_not_change_results(tmp_path):
 def test_concat_head_features_and_frozen_half(tmp_path):
     """``head_features=concat``: the head sees [frozen, mixture]; the frozen half ignores the adapters."""
     stream = create_scenario("synthetic", n_classes=4, n_experiences=2, train_per_class=16, test_per_class=4)
-    agent = Agent("vit_tiny_test", "sema", strategy_params={**FAST, "head_features": "concat"}, device="cpu",
+    agent = Agent("vit_tiny_test", "sema", strategy_params={**FAST, "head_features": "concat", "route_by": "head",
+                                                           "taps": None}, device="cpu",
                   progress=False)
     for exp in stream:
         agent.learn(exp)
@@ -159,6 +160,48 @@ def test_head_routes_by_the_experience_of_the_predicted_class(scenario):
     assert all(torch.equal(r.argmax(-1), expected) for r in routes.values())
     truth = torch.cat([torch.full((len(e.test),), e.id) for e in stream])
     assert (expected == truth).float().mean() > 0.6  # the experience is mostly found from frozen features
+
+
+ONE_PASS = {"route_by": "taps", "taps": "prefix", "head_features": "adapted"}
+
+
+def test_one_pass_setting_routes_by_prefix_taps_and_runs_each_block_once():
+    """``route_by=taps`` + ``taps=prefix`` + ``head_features=adapted``: the task head reads the prefix's taps, so a
+    prediction runs every block once (no frozen pass of the adapted blocks), and it still finds the experience."""
+    stream = create_scenario("synthetic", n_classes=6, n_experiences=3, train_per_class=16, test_per_class=8)
+    agent = Agent("vit_tiny_test", "adapter_per_task", strategy_params={**FAST, **ONE_PASS}, device="cpu",
+                  progress=False)
+    for exp in stream:
+        agent.learn(exp)
+    s = agent.strategy
+    assert s.prefix_taps == tuple(range(s.frozen_depth)) and s.task_head.dim == s.backbone.tap_dim(s.prefix_taps)
+    x = torch.cat([e.test.inputs for e in stream])
+    calls = {i: 0 for i in range(s.backbone.num_blocks)}
+    hooks = [s.backbone.blocks[i].register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i in calls]
+    try:
+        predicted = s.predict(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert set(calls.values()) == {1}, calls
+    with torch.no_grad():
+        state = s.prefix(s.backbone.prepare(x, "cpu"))
+        found = s.pairs[s.task_head(state.taps).argmax(-1), 0]
+    assert all(torch.equal(r.argmax(-1), found) for r in s.task_routes(state).values())
+    truth = torch.cat([torch.full((len(e.test),), e.id) for e in stream])
+    assert (found == truth).float().mean() > 0.6
+    labels = torch.cat([e.test.targets for e in stream])
+    assert (predicted == labels).float().mean() > 0.5
+
+
+def test_route_by_taps_needs_prefix_taps_and_the_default_falls_back_without_a_prefix():
+    with pytest.raises(ConfigError, match="taps='prefix'"):
+        Agent("vit_tiny_test", "sema", strategy_params={"route_by": "taps", "taps": None}, device="cpu")
+    with pytest.raises(ConfigError, match="start at block 0"):
+        Agent("vit_tiny_test", "sema", strategy_params={"route_by": "taps", "layers": "all"}, device="cpu")
+    assert Agent("vit_tiny_test", "sema", device="cpu").strategy.route_by == "taps"
+    assert Agent("vit_tiny_test", "sema", strategy_params={"layers": "all"}, device="cpu").strategy.route_by == "head"
 
 
 def test_route_by_needs_the_descriptor_router():
