@@ -295,7 +295,8 @@ class Strategy(MemoryEmbedding, LoadsByValue):
     @torch.no_grad()
     def predict(self, inputs) -> torch.Tensor:
         """Predicted global class ids for a raw batch (images or strings); no task id needed."""
-        self.eval()
+        if any(m.training for m in self.children()):  # a walk of every module per batch costs more than a small one
+            self.eval()
         return self.scores(self.prefix(self.backbone.prepare(inputs, self.ctx.device))).argmax(1).cpu()
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from typing import Any, Literal, TypeVar
 import torch
 from torch import nn
 
-from cl.backbones.fold import FoldedCopies, is_frozen_and_unhooked
+from cl.backbones.fold import FoldedCopies
 from cl.backbones.preprocess import DataConfig, prepare_images
 from cl.backbones.state import State, Tapped, untapped
 from cl.errors import ConfigError, DataError
@@ -141,10 +141,11 @@ class Backbone(nn.Module):
         if foldable is None:
             return self
         stem, own, copies = foldable
-        prefix = [*stem, *self.blocks[:stop]]
-        if any(b is not o for b, o in zip(self.blocks[:stop], own, strict=False)) or not is_frozen_and_unhooked(prefix):
+        blocks = list(self.blocks)
+        if any(b is not o for b, o in zip(blocks[:stop], own, strict=False)):
             return self
-        return copies.get(self, stop, prefix, shared=list(self.blocks[stop:]))
+        clone = copies.get(self, stop, [*stem, *blocks[:stop]], shared=blocks[stop:])
+        return self if clone is None else clone
 
     # The compositions below are shared by every backbone.
     def forward_until(self, x: State, stop: int, taps: Sequence[int] = ()) -> State:

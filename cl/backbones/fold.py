@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Hashable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,49 +52,54 @@ def fold_batchnorm(module: nn.Module, keep: Sequence[nn.Module] = ()) -> int:
     return folded
 
 
-def tensor_key(modules: Sequence[nn.Module]) -> Hashable:
-    """What a copy of ``modules`` depends on: each parameter's and buffer's identity, in-place version, grad flag and
-    device (cheap: no data is read). Tensors made under ``torch.inference_mode`` keep no version: for them, only
-    replacing the tensor (``load_state_dict`` outside inference mode, ``.to``) is seen."""
+Signature = tuple[tuple[Any, ...], ...]
+
+
+def signature(modules: Sequence[nn.Module]) -> Signature:
+    """What a copy of ``modules`` (every module, submodules listed too) depends on, read without touching data: per
+    module its children's identities, training flag and hooks, and its own parameters' and buffers' identities,
+    in-place versions, grad flags and devices. Tensors made under ``torch.inference_mode`` keep no version: for
+    them only replacing the tensor (``load_state_dict`` outside inference mode, ``.to``) is seen."""
     return tuple(
-        (id(t), -1 if t.is_inference() else t._version, t.requires_grad, t.device)
+        (tuple(map(id, m._modules.values())), m.training, bool(m._forward_hooks or m._forward_pre_hooks),
+         tuple((id(t), -1 if t.is_inference() else t._version, t.requires_grad, t.device)
+               for t in (*m._parameters.values(), *m._buffers.values()) if t is not None))
         for m in modules
-        for t in (*m.parameters(), *m.buffers())
     )
 
 
-def is_frozen_and_unhooked(modules: Sequence[nn.Module]) -> bool:
-    """True when nothing in ``modules`` trains, is in training mode, or has a forward hook a copy would bypass."""
-    for m in modules:
-        for sub in m.modules():
-            if sub.training or sub._forward_hooks or sub._forward_pre_hooks:
-                return False
-        if any(p.requires_grad for p in m.parameters()):
-            return False
-    return True
+def _foldable(sig: Signature) -> bool:
+    """Nothing in training mode, hooked (a copy would bypass the hook) or trainable."""
+    return not any(training or hooked or any(t[2] for t in tensors) for _, training, hooked, tensors in sig)
 
 
 class FoldedCopies:
-    """Folded copies of a module, one per ``key`` (e.g. a prefix length), rebuilt when the source's tensors change.
+    """Folded copies of a module, one per ``key`` (e.g. a prefix length), rebuilt when what they copy changes.
 
     Kept outside the module tree (no submodule registration): it never shows in state dicts or parameter counts.
     """
 
     def __init__(self) -> None:
-        self._copies: dict[Hashable, tuple[Hashable, nn.Module]] = {}
+        # key -> (the modules depended on, with every submodule; their signature; the copy or None)
+        self._copies: dict[Hashable, tuple[list[nn.Module], Signature, nn.Module | None]] = {}
 
     def get(self, source: nn.Module, key: Hashable, depends_on: Sequence[nn.Module],
-            shared: Sequence[nn.Module] = ()) -> nn.Module:
-        """A folded deep copy of ``source`` that is current for the tensors of ``depends_on``; ``shared`` modules are
-        not copied (the copy refers to the source's)."""
-        version = tensor_key(depends_on)
+            shared: Sequence[nn.Module] = ()) -> nn.Module | None:
+        """A folded deep copy of ``source``, current for ``depends_on``; None while something there trains, is in
+        train mode or hooked. ``shared`` modules are not copied (the copy refers to the source's)."""
         found = self._copies.get(key)
-        if found is not None and found[0] == version:
-            return found[1]
-        memo: dict[int, object] = {id(m): m for m in shared}
-        clone = copy.deepcopy(source, memo)
-        fold_batchnorm(clone, keep=shared)
-        self._copies[key] = (version, clone)
+        if found is not None:
+            flat, sig, clone = found
+            if all(a is b for a, b in zip(flat, depends_on, strict=False)) and signature(flat) == sig:
+                return clone
+        flat = [*depends_on, *(sub for m in depends_on for sub in m.modules() if sub is not m)]
+        sig = signature(flat)
+        clone = None
+        if _foldable(sig):
+            memo: dict[int, object] = {id(m): m for m in shared}
+            clone = copy.deepcopy(source, memo)
+            fold_batchnorm(clone, keep=shared)
+        self._copies[key] = (flat, sig, clone)
         return clone
 
     def __deepcopy__(self, memo: dict[int, object]) -> FoldedCopies:
