@@ -52,6 +52,10 @@ HEAD_ROWS: dict[str, tuple[str, str, dict[str, Any], int]] = {
     "emb+taps0-7-lda": ("emb+taps:0-7", "lda", {"shrinkage": 0.01}, 64),
     "emb+taps8-15-lda": ("emb+taps:8-15", "lda", {"shrinkage": 0.01}, 64),
     "taps0-15-lda": ("taps:0-15", "lda", {"shrinkage": 0.01}, 64),
+    # sema's default head without its adapters: the prefix's taps (blocks 0-12) with the frozen embedding in the
+    # place of the mixture; and the taps its task head routes with
+    "emb+taps0-12-lda": ("emb+taps:0-12", "lda", {"shrinkage": 0.01}, 64),
+    "taps0-12-lda": ("taps:0-12", "lda", {"shrinkage": 0.01}, 64),
     "emb+taps0-15-lda": ("emb+taps:0-15", "lda", {"shrinkage": 0.01}, 64),
     "emb+taps0-15-lda-0.001": ("emb+taps:0-15", "lda", {"shrinkage": 0.001}, 64),
     "emb+taps0-15-lda-0.1": ("emb+taps:0-15", "lda", {"shrinkage": 0.1}, 64),

@@ -20,7 +20,7 @@ from cl.backbones.state import State, untapped
 from cl.errors import ConfigError
 from cl.experience import Experience
 from cl.heads import HeadChoice, LinearHead, masked_cross_entropy
-from cl.routing import OFF, Routes, routed, routing
+from cl.routing import OFF, Routes, routed, routes_to_each, routing
 from cl.strategy import Strategy
 from cl.taps import TapChoice
 
@@ -110,7 +110,7 @@ class AdapterStrategy(TapChoice, HeadChoice, Strategy):
             missing = [i for i, n in names.items() if n is None]
             raise ConfigError(f"{type(self).__name__}: experience {exp.id} added no adapter to the pools of blocks "
                               f"{missing}: add one with pool.add(name, owner={exp.id}) before fit_alone")
-        with routing(self.pools, {i: self.pools[i].route_to(n) for i, n in names.items()}):
+        with routing(self.pools, routes_to_each(self.pools, names)):
             Strategy.fit(self, exp)
         for i, name in names.items():
             self.pools[i].freeze(name)

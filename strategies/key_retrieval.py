@@ -127,8 +127,7 @@ class KeyRetrieval(AdapterStrategy):
     def extra_metrics(self) -> dict[str, Any]:
         n, d = self.backbone.num_blocks, self.frozen_depth
         return {
-            "adapters_per_layer": {str(layer): len(p) for layer, p in self.pools.items()},
-            "params_functional": sum(p.parameter_counts()["adapters"] for p in self.pools.values()),
+            **self.pool_metrics(),
             "adapter_keys": len(self.router.keys),
             # by construction: the prefix once, the suffix twice (frozen query, routed adapters)
             "suffix_passes_per_image": 2.0,

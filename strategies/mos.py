@@ -174,8 +174,7 @@ class MOS(AdapterStrategy):
         per_exp = [s / i if i else None for i, s in self.passes]
         full = [None if s is None else (d + s * (n - d)) / n for s in per_exp]
         return {
-            "adapters_per_layer": {str(layer): len(p) for layer, p in self.pools.items()},
-            "params_functional": sum(p.parameter_counts()["adapters"] for p in self.pools.values()),
+            **self.pool_metrics(),
             "merges": int(self.merges),
             # block executions per scored image / blocks (a full forward = 1); the prefix runs once per image
             "suffix_passes_per_image": per_exp[-1] if per_exp else None,

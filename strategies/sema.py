@@ -37,7 +37,7 @@ from cl.experience import Experience
 from cl.heads import Head, create_head, masked_cross_entropy
 from cl.registry import register_strategy
 from cl.replay import with_replay
-from cl.routing import OFF, Routes, routes_to, routing
+from cl.routing import OFF, Routes, routes_to, routes_to_each, routing
 
 
 @register_strategy("sema")
@@ -247,7 +247,7 @@ class SEMA(AdapterStrategy):
         """Route the current data to the adapters being trained, unless the router itself learns."""
         if self.router_name not in ("descriptor", "fixed"):
             return routing(self.pools, {})
-        return routing(self.pools, {layer: self.pools[layer].route_to(name) for layer, name in new.items()})
+        return routing(self.pools, routes_to_each(self.pools, new))
 
     def _train_descriptor(self, pool: AdapterPool, name: str, x: torch.Tensor, exp_id: int) -> None:
         train_descriptor(pool.descriptors[name], x, lr=self.descriptor_lr, epochs=self.descriptor_epochs,

@@ -1,5 +1,6 @@
 """Routing in one place: routers that mix a layer's adapters from its pooled input, key retrieval over the
-experience memory, and the routes forced over pools (``routing``, ``routes_to``, ``adapters_off``)."""
+experience memory, and the routes forced over pools (``routing``, ``routes_to``, ``routes_to_each``,
+``adapters_off``)."""
 
 from cl.routing.keys import KeyRouter, RouteLog
 from cl.routing.routers import (
@@ -11,7 +12,7 @@ from cl.routing.routers import (
     TopKRouter,
     create_router,
 )
-from cl.routing.routes import OFF, Routes, adapters_off, routed, routes_to, routing
+from cl.routing.routes import OFF, Routes, adapters_off, routed, routes_to, routes_to_each, routing
 
 __all__ = [
     "OFF",
@@ -28,5 +29,6 @@ __all__ = [
     "create_router",
     "routed",
     "routes_to",
+    "routes_to_each",
     "routing",
 ]

@@ -34,7 +34,15 @@ def routing(pools: Mapping[int, AdapterPool], weights: Mapping[int, torch.Tensor
 def routes_to(pools: Mapping[int, AdapterPool], target: int | str | torch.Tensor) -> dict[int, torch.Tensor]:
     """``{layer: pool.route_to(target)}`` for every non-empty pool: the weights ``routing`` takes to send inputs
     to an experience's adapters (or to the adapter of that name) in every adapted block."""
-    return {i: p.route_to(target) for i, p in pools.items() if len(p)}
+    return routes_to_each(pools, {i: target for i, p in pools.items() if len(p)})
+
+
+def routes_to_each(
+    pools: Mapping[int, AdapterPool], targets: Mapping[int, int | str | torch.Tensor]
+) -> dict[int, torch.Tensor]:
+    """``{layer: pools[layer].route_to(target)}`` for a target per layer (e.g. the adapter each layer is training);
+    ``routes_to`` sends every pool to the same one."""
+    return {i: pools[i].route_to(t) for i, t in targets.items()}
 
 
 @contextmanager
