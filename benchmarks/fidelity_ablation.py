@@ -78,6 +78,8 @@ TEXT_ROWS: dict[str, dict[str, Any]] = {
     "text:simplecil-ncm": {"name": "simplecil"},
     "text:simplecil-lda": {"name": "simplecil", "head": "lda"},
     "text:simplecil-lda-taps": {"name": "simplecil", "head": "lda", "taps": "all"},
+    # sema's default head on text without its adapters: the taps of the blocks before the adapted ones (0-2 of 6)
+    "text:simplecil-lda-taps0-2": {"name": "simplecil", "head": "lda", "taps": [0, 1, 2]},
     "text:aper-lda": {"name": "aper", "head": "lda"},
     "text:aper-lda-taps": {"name": "aper", "head": "lda", "taps": "all"},
     "text:lae-lda": {"name": "lae", "head": "lda"},
