@@ -60,6 +60,9 @@ class SEMA(AdapterStrategy):
         scan_samples: training inputs per experience the shift test of each layer looks at.
         rescan: train a new adapter before the later layers are tested (they then see its outputs).
         warm_start: a new adapter starts as a copy of the one the nearest past experience (the journal's) used.
+        taps: blocks whose pooled outputs (from the frozen prefix pass) route (``route_by="taps"``) and feed the
+            statistics head: ``"auto"`` (the blocks before the first adapted one when routing by taps, else
+            none), ``"prefix"``, ``"all"``, a list of block indices, or None.
     """
 
     always_expand = False  # True: a new adapter in every layer for every experience (no shift test)
