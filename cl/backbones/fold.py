@@ -58,11 +58,12 @@ Signature = tuple[tuple[Any, ...], ...]
 def signature(modules: Sequence[nn.Module]) -> Signature:
     """What a copy of ``modules`` (every module, submodules listed too) depends on, read without touching data: per
     module its children's identities, training flag and hooks, and its own parameters' and buffers' identities,
-    in-place versions, grad flags and devices. Tensors made under ``torch.inference_mode`` keep no version: for
-    them only replacing the tensor (``load_state_dict`` outside inference mode, ``.to``) is seen."""
+    in-place versions, grad flags, devices and dtypes (``.to`` and ``.half()`` may swap a parameter's data in
+    place). Tensors made under ``torch.inference_mode`` keep no version: for them only replacing the tensor
+    (``load_state_dict`` outside inference mode, ``.to``) is seen."""
     return tuple(
         (tuple(map(id, m._modules.values())), m.training, bool(m._forward_hooks or m._forward_pre_hooks),
-         tuple((id(t), -1 if t.is_inference() else t._version, t.requires_grad, t.device)
+         tuple((id(t), -1 if t.is_inference() else t._version, t.requires_grad, t.device, t.dtype)
                for t in (*m._parameters.values(), *m._buffers.values()) if t is not None))
         for m in modules
     )

@@ -127,3 +127,14 @@ def test_backbone_built_under_inference_mode_folds() -> None:
         x = images(b)
         torch.testing.assert_close(b.forward_until(x, 8), unfolded_until(b, x, 8), atol=1e-4, rtol=1e-4)
         assert b.prefix_runner(8) is not b
+
+
+@torch.no_grad()
+def test_a_dtype_change_rebuilds_the_copy() -> None:
+    b = frozen_effnet()
+    x = images(b)
+    b.forward_until(x, 6)
+    b.double()  # swaps every parameter's data in place: same objects, same versions
+    out = b.forward_until(x.double(), 6)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, unfolded_until(b, x.double(), 6), atol=1e-8, rtol=1e-8)
