@@ -2,11 +2,13 @@
 
 A frozen backbone runs in eval mode, where ``BatchNorm2d`` is a fixed per-channel affine map; folded into the
 preceding convolution's weights and bias (``torch.nn.utils.fusion.fuse_conv_bn_weights``) it costs nothing. On
-EfficientNet-Lite0 at 64 px this makes the frozen prefix 1.6-1.7x faster on CPU (``benchmarks.prefix_cache``).
+EfficientNet-Lite0 this makes the frozen forward about 1.45x faster on CPU in batches of 64-256 and 1.03-1.12x at
+batch 1 (``python -m benchmarks.fold``, benchmarks/RESULTS.md).
 
-The copy is made lazily and kept while the source's tensors stay the same (identity, in-place version counter,
-``requires_grad`` and device of every parameter and buffer): loading other weights or unfreezing a block makes the
-next call rebuild or refuse it. The source module (its state dict, parameter counts, hooks) is never touched.
+The copy is made lazily and kept while what it copies stays the same (``signature``: every parameter's and
+buffer's identity, in-place version, grad flag, device and dtype, every module's children, training flag and
+hooks): loading other weights or unfreezing a block makes the next call rebuild or refuse it. The source module
+(its state dict, parameter counts, hooks) is never touched.
 """
 
 from __future__ import annotations
