@@ -114,7 +114,7 @@ def train_descriptor(
     ``batch_size``), then freeze it and record the losses of the last ``keep`` rows as its reference statistics.
     ``progress``: the engine's progress-bar wrapper (``ctx.progress``) or None."""
     d.requires_grad_(True)
-    opt = torch.optim.Adam(d.parameters(), lr=lr)
+    opt = torch.optim.Adam(d.parameters(), lr=lr, foreach=True)  # the same values as the per-tensor loop, fewer calls
     steps = range(epochs) if progress is None else progress(range(epochs), epochs, desc)
     for _ in steps:
         for idx in torch.randperm(len(x), generator=generator).split(batch_size):

@@ -38,7 +38,7 @@ from cl.routing import Routes, routed
 from cl.training import Loops, train
 
 #: what a strategy that does not train (``trains = False``) fixes: neither shown nor taken by the registry
-TRAINING_PARAMS = ("epochs", "lr", "optimizer", "weight_decay", "plateau_delta", "plateau_patience")
+TRAINING_PARAMS = ("epochs", "lr", "optimizer", "weight_decay", "plateau_delta", "plateau_patience", "plateau_every")
 
 
 class Strategy(MemoryEmbedding, LoadsByValue):
@@ -54,7 +54,11 @@ class Strategy(MemoryEmbedding, LoadsByValue):
         cache_prefix: reuse outputs of frozen blocks across epochs and experiences.
         plateau_delta: end a training loop before ``epochs`` once its epoch loss stops improving by this much
             (``cl.training.plateaued``; None: always train ``epochs``).
-        plateau_patience: how many epochs in a row may improve by less than ``plateau_delta`` before the loop ends.
+        plateau_patience: how many epochs (or windows) in a row may improve by less than ``plateau_delta`` before the
+            loop ends.
+        plateau_every: also decide inside an epoch, on the mean loss of every ``plateau_every`` optimiser steps, so a
+            loop whose loss falls in its first epoch can end inside it (None, or at least the epoch's steps: once per
+            epoch, at its end).
     """
 
     #: a subclass's own defaults for parameters of its bases, merged over theirs (``defaults()``); the registry
@@ -92,11 +96,12 @@ class Strategy(MemoryEmbedding, LoadsByValue):
         cache_prefix: bool = True,
         plateau_delta: Annotated[float, Field(gt=0)] | None = None,
         plateau_patience: Annotated[int, Field(ge=1)] = 1,
+        plateau_every: Annotated[int, Field(ge=1)] | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.epochs, self.lr, self.batch_size = (epochs if self.trains else 0), lr, batch_size
-        self.plateau_delta, self.plateau_patience = plateau_delta, plateau_patience
+        self.plateau_delta, self.plateau_patience, self.plateau_every = plateau_delta, plateau_patience, plateau_every
         self.optimizer_name, self.weight_decay = optimizer, weight_decay
         self.cache_prefix = cache_prefix
         self.ctx = Context()
@@ -217,10 +222,10 @@ class Strategy(MemoryEmbedding, LoadsByValue):
     def configure_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         name = self.optimizer_name.lower()
         if name == "sgd":
-            return torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
-        if name in ("adam", "adamw"):
+            return torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=self.weight_decay, foreach=True)
+        if name in ("adam", "adamw"):  # foreach: the values of the per-tensor loop (a CPU's default) in fewer calls
             cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-            return cls(params, lr=self.lr, weight_decay=self.weight_decay)
+            return cls(params, lr=self.lr, weight_decay=self.weight_decay, foreach=True)
         raise TrainingError(f"unknown optimizer {self.optimizer_name!r} (available: adam, adamw, sgd)")
 
     def states(self, dataset: Dataset, depth: int | None = None) -> CachedStates | None:

@@ -10,8 +10,12 @@ is fast-forwarded: its trained values, random state and epoch logs are restored 
 
 Plateau stopping (``strategy.plateau_delta``, off when None; ``strategy.plateau_patience``): a loop ends before its
 last epoch once its loss has stopped improving, decided after each epoch on the epoch's mean loss summed over the
-ranks, so every rank of a distributed run stops at the same epoch (``plateaued``). The decision reads only the epoch
-logs, which resume points and finished loops keep, so a resumed run stops where an uninterrupted one does.
+ranks, so every rank of a distributed run stops at the same epoch (``plateaued``). With ``strategy.plateau_every``
+the decision is also taken inside an epoch, after every ``plateau_every`` optimiser steps, on each window's mean loss
+(``Windows``; an epoch's last window ends with it), so a loop can end inside an epoch (that epoch is then logged with
+the steps it ran); an epoch of at most ``plateau_every`` steps decides once, at its end, as without windows. The
+decision reads only the epoch logs and the window means, which resume points and finished loops keep, so a resumed
+run stops where an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -63,12 +67,58 @@ def plateaued(losses: list[float], delta: float | None, patience: int = 1) -> bo
     return wait >= patience
 
 
+class Windows:
+    """The plateau windows of a loop with ``plateau_every``: each epoch's steps in windows of ``every`` steps, its last
+    window ending with the epoch (so an epoch of at most ``every`` steps is one window, as without windows). Holds the
+    mean loss of each closed window (summed over the ranks), the sums of the open one, and whether a window closed
+    since the last decision (``pending``): it is decided before the next step, or at the epoch's end, where the loop's
+    last epoch decides nothing (as the per-epoch rule)."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.means: list[float] = []
+        self.total, self.count, self.steps, self.pending = 0.0, 0, 0, False
+
+    def add(self, loss: float, n: int) -> None:
+        """Count one step's mean ``loss`` over ``n`` rows; the ``every``-th closes the window."""
+        self.total, self.count, self.steps = self.total + loss * n, self.count + n, self.steps + 1
+        if self.steps >= self.every:
+            self._close()
+
+    def _close(self) -> None:
+        total, count = dist.all_sum([self.total, self.count])
+        self.means.append(total / max(count, 1))
+        self.total, self.count, self.steps, self.pending = 0.0, 0, 0, True
+
+    def decide(self) -> bool:
+        """Whether a window closed since the last call (a plateau decision is due)."""
+        due, self.pending = self.pending, False
+        return due
+
+    def end_epoch(self) -> bool:
+        """Close the epoch's last window; whether a decision is due."""
+        if self.steps:
+            self._close()
+        return self.decide()
+
+    def state(self) -> dict[str, Any]:
+        return {"means": list(self.means), "total": self.total, "count": self.count, "steps": self.steps,
+                "pending": self.pending}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from ``state()``."""
+        self.means = list(state["means"])
+        self.total, self.count, self.steps, self.pending = state["total"], state["count"], state["steps"], \
+            state["pending"]
+
+
 class Trainee(Protocol):
     """What the loop uses of a strategy (``cl.strategy.Strategy`` has all of it)."""
 
     epochs: int
     plateau_delta: float | None
     plateau_patience: int
+    plateau_every: int | None
     loops: Loops
     ctx: Context
 
@@ -107,8 +157,12 @@ def _train(strategy: Trainee, exp: Experience) -> None:
     strategy.keep_pretrained({n for n, p in strategy.named_parameters() if p.requires_grad})
     cb = ctx.callbacks
     e0, s0, rng, logs = 0, 0, None, []
+    every = getattr(strategy, "plateau_every", None)
+    windows = Windows(every) if every else None
     if resume is not None:  # the loop that was interrupted
         e0, s0, rng, logs = resume["epoch"], resume["step"], resume["rng"], list(resume["epoch_logs"])
+        if windows is not None and resume.get("windows") is not None:
+            windows.restore(resume["windows"])
         strategy.load_checkpoint_state(resume["state"])
         try:
             opt.load_state_dict(resume["optimizer"])
@@ -119,6 +173,7 @@ def _train(strategy: Trainee, exp: Experience) -> None:
         _replay_epochs(strategy, exp, logs)
         loops.resume = None
     delta, patience = getattr(strategy, "plateau_delta", None), getattr(strategy, "plateau_patience", 1)
+    stopped = False
     for epoch in range(e0, strategy.epochs):
         if cb is not None:
             cb.before_epoch(ctx.agent, exp, epoch)
@@ -132,29 +187,41 @@ def _train(strategy: Trainee, exp: Experience) -> None:
             set_rng_state(rng)
             rng = None
         for it, (state, y) in enumerate(batches, start=first):
+            if windows is not None and windows.decide() and plateaued(windows.means, delta, patience):
+                stopped = True  # the window that closed after the previous step: stop before this one
+                break
             if cb is not None:
                 cb.before_iteration(ctx.agent, it)
             loss, n = optimizer_step(strategy, opt, params, state, y, (exp.id, epoch, it))
             total += loss * n
             count += n
+            if windows is not None:
+                windows.add(loss, n)
             if cb is not None:
                 cb.after_iteration(ctx.agent, it, loss)
             try:
                 ctx.check_stop(f"after step {it} of epoch {epoch} of experience {exp.id}")
             except RunInterrupted as e:
-                e.partial = resume_point(strategy, exp, call, epoch, it + 1, opt, total, count, logs)
+                e.partial = resume_point(strategy, exp, call, epoch, it + 1, opt, total, count, logs, windows)
                 raise
             if ctx.resume_point_due() and ctx.on_resume_point is not None:
-                ctx.on_resume_point(resume_point(strategy, exp, call, epoch, it + 1, opt, total, count, logs))
+                ctx.on_resume_point(resume_point(strategy, exp, call, epoch, it + 1, opt, total, count, logs, windows))
         total, count = dist.all_sum([total, count])
         strategy.eval()
         logs.append((epoch, {"loss": total / max(count, 1)}))
         if cb is not None:
             cb.after_epoch(ctx.agent, exp, epoch, logs[-1][1])
-        if epoch + 1 < strategy.epochs and plateaued([v["loss"] for _, v in logs], delta, patience):
+        last = epoch + 1 == strategy.epochs
+        if windows is None:
+            stopped = not last and plateaued([v["loss"] for _, v in logs], delta, patience)
+        elif not stopped:
+            stopped = windows.end_epoch() and not last and plateaued(windows.means, delta, patience)
+        if stopped:
             if cb is not None:
-                cb.on_event(ctx.agent, "plateau", {"loop": call, "epochs": epoch + 1, "of": strategy.epochs,
-                                                   "loss": logs[-1][1]["loss"], "delta": delta, "patience": patience})
+                where = {} if windows is None else {"every": windows.every, "windows": len(windows.means)}
+                cb.on_event(ctx.agent, "plateau", {
+                    "loop": call, "epochs": epoch + 1, "of": strategy.epochs, "loss": logs[-1][1]["loss"],
+                    "delta": delta, "patience": patience, **where})
             break
     loops.done.append({"names": {n for n, p in strategy.named_parameters() if p.requires_grad},
                        "rng": rng_state(), "epoch_logs": logs})
@@ -193,7 +260,7 @@ def _snapshot(strategy: Trainee, names: set[str]) -> dict[str, torch.Tensor]:
 
 
 def resume_point(strategy: Trainee, exp: Experience, call: int, epoch: int, step: int, opt: torch.optim.Optimizer,
-                 total: float, count: int, logs: list) -> dict[str, Any]:
+                 total: float, count: int, logs: list, windows: Windows | None = None) -> dict[str, Any]:
     """Everything needed to continue loop ``call`` after ``step`` steps of ``epoch`` (see ``train``): plain data
     and tensors, as checkpoints hold them."""
     done = [d if "state" in d else {**{k: v for k, v in d.items() if k != "names"},
@@ -201,6 +268,7 @@ def resume_point(strategy: Trainee, exp: Experience, call: int, epoch: int, step
     return {
         "experience": exp.id, "call": call, "epoch": epoch, "step": step, "total": total, "count": count,
         "epoch_logs": list(logs), "done": done, "rng": rng_state(), "optimizer": opt.state_dict(),
+        "windows": windows.state() if windows is not None else None,
         "state": {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
                   for k, v in strategy.checkpoint_state().items()},
     }

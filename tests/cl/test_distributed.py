@@ -57,7 +57,10 @@ def strategy_state(run_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-@pytest.mark.parametrize("strategy,params", [("sema", {}), ("replay", {"budget": 24})])
+@pytest.mark.parametrize("strategy,params", [
+    ("sema", {}), ("replay", {"budget": 24}),
+    ("finetune", {"plateau_delta": 0.1, "plateau_every": 2}),  # window means summed over the ranks: ends inside exp 0
+])
 def test_two_gloo_ranks_match_one_process(tmp_path, strategy, params):
     path, cfg = write_config(tmp_path, "dist", strategy, **params)
     proc = cl_run(str(path), "--nproc", "2", "--no-report")
@@ -74,6 +77,9 @@ def test_two_gloo_ranks_match_one_process(tmp_path, strategy, params):
     # the same training up to float summation order, which Adam amplifies where gradients are ~0
     # (tests/strategies/test_learning_contract.py compares every strategy at 1e-4, with SGD)
     assert not state_differences(strategy_state(dist_dir), strategy_state(tmp_path / "single"), 1e-2, 1e-6)
+    plateaus = [(e["experience"], e["epochs"], e.get("windows")) for e in events(dist_dir) if e["kind"] == "plateau"]
+    assert plateaus == [(e["experience"], e["epochs"], e.get("windows"))
+                        for e in events(tmp_path / "single") if e["kind"] == "plateau"]  # ended where one process did
     if strategy == "sema":
         kinds = [e["kind"] for e in events(dist_dir)]
         assert kinds.count("expansion") == [e["kind"] for e in events(tmp_path / "single")].count("expansion")
@@ -126,11 +132,16 @@ MID_EXPERIENCE = [
     ("replay", {"epochs": 2, "budget": 12}, 1, "after step 0 of epoch 0 of experience 1"),
     # SEMA trains layer by layer (3 loops of 2 epochs): stop in the second loop, so the first is fast-forwarded
     ("sema", {"epochs": 2}, 3, "after step 0 of epoch 0 of experience 1"),
+    # every loss is below 100, so the first window of 2 steps ends each loop: the resumed loop must count the step
+    # it ran before the signal into that window (a fresh window would run one step more)
+    ("finetune-windows", {"epochs": 3, "plateau_delta": 100.0, "plateau_every": 2}, 1,
+     "after step 0 of epoch 0 of experience 1"),
 ]
 
 
 @pytest.mark.parametrize("strategy,params,at,where", MID_EXPERIENCE, ids=[m[0] for m in MID_EXPERIENCE])
 def test_sigterm_mid_experience_resumes_from_that_step_identically(tmp_path, strategy, params, at, where):
+    strategy = strategy.split("-")[0]
     ref = run(tiny_config(tmp_path / "ref", strategy, **params))
     cfg = tiny_config(tmp_path, strategy, **params)
     before = signal.getsignal(signal.SIGTERM)

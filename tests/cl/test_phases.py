@@ -56,6 +56,10 @@ class Epochs(Callback):
     def __init__(self) -> None:
         self.epochs: list[int] = []
         self.events: list[dict] = []
+        self.steps = 0
+
+    def after_iteration(self, agent, iteration, loss) -> None:
+        self.steps += 1
 
     def after_epoch(self, agent, exp, epoch, logs) -> None:
         self.epochs.append(epoch)
@@ -79,6 +83,36 @@ def test_a_plateaued_loop_stops_early_and_says_so(delta):
     else:  # every loss is below 100: nothing to gain after the first epoch
         assert rec.epochs == [0]
         assert rec.events[0]["epochs"] == 1 and rec.events[0]["of"] == 4
+        assert "every" not in rec.events[0]  # decided at the epoch's end
+
+
+def _steps_per_epoch():
+    """Batches per epoch of finetune (batch size 64) on a one-experience tiny stream, and the stream."""
+    scen = {k: v for k, v in TINY_SCENARIO.items() if k != "name"}
+    stream = create_scenario("synthetic", **{**scen, "n_experiences": 1})
+    return -(-len(stream[0].train) // 64), stream  # finetune's batch size 64
+
+
+@pytest.mark.parametrize("delta,every,steps", [(None, 2, None), (100.0, 2, 2), (100.0, 1, 1), (100.0, 50, "epoch")])
+def test_plateau_every_decides_inside_an_epoch(delta, every, steps):
+    """``plateau_every``: the decision comes after every ``every`` steps, on each window's mean loss, so a loop can end
+    inside its first epoch; a window as long as the epoch decides at its end (the per-epoch rule); without
+    ``plateau_delta`` it never ends early."""
+    per_epoch, stream = _steps_per_epoch()
+    assert per_epoch > 2  # room to end inside the epoch
+    rec = Epochs()
+    with one_thread():
+        agent = Agent("vit_tiny_test", "finetune", callbacks=[rec], device="cpu", progress=False, journal=False,
+                      strategy_params={"epochs": 3, "plateau_delta": delta, "plateau_every": every, "lr": 1e-2})
+        agent.learn(stream[0])
+    if steps is None:
+        assert rec.steps == 3 * per_epoch and rec.events == []
+    elif steps == "epoch":
+        assert rec.steps == per_epoch and rec.epochs == [0] and rec.events[0]["windows"] == 1
+    else:  # every loss is below 100: the first window to close ends the loop, inside epoch 0
+        assert rec.steps == steps and rec.epochs == [0]
+        assert rec.events == [{"loop": 0, "epochs": 1, "of": 3, "loss": pytest.approx(rec.events[0]["loss"]),
+                               "delta": delta, "patience": 1, "every": every, "windows": 1}]
 
 
 def test_metrics_record_phases_that_add_up_and_the_report_shows_them(tmp_path):

@@ -80,7 +80,8 @@ def test_a_strategy_that_does_not_train_hides_the_training_parameters():
     reg = Registry("strategy", n_positional=1)
     reg.register("counts")(Counts)
     assert set(reg.params_model("counts").model_fields) == {"decay", "batch_size", "cache_prefix"}
-    assert set(TRAINING_PARAMS) == {"epochs", "lr", "optimizer", "weight_decay", "plateau_delta", "plateau_patience"}
+    assert set(TRAINING_PARAMS) == {"epochs", "lr", "optimizer", "weight_decay", "plateau_delta", "plateau_patience",
+                                    "plateau_every"}
     for key in TRAINING_PARAMS:
         with pytest.raises(ConfigError, match=f"unknown key '{key}'"):
             reg.validate("counts", {key: 1})
