@@ -6,7 +6,10 @@ an item never changes; caching it makes an epoch cost only the adapted suffix.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
@@ -67,6 +70,43 @@ class CachedStates(Dataset):
             yield self.take(order[s : s + batch_size])
 
 
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def map_batches(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+    """``fn`` over ``items``, in order, each call with one torch thread; with ``workers`` > 1 on that many Python
+    threads at once (at most ``2 * workers`` items ahead of the consumer), the first item alone before them, so
+    anything ``fn`` builds lazily (the folded prefix copy) is built once. The torch thread count is restored after.
+
+    On a CPU this parallelises across batches instead of inside each operator: the threads never wait for each
+    other inside an operator, so a core the host steals from slows its own batches only (6,000 images through the
+    EfficientNet-Lite0 prefix at 64 px, 2 cores, alternated in one process: median 5.6 s vs 7.9 s with 2 torch
+    threads per batch), and each batch's values are those of one thread, whatever ``workers`` is.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        items = iter(items)
+        first = next(items, None)
+        if first is None:
+            return
+        yield fn(first)
+        if workers <= 1:
+            yield from map(fn, items)
+            return
+        with ThreadPoolExecutor(workers, thread_name_prefix="cl-batches") as pool:
+            ahead: deque = deque()
+            for item in items:
+                ahead.append(pool.submit(fn, item))
+                if len(ahead) >= 2 * workers:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.no_grad()
 def compute_states(
     backbone: Backbone,
@@ -79,7 +119,9 @@ def compute_states(
     taps: Sequence[int] = (),
 ) -> CachedStates:
     """Run the frozen prefix (stem + ``depth`` blocks) over a dataset; states kept on the CPU. ``taps``: blocks
-    (below ``depth``) whose pooled outputs the states carry (``Tapped``)."""
+    (below ``depth``) whose pooled outputs the states carry (``Tapped``). Image batches on a CPU run on
+    ``torch.get_num_threads()`` threads of one torch thread each (``map_batches``); forward hooks on the backbone then
+    run in those threads."""
     was_training = backbone.training
     backbone.eval()
     chunks: list[tuple[torch.Tensor, ...]] = []
@@ -88,8 +130,15 @@ def compute_states(
     if progress is not None:
         it = progress(it, num_batches(dataset, batch_size), f"prefix (blocks < {depth})")
     is_tuple = False
-    for x, _ in it:
-        state = backbone.forward_until(backbone.prepare(x, device), depth, taps)
+
+    def prefix(x: torch.Tensor) -> State:
+        with torch.no_grad():  # grad mode is per thread
+            return backbone.forward_until(backbone.prepare(x, device), depth, taps)
+
+    # images on a CPU (a tokenizer shared by threads may refuse concurrent calls)
+    workers = torch.get_num_threads() if device.type == "cpu" and backbone.data_config.modality == "image" else 1
+    batches = map_batches(prefix, (x for x, _ in it), workers) if workers > 1 else (prefix(x) for x, _ in it)
+    for state in batches:
         if isinstance(state, Tapped):
             tapped.append(state.taps.to("cpu", dtype))
             state = state.state
