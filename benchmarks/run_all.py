@@ -18,7 +18,7 @@ from pathlib import Path
 
 from benchmarks._common import RESULTS_DIR
 
-BENCHMARKS = ["prefix_cache", "fold", "mixture_inference", "adapter_pool", "memory_search", "mos_inference",
+BENCHMARKS = ["prefix_cache", "fold", "fill", "mixture_inference", "adapter_pool", "memory_search", "mos_inference",
               "distributed"]
 
 

@@ -80,9 +80,10 @@ def map_batches(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Itera
     anything ``fn`` builds lazily (the folded prefix copy) is built once. The torch thread count is restored after.
 
     On a CPU this parallelises across batches instead of inside each operator: the threads never wait for each
-    other inside an operator, so a core the host steals from slows its own batches only (6,000 images through the
-    EfficientNet-Lite0 prefix at 64 px, 2 cores, alternated in one process: median 5.6 s vs 7.9 s with 2 torch
-    threads per batch), and each batch's values are those of one thread, whatever ``workers`` is.
+    other inside an operator, so a core the host slows delays its own batches only, and each batch's values are
+    those of one thread, whatever ``workers`` is (``benchmarks.fill``: 6,000 images through the EfficientNet-Lite0
+    prefix at 64 px on 2 cores, batches of 32 on 2 threads 4.5-5.2 s, median 4.8; of 64 with 2 torch threads in
+    each operator 4.4-7.6 s, median 5.3; the states equal bit for bit).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -117,11 +118,13 @@ def compute_states(
     dtype: torch.dtype = torch.float32,
     progress: Callable[[Iterator, int, str], Iterator] | None = None,
     taps: Sequence[int] = (),
+    workers: int | None = None,
 ) -> CachedStates:
     """Run the frozen prefix (stem + ``depth`` blocks) over a dataset; states kept on the CPU. ``taps``: blocks
-    (below ``depth``) whose pooled outputs the states carry (``Tapped``). Image batches on a CPU run on
-    ``torch.get_num_threads()`` threads of one torch thread each (``map_batches``); forward hooks on the backbone then
-    run in those threads."""
+    (below ``depth``) whose pooled outputs the states carry (``Tapped``). ``workers``: Python threads that run
+    batches at once, each with one torch thread (``map_batches``; forward hooks on the backbone then run in those
+    threads); None: ``torch.get_num_threads()`` for images on a CPU, else 1 (batch by batch, with the torch threads
+    inside each operator)."""
     was_training = backbone.training
     backbone.eval()
     chunks: list[tuple[torch.Tensor, ...]] = []
@@ -135,8 +138,8 @@ def compute_states(
         with torch.no_grad():  # grad mode is per thread
             return backbone.forward_until(backbone.prepare(x, device), depth, taps)
 
-    # images on a CPU (a tokenizer shared by threads may refuse concurrent calls)
-    workers = torch.get_num_threads() if device.type == "cpu" and backbone.data_config.modality == "image" else 1
+    if workers is None:  # images on a CPU (a tokenizer shared by threads may refuse concurrent calls)
+        workers = torch.get_num_threads() if device.type == "cpu" and backbone.data_config.modality == "image" else 1
     batches = map_batches(prefix, (x for x, _ in it), workers) if workers > 1 else (prefix(x) for x, _ in it)
     for state in batches:
         if isinstance(state, Tapped):

@@ -47,8 +47,8 @@ class Context:
     rank: int = 0
     world_size: int = 1
     eval_batch_size: int = 256
-    #: batch of the prefix-cache fill (None: ``eval_batch_size`` on a GPU, at most 64 on a CPU, where a large batch's
-    #: feature maps fall out of the caches and cost page faults: up to 2x slower for EfficientNet-Lite0 at 64 px)
+    #: batch of the prefix-cache fill (None: ``eval_batch_size`` on a GPU, at most 32 on a CPU, where the fill runs one
+    #: batch per torch thread at once and larger batches' feature maps fall out of the caches: ``benchmarks.fill``)
     fill_batch_size: int | None = None
     stop: GracefulStop | None = None  # the run's (None: signals are not intercepted)
     # periodic resume points: ``on_resume_point(point)`` saves one (rank 0), at most every ``resume_interval_s``
@@ -61,9 +61,7 @@ class Context:
         """The batch size of a prefix-cache fill (``fill_batch_size``)."""
         if self.fill_batch_size is not None:
             return self.fill_batch_size
-        # 6,000 images at 64 px through the folded EfficientNet-Lite0 prefix, 2 threads: 5.0 s in batches of 64,
-        # 6.5 s of 32, 6.8 s of 128, 9 s of 256 (alone, median of three rounds each)
-        return self.eval_batch_size if self.device.type == "cuda" else min(self.eval_batch_size, 64)
+        return self.eval_batch_size if self.device.type == "cuda" else min(self.eval_batch_size, 32)
 
     def phase(self, name: str) -> AbstractContextManager[None]:
         """Count the time inside the ``with`` block to phase ``name`` (``cl.phases``: cache_fill, train, ...)."""
