@@ -108,8 +108,8 @@ class Windows:
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from ``state()``."""
         self.means = list(state["means"])
-        self.total, self.count, self.steps, self.pending = state["total"], state["count"], state["steps"], \
-            state["pending"]
+        self.total, self.count = state["total"], state["count"]
+        self.steps, self.pending = state["steps"], state["pending"]
 
 
 class Trainee(Protocol):
