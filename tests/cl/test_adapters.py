@@ -223,6 +223,10 @@ def test_pools_route_inputs_to_the_adapters_of_their_experience() -> None:
     assert pool.route_to("shared").tolist() == [1.0, 0.0, 0.0, 0.0]  # by adapter name
     routes = routes_to(ps, exps)
     assert set(routes) == {2, 3} and routes[3].shape == (5, 4) and routes[2].shape == (5, 3)
+    pool.add("e5", owner=5)  # a later expansion: asked again, the pool answers with it
+    assert pool.adapter_for(torch.tensor([4, 5, 9])).tolist() == [3, 4, 4]
+    with pytest.raises(ConfigError, match=r"no adapter for experiences \[-1\]"):
+        pool.adapter_for(torch.tensor([-1, 0]))
     late = inject(tiny("vit_tiny_test"), AdapterConfig(layers=[0]))[0]
     late.add("x")
     late.add("y", owner=1)
