@@ -27,11 +27,8 @@ def run(quick: bool = False) -> dict[str, Any]:
     from scenarios.sources.fashion_mnist import load_fashion_mnist
 
     threads = torch.get_num_threads()
-    if quick:
-        backbone, images, depth, rounds = create_backbone("efficientnet_lite0", weights="none", img_size=32), 96, 6, 1
-    else:
-        backbone, depth, images, rounds = create_backbone("efficientnet_lite0", weights="imagenet", img_size=64), 13, \
-            6000, 5
+    weights, img_size, depth, images, rounds = ("none", 32, 6, 96, 1) if quick else ("imagenet", 64, 13, 6000, 5)
+    backbone = create_backbone("efficientnet_lite0", weights=weights, img_size=img_size)
     backbone.requires_grad_(False).eval()
     train = load_fashion_mnist()[0]
     data = Subset(train, range(images))
