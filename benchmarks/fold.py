@@ -1,9 +1,10 @@
 """Frozen forward of EfficientNet-Lite0 with BatchNorm folded into the convolutions (``cl.backbones.fold``) or not.
 
 The frozen backbone (ImageNet weights, eval mode, no gradients) embeds batches of random images through
-``forward_features``: once as clagent runs it (the prefix through ``prefix_runner``: BatchNorm folded), once with
-every BatchNorm run as a norm (the stem and blocks called directly). The two alternate, ``repeats`` times; reported:
-median images/s of each and their ratio, with the largest difference of the embeddings.
+``forward_features``: once as clagent runs it (through ``prefix_runner`` and ``suffix_runner``: BatchNorm folded),
+once with every BatchNorm run as a norm (the stem, blocks and pool of the backbone itself called directly). The two
+alternate, ``repeats`` times; reported: median images/s of each and their ratio, with the largest difference of the
+embeddings.
 
     python -m benchmarks.fold [--quick] [--threads N] [--json PATH]
 """
@@ -28,9 +29,13 @@ def measure(img_size: int, batch: int, repeats: int) -> dict[str, Any]:
 
 def _measure(backbone: Any, img_size: int, batch: int, repeats: int) -> dict[str, Any]:
     x = backbone.prepare(torch.randint(0, 256, (batch, 1, 28, 28), dtype=torch.uint8))
-    # forward_from runs every block as it is (only forward_until's prefix folds)
-    runs = {"folded": backbone.forward_features,
-            "unfolded": lambda v: backbone.forward_from(backbone.forward_stem(v), 0)}
+    def unfolded(v: torch.Tensor) -> torch.Tensor:  # the backbone's own modules, every norm a norm
+        state = backbone.forward_stem(v)
+        for block in backbone.blocks:
+            state = block(state)
+        return backbone.forward_pool(state)
+
+    runs = {"folded": backbone.forward_features, "unfolded": unfolded}
     diff = float((runs["folded"](x) - runs["unfolded"](x)).abs().max())  # also the warm-up (and the fold)
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(repeats):

@@ -127,24 +127,49 @@ class Backbone(nn.Module):
             return state.mean((2, 3))
         return state.mean(1)
 
-    def fold_batchnorm_in_prefix(self, stem: Sequence[nn.Module]) -> None:
-        """Let the frozen prefix run with BatchNorm folded into the convolutions (``cl.backbones.fold``): CNN
-        backbones call it once built, naming the modules ``forward_stem`` runs. Only the blocks there now fold;
-        a block replaced later (an adapted block) and everything after it run as they are."""
-        self.__dict__["_foldable"] = (list(stem), list(self.blocks), FoldedCopies())  # kept out of the module tree
+    def fold_frozen_batchnorm(self, stem: Sequence[nn.Module], tail: Sequence[nn.Module] = ()) -> None:
+        """Let the frozen backbone run with BatchNorm folded into the convolutions (``cl.backbones.fold``): CNN
+        backbones call it once built, naming the modules ``forward_stem`` runs (``stem``) and those
+        ``forward_pool`` runs (``tail``). The blocks there now fold, also inside a wrapper put in a block's place
+        later (an adapted block: ``prefix_runner``, ``suffix_runner``)."""
+        self.__dict__["_foldable"] = (list(stem), list(self.blocks), list(tail), FoldedCopies())  # out of the tree
 
     def prefix_runner(self, stop: int) -> Backbone:
         """What runs the stem and ``blocks[:stop]``: a copy with BatchNorm folded into the convolutions (same
-        outputs up to float rounding) when this backbone folds (``fold_batchnorm_in_prefix``), those blocks are the
-        backbone's own and nothing there trains, is in train mode or hooked; else the backbone itself."""
+        outputs up to float rounding) when this backbone folds (``fold_frozen_batchnorm``); else the backbone
+        itself (``_folded``)."""
+        return self._folded("prefix", stop)
+
+    def suffix_runner(self, start: int) -> Backbone:
+        """What runs ``blocks[start:]`` and ``forward_pool``: a folded copy as ``prefix_runner``'s, or the backbone
+        itself."""
+        return self._folded("suffix", start)
+
+    def _folded(self, part: Literal["prefix", "suffix"], at: int) -> Backbone:
+        """A copy of this backbone with BatchNorm folded into the convolutions of the prefix (the stem and
+        ``blocks[:at]``) or the suffix (``blocks[at:]`` and the pool), kept while what it copies stays the same
+        (``cl.backbones.fold.FoldedCopies``), when this backbone folds and each block there is its own or a wrapper
+        in its place whose ``block`` is its own (an adapted block, ``cl.adapters``): the wrapper's other modules
+        (the adapter pool) and the blocks of the other part are shared with the copy, not copied, so they may
+        train, route and be hooked as usual. Else (no folding; a foreign block; something copied trains, is in
+        train mode or hooked) the backbone itself."""
         foldable = self.__dict__.get("_foldable")
         if foldable is None:
             return self
-        stem, own, copies = foldable
+        stem, own, tail, copies = foldable
         blocks = list(self.blocks)
-        if any(b is not o for b, o in zip(blocks[:stop], own, strict=False)):
-            return self
-        clone = copies.get(self, stop, [*stem, *blocks[:stop]], shared=blocks[stop:])
+        mine = range(at) if part == "prefix" else range(at, len(blocks))
+        live: list[nn.Module] = []  # what the wrappers hold besides the block
+        for i in mine:
+            if blocks[i] is not own[i]:
+                if getattr(blocks[i], "block", None) is not own[i]:
+                    return self
+                live.extend(m for m in blocks[i].children() if m is not own[i])
+        if part == "prefix":
+            depends, shared = [*stem, *blocks[:at]], [*blocks[at:], *live]
+        else:
+            depends, shared = [*blocks[at:], *tail], [*stem, *blocks[:at], *live]
+        clone = copies.get(self, (part, at), depends, shared=shared)
         return self if clone is None else clone
 
     # The compositions below are shared by every backbone.
@@ -165,24 +190,26 @@ class Backbone(nn.Module):
         return Tapped(state, torch.cat(pooled, 1)) if taps else state
 
     def forward_from(self, state: State, start: int) -> torch.Tensor:
-        """State before ``blocks[start]`` -> embedding (the taps of a ``Tapped`` state play no part)."""
+        """State before ``blocks[start]`` -> embedding (the taps of a ``Tapped`` state play no part); the blocks and
+        the pool run through ``suffix_runner``."""
         state = untapped(state)
+        run = self.suffix_runner(start)
         for i in range(start, len(self.blocks)):
-            state = self.forward_block(i, state)
-        return self.forward_pool(state)
+            state = run.forward_block(i, state)
+        return run.forward_pool(state)
 
     def forward_from_tapped(self, state: State, start: int, taps: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """State before ``blocks[start]`` -> (embedding, pooled outputs ``[B, T]`` of the blocks ``taps``, all at or
         after ``start``, in block order), from one pass."""
         if not all(start <= i < self.num_blocks for i in taps):
             raise ConfigError(f"taps {list(taps)} after block {start}: tap blocks {start}..{self.num_blocks - 1}")
-        state = untapped(state)
+        state, run = untapped(state), self.suffix_runner(start)
         pooled = []
         for i in range(start, len(self.blocks)):
-            state = self.forward_block(i, state)
+            state = run.forward_block(i, state)
             if i in taps:
                 pooled.append(self.pool_block(state))
-        embedding = self.forward_pool(state)
+        embedding = run.forward_pool(state)
         return embedding, torch.cat(pooled, 1) if pooled else embedding.new_zeros(embedding.shape[0], 0)
 
     def forward_features(self, x: State) -> torch.Tensor:

@@ -62,7 +62,7 @@ class EfficientNetLite(Backbone):
         self.min_input_size = MIN_INPUT_SIZE
         if channels_last:
             model.to(memory_format=torch.channels_last)
-        self.fold_batchnorm_in_prefix([model.conv_stem, model.bn1])
+        self.fold_frozen_batchnorm([model.conv_stem, model.bn1], tail=[model.conv_head, model.bn2])
 
     @property
     def blocks(self) -> nn.Sequential:

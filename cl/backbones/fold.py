@@ -1,4 +1,4 @@
-"""BatchNorm folded into the convolution before it: a faster inference copy of a frozen CNN prefix.
+"""BatchNorm folded into the convolution before it: faster inference copies of a frozen CNN's blocks.
 
 A frozen backbone runs in eval mode, where ``BatchNorm2d`` is a fixed per-channel affine map; folded into the
 preceding convolution's weights and bias (``torch.nn.utils.fusion.fuse_conv_bn_weights``) it costs nothing. On
@@ -43,6 +43,8 @@ def fold_batchnorm(module: nn.Module, keep: Sequence[nn.Module] = ()) -> int:
             conv, bn = parent._modules[a], parent._modules[b]
             if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats):
                 continue
+            if id(conv) in skip or id(bn) in skip:  # a kept pair whose parent folds: leave it as it is
+                continue
             w, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
                                            bn.weight, bn.bias)
             if conv.weight.is_contiguous(memory_format=torch.channels_last):
@@ -54,7 +56,7 @@ def fold_batchnorm(module: nn.Module, keep: Sequence[nn.Module] = ()) -> int:
     return folded
 
 
-Signature = tuple[tuple[Any, ...], ...]
+Signature = tuple[Any, ...]
 
 
 def signature(modules: Sequence[nn.Module]) -> Signature:
@@ -62,18 +64,25 @@ def signature(modules: Sequence[nn.Module]) -> Signature:
     module its children's identities, training flag and hooks, and its own parameters' and buffers' identities,
     in-place versions, grad flags, devices and dtypes (``.to`` and ``.half()`` may swap a parameter's data in
     place). Tensors made under ``torch.inference_mode`` keep no version: for them only replacing the tensor
-    (``load_state_dict`` outside inference mode, ``.to``) is seen."""
-    return tuple(
-        (tuple(map(id, m._modules.values())), m.training, bool(m._forward_hooks or m._forward_pre_hooks),
-         tuple((id(t), -1 if t.is_inference() else t._version, t.requires_grad, t.device, t.dtype)
-               for t in (*m._parameters.values(), *m._buffers.values()) if t is not None))
+    (``load_state_dict`` outside inference mode, ``.to``) is seen. One flat tuple (a module's entry, then its
+    tensors' fields): it is read on every call of a folded copy."""
+    out: list[Any] = []
+    for m in modules:
+        out.append((*map(id, m._modules.values()), m.training, bool(m._forward_hooks or m._forward_pre_hooks)))
+        for tensors in (m._parameters, m._buffers):
+            for t in tensors.values():
+                if t is not None:
+                    out += (id(t), -1 if t.is_inference() else t._version, t.requires_grad, t.device, t.dtype)
+    return tuple(out)
+
+
+def _foldable(modules: Sequence[nn.Module]) -> bool:
+    """Nothing in training mode, hooked (a copy would bypass the hook) or trainable."""
+    return not any(
+        m.training or m._forward_hooks or m._forward_pre_hooks
+        or any(t is not None and t.requires_grad for t in (*m._parameters.values(), *m._buffers.values()))
         for m in modules
     )
-
-
-def _foldable(sig: Signature) -> bool:
-    """Nothing in training mode, hooked (a copy would bypass the hook) or trainable."""
-    return not any(training or hooked or any(t[2] for t in tensors) for _, training, hooked, tensors in sig)
 
 
 class FoldedCopies:
@@ -88,17 +97,19 @@ class FoldedCopies:
 
     def get(self, source: nn.Module, key: Hashable, depends_on: Sequence[nn.Module],
             shared: Sequence[nn.Module] = ()) -> nn.Module | None:
-        """A folded deep copy of ``source``, current for ``depends_on``; None while something there trains, is in
-        train mode or hooked. ``shared`` modules are not copied (the copy refers to the source's)."""
+        """A folded deep copy of ``source``, current for ``depends_on`` (with their submodules); None while something
+        there trains, is in train mode or hooked. ``shared`` modules are not copied (the copy refers to the source's)
+        nor folded, and what they hold is not depended on, also where it sits inside ``depends_on``."""
         found = self._copies.get(key)
         if found is not None:
             flat, sig, clone = found
             if all(a is b for a, b in zip(flat, depends_on, strict=False)) and signature(flat) == sig:
                 return clone
-        flat = [*depends_on, *(sub for m in depends_on for sub in m.modules() if sub is not m)]
+        apart = {id(sub) for m in shared for sub in m.modules()}  # shared subtrees run as themselves: not depended on
+        flat = [*depends_on, *(sub for m in depends_on for sub in m.modules() if sub is not m and id(sub) not in apart)]
         sig = signature(flat)
         clone = None
-        if _foldable(sig):
+        if _foldable(flat):
             memo: dict[int, object] = {id(m): m for m in shared}
             clone = copy.deepcopy(source, memo)
             fold_batchnorm(clone, keep=shared)

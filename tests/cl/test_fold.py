@@ -138,3 +138,44 @@ def test_a_dtype_change_rebuilds_the_copy() -> None:
     out = b.forward_until(x.double(), 6)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, unfolded_until(b, x.double(), 6), atol=1e-8, rtol=1e-8)
+
+
+def unfolded_from(b: Backbone, state: torch.Tensor, start: int) -> torch.Tensor:
+    for i in range(start, b.num_blocks):
+        state = b.forward_block(i, state)
+    return b.forward_pool(state)
+
+
+def test_adapted_blocks_fold_inside_with_their_pools_shared_and_the_source_untouched() -> None:
+    from cl.adapters import AdapterConfig, inject
+
+    b = frozen_effnet()
+    stem = b.model.conv_stem.weight.clone()
+    ps = inject(b, AdapterConfig(layers=[-3, -2, -1]))
+    for p in ps.values():
+        p.add("a")
+        with torch.no_grad():
+            for q in p.adapters["a"].parameters():  # trainable, and not the zero delta
+                q.normal_(0, 0.1)
+    x = images(b)
+    with torch.no_grad():
+        state = unfolded_until(b, x, 13)
+        run = b.suffix_runner(13)
+        assert run is not b and b.prefix_runner(13) is not b
+        assert all(run.blocks[i].pool is ps[i] for i in ps)  # shared, so they train and route as themselves
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in run.blocks[13].block.modules())
+        torch.testing.assert_close(b.forward_from(state, 13), unfolded_from(b, state, 13), atol=1e-4, rtol=1e-4)
+        # the source keeps every norm; the stem, shared with the suffix's copy, was not folded in place
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in b.modules()) == 49
+        assert torch.equal(b.model.conv_stem.weight, stem) and isinstance(b.model.bn1, nn.BatchNorm2d)
+        ps[15].adapters["a"].up.weight.add_(0.5)  # an adapter trained in place: the copy runs it as it is now
+        torch.testing.assert_close(b.forward_from(state, 13), unfolded_from(b, state, 13), atol=1e-4, rtol=1e-4)
+        assert b.suffix_runner(13) is run  # the pools are not what the copy depends on: no rebuild
+    out = b.forward_from(state, 13)  # gradients reach the adapters through the folded blocks
+    out.pow(2).sum().backward()
+    assert all(p.adapters["a"].down.weight.grad is not None for p in ps.values())
+    handle = b.blocks[14].register_forward_hook(lambda m, a, o: None)
+    assert b.suffix_runner(13) is b  # a hooked adapted block runs as it is
+    handle.remove()
+    b.blocks[15] = nn.Sequential(b.blocks[15].block)  # a wrapper without ``block``: not folded through
+    assert b.suffix_runner(13) is b and b.suffix_runner(16) is not b
