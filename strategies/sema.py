@@ -304,11 +304,11 @@ class SEMA(AdapterStrategy):
         return table.to(y.device)[y]
 
     @torch.no_grad()
-    def task_routes(self, state: State, frozen: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-        """One-hot routes ``{layer: [B, K]}`` that send each input to one experience's adapters: in every layer
-        the adapter that experience used there (its own, or the latest older one it reused). The experience is
-        the current one while training, else picked by ``route_experiences``. Forced layers keep their override.
-        """
+    def task_routes(self, state: State, frozen: torch.Tensor | None = None) -> dict[int, torch.Tensor | str]:
+        """Routes ``{layer: route}`` that send each input to one experience's adapters: in every layer the adapter
+        that experience used there (its own, or the latest older one it reused); the adapter's name when the batch
+        has one experience (it runs alone), else one-hot weights ``[B, K]`` (``routes_to``). The experience is the
+        current one while training, else picked by ``route_experiences``. Forced layers keep their override."""
         free = {i: p for i, p in self.pools.items() if p.route_override is None and len(p) > 1}
         if not free:
             return {}

@@ -114,7 +114,11 @@ class LowRank(nn.Module):
         self.up = _zero_(projection(shape.kind, dim, shape.c_out, bias=bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.dropout(self.act(self.down(x)))) * self.scale
+        h = self.act(self.down(x))
+        if self.dropout.p:  # dropout 0 and scale 1 (the defaults) are the identity: no call for them
+            h = self.dropout(h)
+        out = self.up(h)
+        return out if self.scale == 1.0 else out * self.scale
 
 
 class Bottleneck(LowRank):

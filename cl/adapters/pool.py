@@ -34,7 +34,8 @@ class AdapterPool(nn.Module):
     """A block's adapters by name; ``forward(x, y)`` = sum_k w_k(x) * adapter_k(x) with w from the router.
 
     With one adapter (or no router) the weights are 1. ``route_override`` (``[K]`` or ``[1, K]``: every input;
-    ``[B, K]``: one row per input) replaces the router, e.g. to route by task id or retrieval (``route_to``).
+    ``[B, K]``: one row per input; an adapter name: every input to that adapter alone, which then runs without
+    weights) replaces the router, e.g. to route by task id or retrieval (``route_to``, ``adapter_name_for``).
     ``descriptors`` (optional) holds one descriptor per adapter.
     """
 
@@ -52,7 +53,7 @@ class AdapterPool(nn.Module):
             self.use_descriptors(config.descriptor_hidden or 128)
         kw = dict(config.router_kw, **({"descriptors": self.descriptors} if config.router == "descriptor" else {}))
         self.router = create_router(config.router, shape.c_in, **kw) if config.router else None
-        self.route_override: torch.Tensor | None = None
+        self.route_override: torch.Tensor | str | None = None
         self._sink: tuple[dict[int, torch.Tensor], int] | None = None  # set by ``capturing``
 
     @property
@@ -120,17 +121,24 @@ class AdapterPool(nn.Module):
         if it added none."""
         return next((n for n in reversed(self.names) if self._owners.get(n) == experience), None)
 
+    def adapter_name_for(self, experience: int) -> str | None:
+        """The adapter experience ``experience`` uses in this pool: the one it added (the latest, if several), or
+        where it added none (it reused the pool), the one ``reuse`` gave it, else the latest added by an earlier
+        experience; None if there is none."""
+        if experience in self._reused:
+            return self._reused[experience]
+        usable = [n for n in self.names if 0 <= self._owners.get(n, -1) <= experience]
+        return usable[-1] if usable else None
+
     def adapter_for(self, experiences: torch.Tensor) -> torch.Tensor:
-        """Index into ``names`` of the adapter each experience of ``experiences`` ``[B]`` uses in this pool: the
-        one it added, or where it added none (it reused the pool), the one ``reuse`` gave it, else the latest added
-        by an earlier experience."""
-        owners = torch.tensor(self.owners, dtype=torch.long, device=experiences.device)
+        """Index into ``names`` of the adapter each experience of ``experiences`` ``[B]`` uses in this pool
+        (``adapter_name_for``)."""
         exps = experiences.long().reshape(-1)
-        usable = (owners >= 0) & (owners <= exps[:, None])  # [B, K]
-        index = torch.where(usable, torch.arange(len(owners), device=exps.device), -1)
-        found = index.amax(1) if len(owners) else torch.full_like(exps, -1)
-        for experience, name in self._reused.items():
-            found = torch.where(exps == experience, self.names.index(name), found)
+        top = int(exps.max()) if len(exps) else -1
+        names = [self.adapter_name_for(e) for e in range(top + 1)]
+        table = torch.tensor([-1 if n is None else self.names.index(n) for n in names] + [-1], dtype=torch.long,
+                             device=exps.device)  # the last entry: experiences below 0
+        found = table[torch.where(exps < 0, top + 1, exps)]
         if bool((found < 0).any()):
             missing = sorted(set(exps[found < 0].tolist()))
             have = ", ".join(f"{n} (experience {o})" for n, o in zip(self.names, self.owners, strict=True) if o >= 0)
@@ -172,6 +180,8 @@ class AdapterPool(nn.Module):
         """Weights ``[B, K]`` from the override or the router; None means weight 1 for every adapter."""
         if self.route_override is not None:
             w = self.route_override
+            if isinstance(w, str):
+                return self.route_to(w).expand(batch, -1)
             if w.shape[-1] != len(self):
                 raise ConfigError(f"route_override has {w.shape[-1]} columns for {len(self)} adapters {self.names}")
             if w.dim() == 1 or (w.dim() == 2 and w.shape[0] in (1, batch)):
@@ -192,6 +202,12 @@ class AdapterPool(nn.Module):
             self._sink[0][self._sink[1]] = pooled.detach()
         if not len(self):
             return None
+        name = self.route_override
+        if isinstance(name, str) and self.config.kind != "rank1":  # every input to one adapter: it runs alone
+            if name not in self.adapters:
+                raise ConfigError(f"no adapter {name!r} (have: {', '.join(self.names)}) for route_override")
+            adapter = self.adapters[name]
+            return adapter(y if adapter.uses_output else x)
         w = self.mixture(pooled, x.shape[0])
         if w is not None:
             w = w.to(x.device)
@@ -390,7 +406,8 @@ def inject(backbone: Backbone, config: AdapterConfig) -> dict[int, AdapterPool]:
             out[i] = block.pool
             continue
         out[i] = AdapterPool(config, shapes[i]).to(backbone.device)
-        backbone.blocks[i] = AdaptedBlock(block, out[i])
+        backbone.blocks[i] = wrapper = AdaptedBlock(block, out[i])
+        wrapper.training = block.training  # the block's mode (a frozen backbone's folded copies need eval mode)
     return out
 
 

@@ -1,8 +1,9 @@
 """Routes over adapter pools: which adapters each input runs through, forced for the length of a ``with`` block.
 
-A route is mixture weights per pool (``{block index: [K] or [B, K]}``). ``routing(pools, weights)`` sets them,
-``routes_to(pools, target)`` builds the weights that send inputs to an experience's adapters (or the adapter of a
-name) in every pool, and ``adapters_off(pools)`` runs the backbone as if it had none. ``routed(pools, routes)``
+A route is, per pool, mixture weights (``[K]`` or ``[B, K]``) or an adapter name (every input to that adapter,
+which then runs alone: no weights, no dispatch). ``routing(pools, routes)`` sets them, ``routes_to(pools, target)``
+builds the routes that send inputs to an experience's adapters (or the adapter of a name) in every pool, and
+``adapters_off(pools)`` runs the backbone as if it had none. ``routed(pools, routes)``
 takes any of them (``Routes``): what ``Strategy.embedding(state, routes)`` runs the backbone under.
 """
 
@@ -19,8 +20,9 @@ if TYPE_CHECKING:
 
 
 @contextmanager
-def routing(pools: Mapping[int, AdapterPool], weights: Mapping[int, torch.Tensor]) -> Iterator[None]:
-    """Force the mixture weights (``[K]`` or ``[B, K]``) of the given layers inside the block."""
+def routing(pools: Mapping[int, AdapterPool], weights: Mapping[int, torch.Tensor | str]) -> Iterator[None]:
+    """Force the routes of the given layers inside the block: mixture weights (``[K]`` or ``[B, K]``) or an adapter
+    name."""
     before = {i: pools[i].route_override for i in weights}
     try:
         for i, w in weights.items():
@@ -31,18 +33,42 @@ def routing(pools: Mapping[int, AdapterPool], weights: Mapping[int, torch.Tensor
             pools[i].route_override = w
 
 
-def routes_to(pools: Mapping[int, AdapterPool], target: int | str | torch.Tensor) -> dict[int, torch.Tensor]:
-    """``{layer: pool.route_to(target)}`` for every non-empty pool: the weights ``routing`` takes to send inputs
-    to an experience's adapters (or to the adapter of that name) in every adapted block."""
+def routes_to(pools: Mapping[int, AdapterPool], target: int | str | torch.Tensor) -> dict[int, torch.Tensor | str]:
+    """The routes ``routing`` takes to send inputs to an experience's adapters (or to the adapter of that name) in
+    every non-empty pool (``routes_to_each``)."""
+    target = _single(target)
     return routes_to_each(pools, {i: target for i, p in pools.items() if len(p)})
 
 
 def routes_to_each(
     pools: Mapping[int, AdapterPool], targets: Mapping[int, int | str | torch.Tensor]
-) -> dict[int, torch.Tensor]:
-    """``{layer: pools[layer].route_to(target)}`` for a target per layer (e.g. the adapter each layer is training);
-    ``routes_to`` sends every pool to the same one."""
-    return {i: pools[i].route_to(t) for i, t in targets.items()}
+) -> dict[int, torch.Tensor | str]:
+    """A route per layer to its target (e.g. the adapter each layer is training); ``routes_to`` sends every pool
+    to the same one. One target for every input (an adapter name, an experience id, or experience ids ``[B]`` all
+    equal) gives the adapter's name: it then runs alone on the whole batch; different experiences per input give
+    one-hot weights ``[B, K]`` (``AdapterPool.route_to``)."""
+    return {i: _route(pools[i], t) for i, t in targets.items()}
+
+
+def _single(target: int | str | torch.Tensor) -> int | str | torch.Tensor:
+    """Experience ids that are all the same (or a 0-d tensor) as one int: one experience for the whole batch."""
+    if isinstance(target, torch.Tensor) and target.dim() <= 1 and target.numel():
+        first = target.reshape(-1)[0]
+        if bool((target == first).all()):
+            return int(first)
+    return target
+
+
+def _route(pool: AdapterPool, target: int | str | torch.Tensor) -> torch.Tensor | str:
+    """One pool's route to ``target`` (see ``routes_to_each``)."""
+    target = _single(target)
+    if isinstance(target, str):
+        return target if target in pool.adapters else pool.route_to(target)  # route_to: the error naming the choice
+    if not isinstance(target, torch.Tensor) and int(target) >= 0:
+        name = pool.adapter_name_for(int(target))
+        if name is not None:
+            return name
+    return pool.route_to(target)  # weights [B, K], or route_to's error (no adapter for that experience)
 
 
 @contextmanager
@@ -61,9 +87,9 @@ class _Off:
 
 OFF = _Off()
 #: routes, as ``routed`` and ``Strategy.embedding`` take them: None (as the pools route now: their routers and
-#: overrides), ``OFF`` (every adapter off: the frozen model), ``{layer: weights [K] or [B, K]}``, or an experience
-#: id, experience ids ``[B]`` or an adapter name (to its adapters in every pool: ``routes_to``)
-Routes = Union[_Off, Mapping[int, torch.Tensor], int, str, torch.Tensor, None]  # noqa: UP007 (a runtime alias)
+#: overrides), ``OFF`` (every adapter off: the frozen model), ``{layer: weights [K] or [B, K], or an adapter name}``,
+#: or an experience id, experience ids ``[B]`` or an adapter name (to its adapters in every pool: ``routes_to``)
+Routes = Union[_Off, Mapping[int, torch.Tensor | str], int, str, torch.Tensor, None]  # noqa: UP007 (a runtime alias)
 
 
 @contextmanager

@@ -60,7 +60,7 @@ def test_insertion_keeps_function_then_training_changes_it(name: str, kind: str)
     b = tiny(name)
     x = batch(b)
     with torch.no_grad():
-        ref = b.forward_from(b.forward_stem(x), 0)  # every block as it is (a frozen CNN's forward folds BatchNorm)
+        ref = b(x)
     ps = inject(b, AdapterConfig(kind=kind, top_k=1))
     for p in ps.values():
         p.add("t0")
@@ -338,3 +338,45 @@ def test_rank_one_experts_gate_jointly() -> None:
     torch.testing.assert_close(pool(x, x), expected)
     assert isinstance(experts[0], RankOne) and pool.router is None
     assert pool.parameter_counts() == {"adapters": 3 * 2 * 2 * 32, "router": 0, "descriptors": 0}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_experience_per_batch_routes_by_name_and_runs_that_adapter_alone(kind: str) -> None:
+    """``routes_to`` a single experience (an int, or ids all equal) gives each pool its adapter's name: that adapter
+    alone runs on every row, with the outputs and gradients of its one-hot weights; mixed ids give weights."""
+    b = tiny("vit_tiny_test")
+    ps = inject(b, AdapterConfig(kind=kind, top_k=1, layers=[-2, -1]))
+    for p in ps.values():
+        p.add("e0", owner=0)
+        p.add("e1", owner=1)
+    ps[3].reuse("e0", 2)
+    x = batch(b)
+    train_step(b, x)  # both adapters move away from zero
+    named = routes_to(ps, torch.tensor([2, 2, 2]))
+    assert named == {2: "e1", 3: "e0"} and routes_to(ps, 1) == {2: "e1", 3: "e1"}
+    mixed = routes_to(ps, torch.tensor([0, 1, 1]))
+    assert all(isinstance(w, torch.Tensor) and w.shape == (3, 2) for w in mixed.values())
+    calls = []
+    hooks = [p.adapters[n].register_forward_hook(lambda m, a, o, n=n: calls.append((n, len(o))))
+             for p in ps.values() for n in p.names]
+
+    def run(routes):
+        b.zero_grad(set_to_none=True)
+        with routing(ps, routes):
+            out = b(x)
+        out.pow(2).sum().backward()
+        return out.detach(), [p.grad.clone() for p in b.parameters() if p.grad is not None]
+
+    calls.clear()
+    (by_name, g_name) = run(named)
+    if kind != "rank1":  # rank-one experts mix by weights: a name becomes its one-hot weights
+        assert sorted(calls) == [("e0", 3), ("e1", 3)]  # one adapter per pool, on the whole batch
+    (by_weights, g_weights) = run({i: ps[i].route_to(n) for i, n in named.items()})
+    torch.testing.assert_close(by_name, by_weights, rtol=1e-5, atol=1e-6)
+    assert len(g_name) == len(g_weights) > 0
+    for a, c in zip(g_name, g_weights, strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
+    for h in hooks:
+        h.remove()
+    with pytest.raises(ConfigError, match="no adapter 'zz'"), routing(ps, {3: "zz"}):
+        b(x) if kind != "rank1" else ps[3].mixture(None, 3)

@@ -203,8 +203,8 @@ class RowWatch:
 
     def _routes(self, keys: dict[str, str]):
         """A pre-hook on ``pool`` counting the rows its route sends each trained adapter: a ``[K]`` or ``[1, K]``
-        route sends every row, a ``[B, K]`` one each row where it is non-zero (a router: the same, from its
-        weights); with no route and no router every adapter gets every row."""
+        route or an adapter's name sends every row, a ``[B, K]`` one each row where it is non-zero (a router: the
+        same, from its weights); with no route and no router every adapter gets every row."""
 
         def pre(m: AdapterPool, args: tuple, kwargs: dict) -> None:
             step = self._step
@@ -213,6 +213,8 @@ class RowWatch:
             x = args[0]
             b = x.shape[0]
             w = m.route_override
+            if isinstance(w, str):  # an adapter name: every row to that adapter
+                w = m.route_to(w)
             if w is None and m.router is not None and len(m) > 1:
                 with torch.no_grad():
                     w = m.router(m.pool_input(x, args[2] if len(args) > 2 else kwargs.get("mask")))
