@@ -54,6 +54,15 @@ def train_step(b: Backbone, x, lr: float = 0.1) -> None:
                 p.grad = None
 
 
+def routed_pass(b: Backbone, ps: dict[int, AdapterPool], x, routes) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The output of one pass of ``b`` under ``routes`` and the gradients it leaves on ``b``'s parameters."""
+    b.zero_grad(set_to_none=True)
+    with routing(ps, routes):
+        out = b(x)
+    out.pow(2).sum().backward()
+    return out.detach(), [p.grad.clone() for p in b.parameters() if p.grad is not None]
+
+
 @pytest.mark.parametrize("name", list(TINY))
 @pytest.mark.parametrize("kind", KINDS)
 def test_insertion_keeps_function_then_training_changes_it(name: str, kind: str) -> None:
@@ -286,15 +295,7 @@ def test_hard_routes_run_each_adapter_on_its_inputs_only(name: str) -> None:
     train_step(b, x)  # t1 moves away from zero
     hard = {i: torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]) for i in ps}
     soft = {i: w * (1 - 1e-7) + (1 - w) * 1e-7 for i, w in hard.items()}  # not one-hot: the dense path
-
-    def run(weights):
-        b.zero_grad(set_to_none=True)
-        with routing(ps, weights):
-            out = b(x)
-        out.pow(2).sum().backward()
-        return out.detach(), [p.grad.clone() for p in b.parameters() if p.grad is not None]
-
-    (fast, g_fast), (dense, g_dense) = run(hard), run(soft)
+    (fast, g_fast), (dense, g_dense) = routed_pass(b, ps, x, hard), routed_pass(b, ps, x, soft)
     torch.testing.assert_close(fast, dense, rtol=1e-4, atol=1e-5)
     assert len(g_fast) == len(g_dense) > 0
     for a, c in zip(g_fast, g_dense, strict=True):
@@ -359,19 +360,11 @@ def test_one_experience_per_batch_routes_by_name_and_runs_that_adapter_alone(kin
     calls = []
     hooks = [p.adapters[n].register_forward_hook(lambda m, a, o, n=n: calls.append((n, len(o))))
              for p in ps.values() for n in p.names]
-
-    def run(routes):
-        b.zero_grad(set_to_none=True)
-        with routing(ps, routes):
-            out = b(x)
-        out.pow(2).sum().backward()
-        return out.detach(), [p.grad.clone() for p in b.parameters() if p.grad is not None]
-
     calls.clear()
-    (by_name, g_name) = run(named)
+    by_name, g_name = routed_pass(b, ps, x, named)
     if kind != "rank1":  # rank-one experts mix by weights: a name becomes its one-hot weights
         assert sorted(calls) == [("e0", 3), ("e1", 3)]  # one adapter per pool, on the whole batch
-    (by_weights, g_weights) = run({i: ps[i].route_to(n) for i, n in named.items()})
+    by_weights, g_weights = routed_pass(b, ps, x, {i: ps[i].route_to(n) for i, n in named.items()})
     torch.testing.assert_close(by_name, by_weights, rtol=1e-5, atol=1e-6)
     assert len(g_name) == len(g_weights) > 0
     for a, c in zip(g_name, g_weights, strict=True):
