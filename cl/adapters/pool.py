@@ -134,11 +134,10 @@ class AdapterPool(nn.Module):
         """Index into ``names`` of the adapter each experience of ``experiences`` ``[B]`` uses in this pool
         (``adapter_name_for``)."""
         exps = experiences.long().reshape(-1)
-        top = int(exps.max()) if len(exps) else -1
-        names = [self.adapter_name_for(e) for e in range(top + 1)]
-        table = torch.tensor([-1 if n is None else self.names.index(n) for n in names] + [-1], dtype=torch.long,
-                             device=exps.device)  # the last entry: experiences below 0
-        found = table[torch.where(exps < 0, top + 1, exps)]
+        seen, where = torch.unique(exps, return_inverse=True)
+        names = [self.adapter_name_for(e) if e >= 0 else None for e in seen.tolist()]
+        found = torch.tensor([-1 if n is None else self.names.index(n) for n in names], dtype=torch.long,
+                             device=exps.device)[where]
         if bool((found < 0).any()):
             missing = sorted(set(exps[found < 0].tolist()))
             have = ", ".join(f"{n} (experience {o})" for n, o in zip(self.names, self.owners, strict=True) if o >= 0)
