@@ -68,6 +68,12 @@ class AdapterPool(nn.Module):
     def __len__(self) -> int:
         return len(self.adapters)
 
+    def adapter(self, name: str) -> nn.Module:
+        """Adapter ``name``; ConfigError naming the pool's adapters if it has none of that name."""
+        if name not in self.adapters:
+            raise ConfigError(f"no adapter {name!r} (have: {', '.join(self.names) or 'none'})")
+        return self.adapters[name]
+
     def add(self, name: str, owner: int | None = None) -> nn.Module:
         """Create adapter ``name`` (zero delta), its router column and descriptor; rebuild optimisers after.
         ``owner``: the experience the adapter is made for (``route_to`` finds it by that; None: no experience's)."""
@@ -88,17 +94,14 @@ class AdapterPool(nn.Module):
 
     def freeze(self, name: str) -> None:
         """Stop training adapter ``name`` and its router column (its descriptor is left to its trainer)."""
-        if name not in self.adapters:
-            raise ConfigError(f"no adapter {name!r} (have: {', '.join(self.names) or 'none'})")
-        self.adapters[name].requires_grad_(False)
+        self.adapter(name).requires_grad_(False)
         if self.router is not None:
             self.router.freeze(self.names.index(name))
         self.frozen.add(name)
 
     def owner(self, name: str) -> int | None:
         """The experience adapter ``name`` was made for (None: added without one)."""
-        if name not in self.adapters:
-            raise ConfigError(f"no adapter {name!r} (have: {', '.join(self.names) or 'none'})")
+        self.adapter(name)
         return self._owners.get(name)
 
     @property
@@ -109,8 +112,7 @@ class AdapterPool(nn.Module):
     def reuse(self, name: str, experience: int) -> None:
         """Experience ``experience``, which added no adapter to this pool, uses adapter ``name`` here (``adapter_for``
         routes it there instead of to the latest adapter added before it)."""
-        if name not in self.adapters:
-            raise ConfigError(f"no adapter {name!r} (have: {', '.join(self.names) or 'none'})")
+        self.adapter(name)
         if int(experience) < 0 or self.owned_by(int(experience)) is not None:
             raise ConfigError(f"experience {experience} cannot reuse {name!r}: give an experience id >= 0 that added "
                               f"no adapter to this pool")
@@ -149,8 +151,7 @@ class AdapterPool(nn.Module):
         ``[K]`` (every input to that experience's adapter, see ``adapter_for``, or to the named one); experience
         ids ``[B]`` give ``[B, K]`` (each input to its experience's adapter)."""
         if isinstance(target, str):
-            if target not in self.adapters:
-                raise ConfigError(f"no adapter {target!r} (have: {', '.join(self.names) or 'none'})")
+            self.adapter(target)
             return F.one_hot(torch.tensor(self.names.index(target), device=self._anchor.device), len(self)).float()
         exps = target if isinstance(target, torch.Tensor) else torch.tensor(int(target), device=self._anchor.device)
         if exps.dim() > 1:
@@ -203,9 +204,7 @@ class AdapterPool(nn.Module):
             return None
         name = self.route_override
         if isinstance(name, str) and self.config.kind != "rank1":  # every input to one adapter: it runs alone
-            if name not in self.adapters:
-                raise ConfigError(f"no adapter {name!r} (have: {', '.join(self.names)}) for route_override")
-            adapter = self.adapters[name]
+            adapter = self.adapter(name)
             return adapter(y if adapter.uses_output else x)
         w = self.mixture(pooled, x.shape[0])
         if w is not None:

@@ -35,9 +35,9 @@ def routing(pools: Mapping[int, AdapterPool], weights: Mapping[int, torch.Tensor
 
 def routes_to(pools: Mapping[int, AdapterPool], target: int | str | torch.Tensor) -> dict[int, torch.Tensor | str]:
     """The routes ``routing`` takes to send inputs to an experience's adapters (or to the adapter of that name) in
-    every non-empty pool (``routes_to_each``)."""
-    target = _single(target)
-    return routes_to_each(pools, {i: target for i, p in pools.items() if len(p)})
+    every non-empty pool (as ``routes_to_each``)."""
+    target = _single(target)  # once for every pool
+    return {i: _route(p, target) for i, p in pools.items() if len(p)}
 
 
 def routes_to_each(
@@ -47,7 +47,7 @@ def routes_to_each(
     to the same one. One target for every input (an adapter name, an experience id, or experience ids ``[B]`` all
     equal) gives the adapter's name: it then runs alone on the whole batch; different experiences per input give
     one-hot weights ``[B, K]`` (``AdapterPool.route_to``)."""
-    return {i: _route(pools[i], t) for i, t in targets.items()}
+    return {i: _route(pools[i], _single(t)) for i, t in targets.items()}
 
 
 def _single(target: int | str | torch.Tensor) -> int | str | torch.Tensor:
@@ -60,10 +60,10 @@ def _single(target: int | str | torch.Tensor) -> int | str | torch.Tensor:
 
 
 def _route(pool: AdapterPool, target: int | str | torch.Tensor) -> torch.Tensor | str:
-    """One pool's route to ``target`` (see ``routes_to_each``)."""
-    target = _single(target)
+    """One pool's route to ``target`` (``_single``'d; see ``routes_to_each``)."""
     if isinstance(target, str):
-        return target if target in pool.adapters else pool.route_to(target)  # route_to: the error naming the choice
+        pool.adapter(target)  # or the error naming the pool's adapters
+        return target
     if not isinstance(target, torch.Tensor) and int(target) >= 0:
         name = pool.adapter_name_for(int(target))
         if name is not None:
