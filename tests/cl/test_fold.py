@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -112,8 +114,6 @@ def test_fold_batchnorm_counts_and_keeps() -> None:
 
 
 def test_adapted_blocks_end_the_folded_prefix_and_copies_fold_too() -> None:
-    import copy
-
     b = frozen_effnet()
     twin = copy.deepcopy(b)
     assert twin.prefix_runner(8) is not twin and twin.prefix_runner(8).blocks[0] is not b.prefix_runner(8).blocks[0]
@@ -179,3 +179,24 @@ def test_adapted_blocks_fold_inside_with_their_pools_shared_and_the_source_untou
     handle.remove()
     b.blocks[15] = nn.Sequential(b.blocks[15].block)  # a wrapper without ``block``: not folded through
     assert b.suffix_runner(13) is b and b.suffix_runner(16) is not b
+
+
+@torch.no_grad()
+def test_swapped_data_replaced_tensors_and_deep_changes_rebuild_the_copy() -> None:
+    b, other = frozen_effnet(0), frozen_effnet(1)
+    x = images(b)
+    conv = b.blocks[2].conv_pw
+
+    def current() -> None:
+        torch.testing.assert_close(b.forward_until(x, 6), unfolded_until(b, x, 6), atol=1e-4, rtol=1e-4)
+
+    current()
+    conv.weight.data = other.blocks[2].conv_pw.weight.data.clone()  # same object, version, dtype: new data
+    current()
+    bn = b.blocks[1].bn1
+    bn._buffers["running_mean"] = bn.running_mean + 1  # straight into the dict, as Module._apply does
+    current()
+    b.blocks[3].conv_dw = copy.deepcopy(other.blocks[3].conv_dw)  # a deep child replaced (setattr)
+    current()
+    b.blocks[2].bn2.train()  # one norm of the prefix back to batch statistics
+    assert b.prefix_runner(6) is b
