@@ -132,7 +132,8 @@ class AdapterStrategy(TapChoice, HeadChoice, Strategy):
     def uses_frozen(self) -> bool:
         """Whether the head's features read the frozen embedding (``head_features="concat"``, or taps of adapted
         blocks, whose frozen pass gives it); ``states_with_frozen`` computes it only then."""
-        return self.concat or any(i >= self.frozen_depth for i in self.taps)
+        depth = self.frozen_depth
+        return self.concat or any(i >= depth for i in self.taps)
 
     def frozen_embeddings(self, dataset) -> torch.Tensor | None:
         """The frozen model's embeddings ``[N, embed_dim]`` (adapters off) of every item of ``dataset``, computed once

@@ -95,6 +95,7 @@ class ClassStatsHead(Head):
         g = torch.zeros(self.stat_dim, self.stat_dim, dtype=torch.float64) if gram else None
         self.register_buffer("gram", g)
         self._cache: Any = None
+        self._scoring: dict[tuple[torch.dtype, torch.device], tuple[Any, torch.Tensor | None]] = {}
 
     def stat_features(self, z: torch.Tensor) -> torch.Tensor:
         """What is accumulated for an embedding batch (and what the solved weights apply to)."""
@@ -133,6 +134,7 @@ class ClassStatsHead(Head):
     def invalidate(self) -> None:
         """Drop the cached solved weights; the next forward solves again."""
         self._cache = None
+        self._scoring = {}
 
     def solved(self) -> Any:
         """The subclass's ``_solve()`` result, computed once per change of the statistics."""
@@ -143,6 +145,22 @@ class ClassStatsHead(Head):
 
     def _solve(self) -> Any:
         raise NotImplementedError
+
+    def scoring(self, z: torch.Tensor) -> tuple[Any, torch.Tensor | None]:
+        """``solved()`` with its tensors in ``z``'s dtype and device, and the mask there of the classes without data
+        (None when every class has data); cached with ``solved()``, so a forward converts nothing."""
+        key = (z.dtype, z.device)
+        found = self._scoring.get(key)
+        if found is None:
+            solved = self.solved()
+            cast = tuple(t.to(z) for t in solved) if isinstance(solved, tuple) else solved.to(z)
+            unready = ~self.ready.to(z.device)
+            found = self._scoring[key] = (cast, unready if bool(unready.any()) else None)
+        return found
+
+    def mask_unready(self, scores: torch.Tensor, unready: torch.Tensor | None) -> torch.Tensor:
+        """``scores`` with the classes without data at ``-inf`` (``unready``: ``scoring``'s mask)."""
+        return scores if unready is None else scores.masked_fill(unready, float("-inf"))
 
     def _grow(self, n: int) -> None:
         old = self.num_outputs
@@ -172,8 +190,11 @@ class NCMHead(ClassStatsHead):
     def prototypes(self) -> torch.Tensor:
         return self.means.float()
 
+    def _solve(self) -> torch.Tensor:
+        return F.normalize(self.means, dim=1)
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        protos = F.normalize(self.means.to(z), dim=1)
+        protos, _ = self.scoring(z)  # the unit prototypes, cached (a class without data keeps its zero row)
         return self.mask_unknown(F.normalize(z, dim=1) @ protos.T)
 
 
@@ -236,9 +257,8 @@ class LDAHead(ClassStatsHead):
         return w, b
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        w, b = self.solved()
-        scores = F.linear(self.stat_features(z), w.to(z), b.to(z))
-        return scores.masked_fill(~self.ready.to(z.device), float("-inf"))
+        (w, b), unready = self.scoring(z)
+        return self.mask_unready(F.linear(self.stat_features(z), w, b), unready)
 
 
 @register_head("ranpac")
@@ -314,9 +334,8 @@ class RanPACHead(ClassStatsHead):
         return float(grid[int(torch.argmin(gcv))])
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        w = self.solved()
-        scores = self.stat_features(z) @ w.to(z)
-        return scores.masked_fill(~self.ready.to(z.device), float("-inf"))
+        w, unready = self.scoring(z)
+        return self.mask_unready(self.stat_features(z) @ w, unready)
 
 
 def create_head(name: str, dim: int, **params: Any) -> Head:

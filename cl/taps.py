@@ -38,7 +38,8 @@ class TapChoice:
     @property
     def prefix_taps(self) -> tuple[int, ...]:
         """The tapped blocks before ``frozen_depth``: their pooled outputs come with the (cached) prefix states."""
-        return tuple(i for i in self.taps if i < self.frozen_depth)
+        depth = self.frozen_depth
+        return tuple(i for i in self.taps if i < depth)
 
     @property
     def tap_dim(self) -> int:

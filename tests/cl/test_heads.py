@@ -212,6 +212,9 @@ def test_loading_and_updating_drop_cached_weights(key):
     small(x)  # caches the 2-class solution
     small.load_state_dict(full.state_dict())
     assert torch.equal(small(x), full(x))
+    low, high = small(x.float()), small(x.double())  # scored in the input's dtype, each cached apart
+    assert (low.dtype, high.dtype) == (torch.float32, torch.float64)
+    torch.testing.assert_close(low.double(), full(x.double()), rtol=1e-4, atol=1e-3)
 
     more, _ = gaussians(2, seed=2)
     full.update(more, torch.zeros(len(more), dtype=torch.long))
@@ -232,6 +235,9 @@ def test_unknown_classes_score_minus_inf(key):
     assert torch.isneginf(scores[:, [1, 3, 4, 6]]).all()
     if not key.startswith("ncm"):  # NCM keeps its zero prototype for a known class without data
         assert torch.isneginf(scores[:, 7]).all()
+    head.update(x[:3], torch.full((3,), 7))  # class 7 has data now: scored (the cached mask is dropped)
+    assert torch.isfinite(head(x)[:, [0, 2, 5, 7]]).all()
+    assert torch.isneginf(head(x.double())[:, [1, 3, 4, 6]]).all()
 
 
 def test_float32_embeddings_score_in_float32():

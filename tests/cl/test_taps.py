@@ -8,6 +8,7 @@ import torch
 import strategies  # noqa: F401  (registers every strategy)
 from cl.agent import Agent
 from cl.backbones import Backbone, create_backbone
+from cl.backbones.base import TapPooler
 from cl.backbones.state import Tapped, cat_states, take_rows, to_device, untapped
 from cl.cache import CachedStates, PrefixCache
 from cl.data import ArrayDataset
@@ -222,3 +223,14 @@ def test_the_shipped_best_config_runs_a_tiny_version(tmp_path):
         metrics = run(data)
     assert len(metrics["accuracy_matrix"]) == 5 and metrics["params_trainable"] == 0
     assert metrics["final_accuracy"] > 0.5  # 10 classes from 30 images each
+
+
+def test_tap_pooler_keeps_block_order_wherever_it_flushes() -> None:
+    outputs = [torch.randn(2, c, 4, 4) for c in (3, 5, 7, 2)]
+    expected = [o.mean((2, 3)) for o in outputs]
+    for keep in (0, 40, 100, 1 << 20):  # pool each at once, in runs of a few, or all at the end
+        pooler = TapPooler(lambda s: s.mean((2, 3)), keep=keep)
+        for o in outputs:
+            pooler.add(o)
+        got = pooler.outputs()
+        assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
