@@ -29,9 +29,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 def fold_batchnorm(module: nn.Module, keep: Sequence[nn.Module] = ()) -> int:
     """Fold, in place, every ``BatchNorm2d`` that directly follows a ``Conv2d`` among its parent's children into that
-    convolution; the norm becomes its activation (timm's ``BatchNormAct2d``) or ``nn.Identity``. Modules in ``keep``
-    (and what they hold) are left alone. Returns how many were folded. Only for modules whose children are declared
-    in the order they run (timm's CNN blocks)."""
+    convolution; the norm becomes its dropout and activation (timm's ``BatchNormAct2d``; the one of them that is not
+    the identity alone) or ``nn.Identity``. Modules in ``keep`` (and what they hold) are left alone. Returns how many
+    were folded. Only for modules whose children are declared in the order they run (timm's CNN blocks)."""
     skip = {id(m) for m in keep}
 
     def walk(m: nn.Module) -> Iterator[nn.Module]:
@@ -54,8 +54,9 @@ def fold_batchnorm(module: nn.Module, keep: Sequence[nn.Module] = ()) -> int:
             if conv.weight.is_contiguous(memory_format=torch.channels_last):
                 w = nn.Parameter(w.contiguous(memory_format=torch.channels_last), requires_grad=False)
             conv.weight, conv.bias = w, bias
-            after = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
-            parent._modules[b] = nn.Sequential(*after) if after else nn.Identity()
+            after = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None))
+                     if m is not None and not isinstance(m, nn.Identity)]
+            parent._modules[b] = after[0] if len(after) == 1 else nn.Sequential(*after) if after else nn.Identity()
             folded += 1
     return folded
 
