@@ -53,6 +53,8 @@ def routes_to_each(
 def _single(target: int | str | torch.Tensor) -> int | str | torch.Tensor:
     """Experience ids that are all the same (or a 0-d tensor) as one int: one experience for the whole batch."""
     if isinstance(target, torch.Tensor) and target.dim() <= 1 and target.numel():
+        if target.numel() == 1:  # batch 1: no comparison to make
+            return int(target.item())
         first = target.reshape(-1)[0]
         if bool((target == first).all()):
             return int(first)
