@@ -153,8 +153,9 @@ class ClassStatsHead(Head):
         found = self._scoring.get(key)
         if found is None:
             solved = self.solved()
-            cast = tuple(t.to(z) for t in solved) if isinstance(solved, tuple) else solved.to(z)
-            unready = ~self.ready.to(z.device)
+            with torch.inference_mode(False):  # kept for later calls: never an inference tensor (no autograd there)
+                cast = tuple(_copy_as(t, z) for t in solved) if isinstance(solved, tuple) else _copy_as(solved, z)
+                unready = ~self.ready.to(z.device)
             found = self._scoring[key] = (cast, unready if bool(unready.any()) else None)
         return found
 
@@ -196,6 +197,11 @@ class NCMHead(ClassStatsHead):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         protos, _ = self.scoring(z)  # the unit prototypes, cached (a class without data keeps its zero row)
         return self.mask_unknown(F.normalize(z, dim=1) @ protos.T)
+
+
+def _copy_as(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` in ``z``'s dtype and device."""
+    return t.to(device=z.device, dtype=z.dtype, copy=True)
 
 
 def _spd_solve(a: torch.Tensor, b: torch.Tensor, what: str) -> torch.Tensor:

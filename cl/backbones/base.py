@@ -163,6 +163,13 @@ class Backbone(nn.Module):
         later (an adapted block: ``prefix_runner``, ``suffix_runner``)."""
         self.__dict__["_foldable"] = (list(stem), list(self.blocks), list(tail), FoldedCopies())  # out of the tree
 
+    def refold(self) -> None:
+        """Build the folded copies again on their next use: after a change their check does not see (a plain
+        attribute such as a norm's ``eps``, an in-place write through ``.data``; ``cl.backbones.fold.Snapshot``)."""
+        foldable = self.__dict__.get("_foldable")
+        if foldable is not None:
+            foldable[3].clear()
+
     def prefix_runner(self, stop: int) -> Backbone:
         """What runs the stem and ``blocks[:stop]``: a copy with BatchNorm folded into the convolutions (same
         outputs up to float rounding) when this backbone folds (``fold_frozen_batchnorm``); else the backbone

@@ -93,6 +93,7 @@ def _foldable(modules: Sequence[nn.Module]) -> bool:
 _VALUES, _DATA_PTR = methodcaller("values"), methodcaller("data_ptr")
 _VERSION, _GRAD, _TRAINING = attrgetter("_version"), attrgetter("requires_grad"), attrgetter("training")
 _HOOKS, _PRE_HOOKS = attrgetter("_forward_hooks"), attrgetter("_forward_pre_hooks")
+_DICTS = attrgetter("_parameters", "_buffers", "_modules")
 _registrations = 0  # modules, parameters and buffers set on any module (torch's global registration hooks)
 
 
@@ -113,21 +114,28 @@ def _watch_registrations() -> None:
 class Snapshot:
     """What a copy of ``modules`` (every module, submodules listed too) depends on, checked on every call of the copy.
 
-    Every call (one C-level ``map`` per field, a few microseconds per hundred tensors): the parameters and buffers
-    are the same objects (held here), with the same in-place versions, grad flags and data pointers (``.to``,
-    ``.half()`` and ``.data =`` swap a tensor's data in place, which keeps its version); every module keeps its
-    training flag and has no forward hook. When a module, parameter or buffer was set on any module since (torch's
-    global registration hooks count them), also the full ``signature``: each module's children and tensors."""
+    Every call (one C-level ``map`` per field, a few microseconds per hundred objects): the parameter, buffer and
+    child dicts that held something hold the same entries (held here, compared by identity; also what
+    ``Module._apply``, a direct ``_modules[name] = ...`` or ``del seq[i]`` change); the tensors keep their in-place
+    versions, grad flags and data pointers (``.to``, ``.half()`` and ``.data =`` swap a tensor's data in place,
+    which keeps its version); every module keeps its training flag and has no forward hook. When a module,
+    parameter or buffer was set on any module since the snapshot (torch's global registration hooks count them),
+    also the full ``signature`` once, which adds devices, dtypes and every module's children.
 
-    __slots__ = ("dicts", "fast", "full", "live", "modules", "seen", "tensors", "versioned")
+    Not seen: plain attributes (a norm's ``eps``), in-place writes through ``.data`` (it has a version counter of
+    its own), and entries written straight into a dict that was empty (or a module's dict replaced by another);
+    after such a change call ``Backbone.refold()``."""
+
+    __slots__ = ("dicts", "fast", "full", "held", "live", "modules", "seen", "versioned")
 
     def __init__(self, modules: Sequence[nn.Module]) -> None:
         _watch_registrations()
+        self.seen = _registrations  # read first: a registration during the reads below is checked on the next call
         self.modules = tuple(modules)
-        self.full, self.seen = signature(self.modules), _registrations
-        self.dicts = [d for m in self.modules for d in (m._parameters, m._buffers) if d]
-        self.tensors = list(chain.from_iterable(map(_VALUES, self.dicts)))  # None entries too
-        self.live = [t for t in self.tensors if t is not None]
+        self.full = signature(self.modules)
+        self.dicts = [d for d in chain.from_iterable(map(_DICTS, self.modules)) if d]
+        self.held = list(chain.from_iterable(map(_VALUES, self.dicts)))  # tensors, None entries and children
+        self.live = [t for t in self.held if isinstance(t, torch.Tensor)]
         self.versioned = [t for t in self.live if not t.is_inference()]
         self.fast = self._fast()
 
@@ -139,12 +147,13 @@ class Snapshot:
     def current(self) -> bool:
         """Whether the modules still hold what they held when this snapshot was taken."""
         now = list(chain.from_iterable(map(_VALUES, self.dicts)))
-        if len(now) != len(self.tensors) or not all(map(is_, now, self.tensors)) or self._fast() != self.fast:
+        if len(now) != len(self.held) or not all(map(is_, now, self.held)) or self._fast() != self.fast:
             return False
         if self.seen != _registrations:
+            seen = _registrations
             if signature(self.modules) != self.full:
                 return False
-            self.seen = _registrations
+            self.seen = seen
         return True
 
 
@@ -170,13 +179,17 @@ class FoldedCopies:
                 return clone
         apart = {id(sub) for m in shared for sub in m.modules()}  # shared subtrees run as themselves: not depended on
         flat = [*depends_on, *(sub for m in depends_on for sub in m.modules() if sub is not m and id(sub) not in apart)]
-        clone = None
+        snap, clone = Snapshot(flat), None  # before the copy: a change while it is made is seen on the next call
         if _foldable(flat):
             memo: dict[int, object] = {id(m): m for m in shared}
             clone = copy.deepcopy(source, memo)
             fold_batchnorm(clone, keep=shared)
-        self._copies[key] = (Snapshot(flat), clone)  # after the copy: its own registrations are not a change
+        self._copies[key] = (snap, clone)
         return clone
+
+    def clear(self) -> None:
+        """Drop every copy: the next call of each part builds it again."""
+        self._copies.clear()
 
     def __deepcopy__(self, memo: dict[int, object]) -> FoldedCopies:
         return FoldedCopies()  # a copied backbone makes its own

@@ -189,6 +189,7 @@ def test_swapped_data_replaced_tensors_and_deep_changes_rebuild_the_copy() -> No
 
     def current() -> None:
         torch.testing.assert_close(b.forward_until(x, 6), unfolded_until(b, x, 6), atol=1e-4, rtol=1e-4)
+        b.forward_until(x, 6)  # a rebuild's own registrations make the next check a full one: the one after is fast
 
     current()
     conv.weight.data = other.blocks[2].conv_pw.weight.data.clone()  # same object, version, dtype: new data
@@ -198,5 +199,20 @@ def test_swapped_data_replaced_tensors_and_deep_changes_rebuild_the_copy() -> No
     current()
     b.blocks[3].conv_dw = copy.deepcopy(other.blocks[3].conv_dw)  # a deep child replaced (setattr)
     current()
+    b.blocks[2]._modules["bn1"] = copy.deepcopy(other.blocks[2].bn1)  # a child put straight into the dict
+    current()
+    del b.blocks[4].bn1._modules["act"]  # a parameterless child gone
+    b.blocks[4].bn1.act = nn.Tanh()
+    current()
     b.blocks[2].bn2.train()  # one norm of the prefix back to batch statistics
     assert b.prefix_runner(6) is b
+
+
+@torch.no_grad()
+def test_refold_after_what_the_check_cannot_see() -> None:
+    b = frozen_effnet()
+    x = images(b)
+    b.forward_until(x, 6)
+    b.blocks[3].bn2.eps = 0.5  # a plain attribute: the copy keeps the old one
+    b.refold()
+    torch.testing.assert_close(b.forward_until(x, 6), unfolded_until(b, x, 6), atol=1e-4, rtol=1e-4)

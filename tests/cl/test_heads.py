@@ -224,6 +224,18 @@ def test_loading_and_updating_drop_cached_weights(key):
 
 
 @pytest.mark.parametrize("key", list(STATS_HEADS))
+def test_scored_first_in_inference_mode_then_with_gradients(key):
+    x, y = gaussians(30)
+    head = make(key)
+    head.update(x, y)
+    with torch.inference_mode():
+        head(x.float())  # what it caches for later calls is not an inference tensor
+    z = x[:5].float().requires_grad_(True)
+    head(z)[:, :3].sum().backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all()
+
+
+@pytest.mark.parametrize("key", list(STATS_HEADS))
 def test_unknown_classes_score_minus_inf(key):
     x, y = gaussians(20, classes=[0, 2, 5])
     head = make(key)
