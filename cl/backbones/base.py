@@ -28,11 +28,15 @@ from cl.errors import ConfigError, DataError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+#: which blocks to tap: every block, these indices (negative: from the end), or none
+TapSpec = Literal["all"] | Sequence[int] | None
+
+
 class TapPooler:
     """The pooled outputs of a pass's tapped blocks, in block order. The outputs are kept and pooled in one go at the
     end of the pass while they hold at most ``keep`` elements (small batches): the pooling kernels then run back to
-    back rather than between the blocks' own, which measured 0.15-0.3 ms less per pass of EfficientNet-Lite0 at
-    batch 1 with 13 taps (of a 0.1 ms pooling cost in a loop of its own); larger batches pool as they go."""
+    back rather than between the blocks' own: 13 taps of EfficientNet-Lite0 at batch 1 added 0.30-0.43 ms to its
+    prefix pass so, 0.64-0.78 ms pooled as they came (benchmarks/RESULTS.md); larger batches pool as they go."""
 
     def __init__(self, pool: Callable[[State], torch.Tensor], keep: int = 1 << 20) -> None:
         self.pool, self.keep = pool, keep
@@ -55,8 +59,6 @@ class TapPooler:
         """Every tapped output pooled (``[B, width]`` each)."""
         self.flush()
         return self.pooled
-#: which blocks to tap: every block, these indices (negative: from the end), or none
-TapSpec = Literal["all"] | Sequence[int] | None
 
 
 @dataclass(frozen=True)
@@ -218,12 +220,12 @@ class Backbone(nn.Module):
             raise ConfigError(f"taps {list(taps)} of a prefix that stops before block {stop}: tap blocks 0..{stop - 1}")
         run = self.prefix_runner(stop)
         state = run.forward_stem(x)
-        pooled = TapPooler(self.pool_block)
+        pooler = TapPooler(self.pool_block)
         for i in range(stop):
             state = run.forward_block(i, state)
             if i in taps:
-                pooled.add(state)
-        return Tapped(state, torch.cat(pooled.outputs(), 1)) if taps else state
+                pooler.add(state)
+        return Tapped(state, torch.cat(pooler.outputs(), 1)) if taps else state
 
     def forward_from(self, state: State, start: int) -> torch.Tensor:
         """State before ``blocks[start]`` -> embedding (the taps of a ``Tapped`` state play no part); the blocks and

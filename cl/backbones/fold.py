@@ -81,15 +81,6 @@ def signature(modules: Sequence[nn.Module]) -> Signature:
     return tuple(out)
 
 
-def _foldable(modules: Sequence[nn.Module]) -> bool:
-    """Nothing in training mode, hooked (a copy would bypass the hook) or trainable."""
-    return not any(
-        m.training or m._forward_hooks or m._forward_pre_hooks
-        or any(t is not None and t.requires_grad for t in (*m._parameters.values(), *m._buffers.values()))
-        for m in modules
-    )
-
-
 _VALUES, _DATA_PTR = methodcaller("values"), methodcaller("data_ptr")
 _VERSION, _GRAD, _TRAINING = attrgetter("_version"), attrgetter("requires_grad"), attrgetter("training")
 _HOOKS, _PRE_HOOKS = attrgetter("_forward_hooks"), attrgetter("_forward_pre_hooks")
@@ -144,6 +135,12 @@ class Snapshot:
         return (list(map(_VERSION, self.versioned)), list(map(_GRAD, live)), list(map(_DATA_PTR, live)),
                 list(map(_TRAINING, mods)), any(map(_HOOKS, mods)) or any(map(_PRE_HOOKS, mods)))
 
+    @property
+    def foldable(self) -> bool:
+        """Nothing in training mode, hooked (a copy would bypass the hook) or trainable."""
+        _, grads, _, training, hooked = self.fast
+        return not (hooked or any(training) or any(grads))
+
     def current(self) -> bool:
         """Whether the modules still hold what they held when this snapshot was taken."""
         now = list(chain.from_iterable(map(_VALUES, self.dicts)))
@@ -180,7 +177,7 @@ class FoldedCopies:
         apart = {id(sub) for m in shared for sub in m.modules()}  # shared subtrees run as themselves: not depended on
         flat = [*depends_on, *(sub for m in depends_on for sub in m.modules() if sub is not m and id(sub) not in apart)]
         snap, clone = Snapshot(flat), None  # before the copy: a change while it is made is seen on the next call
-        if _foldable(flat):
+        if snap.foldable:
             memo: dict[int, object] = {id(m): m for m in shared}
             clone = copy.deepcopy(source, memo)
             fold_batchnorm(clone, keep=shared)
