@@ -6,17 +6,19 @@ an item never changes; caching it makes an epoch cost only the adapted suffix.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, TypeVar
 
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from cl.backbones.base import Backbone
-from cl.backbones.state import State, Tapped, pad_cat, take_rows
-from cl.data import iterate_batches, num_batches, targets_of
+from cl.backbones.state import State, Tapped, pad_cat, take_rows, untapped
+from cl.data import Inputs, iterate_batches, num_batches, take_batch, targets_of
 from cl.errors import DataError
 
 
@@ -74,10 +76,11 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def map_batches(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+def map_batches(fn: Callable[[T], R], items: Iterable[T], workers: int, first_alone: bool = True) -> Iterator[R]:
     """``fn`` over ``items``, in order, each call with one torch thread; with ``workers`` > 1 on that many Python
-    threads at once (at most ``2 * workers`` items ahead of the consumer), the first item alone before them, so
-    anything ``fn`` builds lazily (the folded prefix copy) is built once. The torch thread count is restored after.
+    threads at once (at most ``2 * workers`` items ahead of the consumer), the first item alone before them
+    (``first_alone``), so anything ``fn`` builds lazily (the folded prefix copy) is built once. The torch thread
+    count is restored after.
 
     On a CPU this parallelises across batches instead of inside each operator: the threads never wait for each
     other inside an operator, so a core the host slows delays its own batches only, and each batch's values are
@@ -89,13 +92,14 @@ def map_batches(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Itera
     torch.set_num_threads(1)
     try:
         items = iter(items)
-        first = next(items, None)
-        if first is None:
-            return
-        yield fn(first)
         if workers <= 1:
             yield from map(fn, items)
             return
+        if first_alone:
+            first = next(items, None)
+            if first is None:
+                return
+            yield fn(first)
         with ThreadPoolExecutor(workers, thread_name_prefix="cl-batches") as pool:
             ahead: deque = deque()
             for item in items:
@@ -106,6 +110,27 @@ def map_batches(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Itera
                 yield ahead.popleft().result()
     finally:
         torch.set_num_threads(threads)
+
+
+def prefix_function(backbone: Backbone, depth: int, device: torch.device, taps: Sequence[int] = ()
+                    ) -> Callable[[Inputs], State]:
+    """Inputs -> their prefix state (stem + ``depth`` blocks, ``Tapped`` with ``taps``) without gradients, in
+    whichever thread calls it."""
+
+    def prefix(x: Inputs) -> State:
+        with torch.no_grad():  # grad mode is per thread
+            return backbone.forward_until(backbone.prepare(x, device), depth, taps)
+
+    return prefix
+
+
+def fill_workers(backbone: Backbone, device: torch.device, workers: int | None = None) -> int:
+    """Python threads that compute prefix chunks at once (``map_batches``): ``workers``, or for None
+    ``torch.get_num_threads()`` for images on a CPU, else 1 (a tokenizer shared by threads may refuse concurrent
+    calls; a GPU runs one chunk at a time)."""
+    if workers is not None:
+        return workers
+    return torch.get_num_threads() if device.type == "cpu" and backbone.data_config.modality == "image" else 1
 
 
 @torch.no_grad()
@@ -133,14 +158,9 @@ def compute_states(
     if progress is not None:
         it = progress(it, num_batches(dataset, batch_size), f"prefix (blocks < {depth})")
     is_tuple = False
-
-    def prefix(x: torch.Tensor) -> State:
-        with torch.no_grad():  # grad mode is per thread
-            return backbone.forward_until(backbone.prepare(x, device), depth, taps)
-
-    if workers is None:  # images on a CPU (a tokenizer shared by threads may refuse concurrent calls)
-        workers = torch.get_num_threads() if device.type == "cpu" and backbone.data_config.modality == "image" else 1
-    batches = map_batches(prefix, (x for x, _ in it), workers) if workers > 1 else (prefix(x) for x, _ in it)
+    prefix, workers = prefix_function(backbone, depth, device, taps), fill_workers(backbone, device, workers)
+    inputs = (x for x, _ in it)
+    batches = map_batches(prefix, inputs, workers) if workers > 1 else map(prefix, inputs)
     for state in batches:
         if isinstance(state, Tapped):
             tapped.append(state.taps.to("cpu", dtype))
@@ -151,6 +171,119 @@ def compute_states(
     backbone.train(was_training)
     parts = tuple(pad_cat([c[i] for c in chunks]) for i in range(len(chunks[0])))
     return CachedStates(parts, targets_of(dataset), is_tuple, torch.cat(tapped) if tapped else None)
+
+
+class FillingStates(CachedStates):
+    """The prefix states of a data set of images, computed where they are first read.
+
+    ``take`` (and so ``batches``) computes the rows of a batch not filled yet, as ``compute_states`` does (chunks of
+    ``batch_size`` rows on ``workers`` threads, in eval mode, without gradients), keeps them and returns the batch;
+    ``complete`` computes the rest, in order. So the first pass over a data set (a training epoch, a shift scan, an
+    evaluation) fills the cache while it runs instead of waiting for a whole fill before its first batch, and each
+    row is computed once. A row's state is the one an ordered fill gives where the kernels are batch-invariant (a
+    row's values do not depend on the other rows of its chunk; chunks have the same size): so on the CPU here
+    (``tests/cl/test_cache.py``).
+
+    The buffers are allocated at the first chunk, after ``keep(nbytes)`` said the cache has room for them; without
+    room nothing is kept and every read computes its rows. ``phase``: a context manager factory that counts the
+    computing (``ctx.phase("cache_fill")``).
+    """
+
+    def __init__(
+        self, backbone: Backbone, dataset: Dataset, depth: int, device: torch.device, taps: Sequence[int] = (),
+        batch_size: int = 32, dtype: torch.dtype = torch.float32, workers: int | None = None,
+        keep: Callable[[int], bool] | None = None, phase: Callable[[], AbstractContextManager] | None = None,
+    ) -> None:
+        super().__init__((), targets_of(dataset), False)
+        self.backbone, self.source, self.depth, self.device, self.tap_blocks = backbone, dataset, depth, device, taps
+        self.batch_size, self.dtype, self.workers = batch_size, dtype, fill_workers(backbone, device, workers)
+        self.filled = torch.zeros(len(self.targets), dtype=torch.bool)
+        self.kept: bool | None = None  # whether the rows are kept (None: decided at the first chunk)
+        self._prefix = prefix_function(backbone, depth, device, taps)
+        self._keep = keep or (lambda nbytes: True)
+        self._phase = phase or nullcontext
+        self._started = False
+
+    @property
+    def done(self) -> bool:
+        """Whether every row is filled."""
+        return bool(self.kept) and bool(self.filled.all())
+
+    def take(self, index: torch.Tensor) -> tuple[State, torch.Tensor]:
+        index = torch.as_tensor(index, dtype=torch.long)
+        missing = index if self.kept is False else index[~self.filled[index]]
+        if not len(missing):
+            return super().take(index)
+        states = self._compute(missing)
+        if self.kept:
+            return super().take(index)
+        return _cat_states(states), self.targets[index]  # nothing kept: missing is the whole batch
+
+    def complete(self, progress: Callable[[Iterator, int, str], Iterator] | None = None) -> CachedStates:
+        """The states of every row as a plain ``CachedStates``: the rows not read yet computed in order (when
+        nothing is kept, the whole data set, as ``compute_states``)."""
+        if self.kept is not False:
+            missing = (~self.filled).nonzero().squeeze(1)
+            blocks = missing.split(self.batch_size * 8) if len(missing) else ()
+            it = iter(blocks) if progress is None else progress(iter(blocks), len(blocks),
+                                                                f"prefix (blocks < {self.depth})")
+            for block in it:
+                self._compute(block)
+                if self.kept is False:
+                    break
+        if not self.kept:  # nothing kept (or no rows)
+            return compute_states(self.backbone, self.source, self.depth, self.device, self.batch_size, self.dtype,
+                                  progress, self.tap_blocks, self.workers)
+        return CachedStates(self.parts, self.targets, False, self.taps)
+
+    def _compute(self, rows: torch.Tensor) -> list[State]:
+        """The states of ``rows`` (in chunks of ``batch_size``), stored when kept."""
+        chunks = rows.split(self.batch_size)
+        inputs = (take_batch(self.source, c)[0] for c in chunks)
+        with self._phase():
+            was = self.backbone.training
+            if was:
+                self.backbone.eval()
+            try:
+                states = list(map_batches(self._prefix, inputs, self.workers, first_alone=not self._started)
+                              if self.workers > 1 else map(self._prefix, inputs))
+            finally:
+                if was:
+                    self.backbone.train()
+            self._started = True
+            for c, state in zip(chunks, states, strict=True):
+                self._store(c, state)
+        return states
+
+    def _store(self, rows: torch.Tensor, state: State) -> None:
+        taps = state.taps if isinstance(state, Tapped) else None
+        inner = untapped(state)
+        if isinstance(inner, tuple):
+            raise DataError("FillingStates keeps tensor states (images); tuple states (text) are filled in order "
+                            "by compute_states")
+        if self.kept is None:
+            n = len(self.targets)
+            dtype = self.dtype if inner.is_floating_point() else inner.dtype
+            sizes = [(tuple(inner.shape[1:]), dtype)] + ([(tuple(taps.shape[1:]), self.dtype)] if taps is not None
+                                                          else [])
+            nbytes = sum(n * math.prod(shape) * torch.empty(0, dtype=dt).element_size() for shape, dt in sizes)
+            self.kept = self._keep(nbytes)
+            if self.kept:
+                self.parts = (torch.empty((n, *sizes[0][0]), dtype=dtype),)
+                self.taps = None if taps is None else torch.empty((n, *sizes[1][0]), dtype=self.dtype)
+        if self.kept:
+            self.parts[0][rows] = inner.to("cpu", self.parts[0].dtype)
+            if taps is not None:
+                self.taps[rows] = taps.to("cpu", self.dtype)
+            self.filled[rows] = True
+
+
+def _cat_states(states: list[State]) -> State:
+    """Tensor states of consecutive rows (``Tapped`` or not) as one, on the CPU."""
+    inner = torch.cat([untapped(s).cpu() for s in states])
+    if isinstance(states[0], Tapped):
+        return Tapped(inner, torch.cat([s.taps.cpu() for s in states]))
+    return inner
 
 
 def is_augmented(dataset: Dataset) -> bool:
@@ -164,7 +297,8 @@ def is_augmented(dataset: Dataset) -> bool:
 
 
 class PrefixCache:
-    """States per (backbone, dataset, depth, taps), kept while they fit in ``max_bytes``.
+    """States per (backbone, dataset, depth, taps), kept while they fit in ``max_bytes``: complete ones (``get``),
+    or ones filling as they are read (``reader``).
 
     The cache holds a reference to each backbone and dataset it keys, so an id is never reused for another one.
     """
@@ -174,17 +308,54 @@ class PrefixCache:
         self._store: dict[tuple[int, int, int, tuple[int, ...]], tuple[Backbone, Dataset, CachedStates]] = {}
 
     def get(
-        self, backbone: Backbone, dataset: Dataset, depth: int, device: torch.device, taps: Sequence[int] = (), **kw
+        self, backbone: Backbone, dataset: Dataset, depth: int, device: torch.device, taps: Sequence[int] = (),
+        progress: Callable[[Iterator, int, str], Iterator] | None = None, **kw: Any,
     ) -> CachedStates:
-        if is_augmented(dataset):
-            raise DataError("prefix cache: an augmented dataset changes on every access; compute its states fresh")
-        key = (id(backbone), id(dataset), depth, tuple(taps))
-        if key in self._store:
-            return self._store[key][2]
-        states = compute_states(backbone, dataset, depth, device, taps=taps, **kw)
+        """The states of every item of ``dataset``: kept ones, else computed (``compute_states``, or what a
+        ``FillingStates`` left, ``kw`` its arguments) and kept while they fit."""
+        key = self._key(backbone, dataset, depth, taps)
+        entry = self._store.pop(key, None)
+        if entry is not None and not isinstance(entry[2], FillingStates):
+            self._store[key] = entry
+            return entry[2]
+        if entry is not None:
+            states = entry[2].complete(progress)
+        else:
+            states = compute_states(backbone, dataset, depth, device, taps=taps, progress=progress, **kw)
         if states.nbytes() + self.nbytes() <= self.max_bytes:
             self._store[key] = (backbone, dataset, states)
         return states
+
+    def reader(
+        self, backbone: Backbone, dataset: Dataset, depth: int, device: torch.device, taps: Sequence[int] = (),
+        phase: Callable[[], AbstractContextManager] | None = None, **kw: Any,
+    ) -> CachedStates:
+        """States to read batches of ``dataset`` from without waiting for a fill: the kept ones, else for images a
+        ``FillingStates`` (kept here while it has room) that computes rows where they are first read, else (text:
+        padded tuple states) ``get``'s. ``kw``: ``compute_states``'s arguments."""
+        key = self._key(backbone, dataset, depth, taps)
+        entry = self._store.get(key)
+        if entry is not None and not (isinstance(entry[2], FillingStates) and entry[2].done):
+            return entry[2]
+        if entry is not None or backbone.data_config.modality != "image":
+            return self.get(backbone, dataset, depth, device, taps, **kw)
+        kw.pop("progress", None)
+        filling = FillingStates(backbone, dataset, depth, device, taps, keep=lambda n: self._room(key, n),
+                                phase=phase, **kw)
+        self._store[key] = (backbone, dataset, filling)
+        return filling
+
+    def _key(self, backbone: Backbone, dataset: Dataset, depth: int, taps: Sequence[int]) -> tuple:
+        if is_augmented(dataset):
+            raise DataError("prefix cache: an augmented dataset changes on every access; compute its states fresh")
+        return (id(backbone), id(dataset), depth, tuple(taps))
+
+    def _room(self, key: tuple, nbytes: int) -> bool:
+        """Whether ``nbytes`` more fit (a ``FillingStates`` asks at its first chunk); if not, its entry goes."""
+        if nbytes + self.nbytes() <= self.max_bytes:
+            return True
+        self._store.pop(key, None)
+        return False
 
     def nbytes(self) -> int:
         return sum(s.nbytes() for _, _, s in self._store.values())

@@ -177,6 +177,14 @@ def _collate(items: list[tuple[Any, int]]) -> tuple[Inputs, torch.Tensor]:
     return inputs, torch.tensor(ys, dtype=torch.long)
 
 
+def take_batch(dataset: Dataset, index: torch.Tensor) -> tuple[Inputs, torch.Tensor]:
+    """The items of ``dataset`` at ``index`` (a long tensor) as one batch ``(inputs, targets)``: sliced from an
+    ``ArrayDataset``, else read item by item and collated (as ``iterate_batches``)."""
+    if isinstance(dataset, ArrayDataset):
+        return dataset.take(index)
+    return _collate([dataset[int(i)] for i in index])
+
+
 def iterate_batches(
     dataset: Dataset,
     batch_size: int,

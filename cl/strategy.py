@@ -228,18 +228,22 @@ class Strategy(MemoryEmbedding, LoadsByValue):
             return cls(params, lr=self.lr, weight_decay=self.weight_decay, foreach=True)
         raise TrainingError(f"unknown optimizer {self.optimizer_name!r} (available: adam, adamw, sgd)")
 
-    def states(self, dataset: Dataset, depth: int | None = None) -> CachedStates | None:
-        """Cached prefix states of ``dataset`` (None when caching is off)."""
+    def states(self, dataset: Dataset, depth: int | None = None, filling: bool = False) -> CachedStates | None:
+        """Cached prefix states of ``dataset`` (None when caching is off). ``filling``: they may still be computing
+        the rows not read yet where a batch reads them (``cl.cache.FillingStates``), so a first pass over the data
+        set starts at once instead of after a whole fill."""
         if not self.cache_prefix or self.ctx.cache is None or is_augmented(dataset):  # augmented: fresh passes
             return None
         depth = self.frozen_depth if depth is None else depth
         if isinstance(dataset, ConcatDataset):  # cache the parts, so each is computed once
             return CachedStates.cat([self.states(d, depth) for d in dataset.datasets])
+        args = (self.backbone, dataset, depth, self.ctx.device)
+        kw = {"taps": [i for i in self.prefix_taps if i < depth], "batch_size": self.ctx.fill_batch(),
+              "progress": self.ctx.progress}
+        if filling:
+            return self.ctx.cache.reader(*args, phase=lambda: self.ctx.phase("cache_fill"), **kw)
         with self.ctx.phase("cache_fill"):
-            return self.ctx.cache.get(
-                self.backbone, dataset, depth, self.ctx.device, taps=[i for i in self.prefix_taps if i < depth],
-                batch_size=self.ctx.fill_batch(), progress=self.ctx.progress,
-            )
+            return self.ctx.cache.get(*args, **kw)
 
     def iterate_states(
         self, dataset, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
@@ -248,7 +252,7 @@ class Strategy(MemoryEmbedding, LoadsByValue):
         """``(prefix state, targets)`` batches: from the cache, or computed batch by batch. ``rows``: only these
         rows of ``dataset``, in order (a rank's shard; cached states are sliced, others computed for them alone)."""
         depth = self.frozen_depth
-        cached = self.states(dataset, depth)
+        cached = self.states(dataset, depth, filling=True)
         n = len(dataset) if rows is None else len(range(rows.start, rows.stop))
         if cached is not None:
             if rows is None:
