@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import functools
-import gzip
+import itertools
+import math
 import os
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -38,21 +42,53 @@ INSTALL_HINT = (
 )
 
 
+def _pieces(f: BinaryIO, gz: bool, size: int = 1 << 20) -> Iterator[bytes]:
+    """The bytes of file ``f`` in pieces of at most ``4 * size``, gunzipped when ``gz``."""
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if gz else None
+    while chunk := f.read(size):
+        while chunk:
+            if inflate is None:
+                yield chunk
+                break
+            yield inflate.decompress(chunk, 4 * size)
+            chunk = inflate.unconsumed_tail
+            if inflate.eof and inflate.unused_data:  # another gzip member follows (as ``gzip`` reads them)
+                chunk, inflate = inflate.unused_data, zlib.decompressobj(16 + zlib.MAX_WBITS)
+
+
 def read_idx(path: str | Path) -> np.ndarray:
-    """A (writable) uint8 array from an idx file, gzipped or not."""
+    """A (writable) uint8 array from an idx file, gzipped or not.
+
+    The file is inflated straight into the array, piece by piece: on a fresh VM every newly touched page costs,
+    and a whole-file read plus a writable copy touched about three times the data (0.27-0.76 s against 0.19-0.21 s
+    for Fashion-MNIST's 47 MB of training images, after ``import torch``)."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise DataError(f"{path} is not an unsigned-byte idx file (bad magic number)")
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    offset = 4 + 4 * ndim
-    expected = offset + int(np.prod(dims))
-    if len(data) != expected:
-        raise DataError(f"{path} holds {len(data)} bytes, its header says {expected}: truncated or corrupt")
-    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims).copy()
+    with open(path, "rb") as f:
+        try:
+            pieces = _pieces(f, path.suffix == ".gz")
+            head = b""
+            while len(head) < 4 or (head[:3] == b"\0\0\x08" and len(head) < 4 + 4 * head[3]):
+                if not (piece := next(pieces, b"")):
+                    break
+                head += piece
+            if len(head) < 4 or head[:3] != b"\0\0\x08":
+                raise DataError(f"{path} is not an unsigned-byte idx file (bad magic number)")
+            ndim = head[3]
+            offset = 4 + 4 * ndim
+            dims = [int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+            expected = offset + math.prod(dims)
+            out = np.empty(expected - offset, dtype=np.uint8)
+            got = offset
+            for piece in itertools.chain([head[offset:]], pieces):
+                if got + len(piece) <= expected:
+                    out[got - offset : got - offset + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+                got += len(piece)
+        except (zlib.error, EOFError) as e:
+            raise DataError(f"{path}: {e}: truncated or corrupt") from None
+    if len(head) < offset or got != expected:
+        raise DataError(f"{path} holds {max(got, len(head))} bytes, its header says {expected}: truncated or "
+                        "corrupt")
+    return out.reshape(dims)
 
 
 def _find(root: Path, stem: str) -> Path | None:

@@ -43,6 +43,28 @@ def test_read_idx_roundtrip_and_corruption(tmp_path):
         read_idx(tmp_path / "magic")
 
 
+def test_read_idx_inflates_large_and_multi_member_files_and_refuses_cut_ones(tmp_path):
+    """Gzipped idx files are inflated piece by piece into the array: a file of several pieces, one of two gzip
+    members (as ``gzip`` reads them), and refused when cut short or corrupt."""
+    a = np.random.default_rng(0).integers(0, 256, (3000, 28, 28), dtype=np.uint8)  # 2.4 MB: several pieces
+    write_idx(tmp_path / "a.gz", a)
+    got = read_idx(tmp_path / "a.gz")
+    assert np.array_equal(got, a) and got.flags.writeable
+    data = bytes([0, 0, 0x08, 3]) + b"".join(int(d).to_bytes(4, "big") for d in a.shape) + a.tobytes()
+    (tmp_path / "two.gz").write_bytes(gzip.compress(data[:1000]) + gzip.compress(data[1000:]))
+    assert np.array_equal(read_idx(tmp_path / "two.gz"), a)
+    whole = (tmp_path / "a.gz").read_bytes()
+    (tmp_path / "cut.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        read_idx(tmp_path / "cut.gz")
+    (tmp_path / "bad.gz").write_bytes(whole[:20] + bytes(200) + whole[220:])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        read_idx(tmp_path / "bad.gz")
+    (tmp_path / "long").write_bytes(data + b"extra")
+    with pytest.raises(DataError, match="header says"):
+        read_idx(tmp_path / "long")
+
+
 @pytest.mark.parametrize("layout", ["flat", "torchvision", "torchvision_raw_unzipped"])
 def test_roots_flat_or_torchvision(tmp_path, layout):
     folder = {"flat": tmp_path, "torchvision": tmp_path / "FashionMNIST" / "raw"}.get(
