@@ -57,16 +57,19 @@ def test_a_first_pass_computes_each_row_where_it_reads_it_once_as_an_ordered_fil
         assert isinstance(states, FillingStates)
         batches = states.batches(10, shuffle=True, generator=torch.Generator().manual_seed(1))
         first = next(batches)
-        assert sum(rows) == 10 and max(rows) <= 4  # the first batch waited for its own rows only, in fill chunks
+        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(1))
+        chunks = torch.unique(order[:10] // 4).tolist()  # the fill's chunks of 4 rows that hold the first batch
+        assert len(chunks) < 10 and sorted(rows) == sorted(4 if k < 9 else 1 for k in chunks)  # those, whole
         rest = list(batches)
         assert sum(rows) == len(ds)  # every row once
-        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(1))
         for (state, y), index in zip([first, *rest], order.split(10), strict=True):
             assert torch.equal(state.state, want.parts[0][index]) and torch.equal(state.taps, want.taps[index])
             assert torch.equal(y, want.targets[index])
         read(cache.reader(b, ds, 3, CPU, taps=[0, 2], batch_size=4), 10, 2)  # a second pass reads what is kept
         kept = cache.get(b, ds, 3, CPU, taps=[0, 2], batch_size=4)
         assert sum(rows) == len(ds) and type(kept) is CachedStates
+        # laid out in memory as the fill lays them (EfficientNet: channels-last), so later blocks round the same
+        assert kept.parts[0].stride() == want.parts[0].stride() and kept.taps.stride() == want.taps.stride()
         assert torch.equal(kept.parts[0], want.parts[0]) and torch.equal(kept.taps, want.taps)
         assert torch.equal(kept.targets, want.targets)
 
@@ -81,7 +84,8 @@ def test_get_after_a_partial_pass_computes_only_the_rows_not_read():
         batches = cache.reader(b, ds, 2, CPU, batch_size=4).batches(8, shuffle=True,
                                                                    generator=torch.Generator().manual_seed(0))
         next(batches), next(batches)  # a scan that stops after 16 rows
-        assert sum(rows) == 16
+        touched = torch.unique(torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:16] // 4)
+        assert sum(rows) == sum(4 if k < 9 else 1 for k in touched.tolist()) < len(ds)
         kept = cache.get(b, ds, 2, CPU, batch_size=4)
     assert sum(rows) == len(ds) and torch.equal(kept.parts[0], want.parts[0])
     assert cache.get(b, ds, 2, CPU, batch_size=4) is kept and cache.nbytes() == kept.nbytes()
@@ -99,7 +103,8 @@ def test_without_room_nothing_is_kept_and_every_pass_computes_its_rows():
             order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
             for (state, y), index in zip(got, order.split(5), strict=True):
                 assert torch.equal(state, want.parts[0][index]) and torch.equal(y, want.targets[index])
-        assert cache.nbytes() == 0 and sum(rows) == 2 * len(ds)
+        # each pass: the first chunk (which finds no room), then the data set once in order, as an ordered fill
+        assert cache.nbytes() == 0 and sum(rows) == 2 * (4 + len(ds))
         assert torch.equal(cache.get(b, ds, 2, CPU, batch_size=4).parts[0], want.parts[0])  # computed in full
 
 
@@ -117,8 +122,13 @@ class FirstBatch(Callback):
             self.seen.append(sum(self.rows) - self.start)
 
 
-@pytest.mark.parametrize("strategy", ["sema", "aper"])
-def test_training_from_a_cache_filled_as_it_is_read_learns_what_a_filled_cache_learns(strategy):
+@pytest.mark.parametrize(("strategy", "backbone"), [("sema", "vit_tiny_test"), ("aper", "vit_tiny_test"),
+                                                    ("sema", "efficientnet_lite0")])
+def test_training_from_a_cache_filled_as_it_is_read_learns_what_a_filled_cache_learns(strategy, backbone):
+    """The same trained values, bit for bit (EfficientNet's channels-last prefix states included: the blocks after
+    the prefix round differently on another layout; its kernels round a row differently at another place of a
+    chunk, so a first pass must compute the fill's chunks), and the first step waits for the chunks of its rows
+    only."""
     scen = {k: v for k, v in TINY_SCENARIO.items() if k != "name"}
     stream = create_scenario("synthetic", **{**scen, "n_experiences": 2})
     params = {"epochs": 2, "batch_size": 16, **({"descriptor_epochs": 1} if strategy == "sema" else {})}
@@ -127,8 +137,8 @@ def test_training_from_a_cache_filled_as_it_is_read_learns_what_a_filled_cache_l
         rows: list[int] = []
         probe = FirstBatch(rows)
         with one_thread():
-            agent = Agent("vit_tiny_test", strategy, strategy_params=params, device="cpu", progress=False,
-                          journal=False, seed=0, callbacks=[probe])
+            agent = Agent(backbone, strategy, backbone_params=TINY[backbone], strategy_params=params, device="cpu",
+                          progress=False, journal=False, seed=0, callbacks=[probe], eval_batch_size=4)
             counted(agent.strategy.backbone, rows)
             for exp in stream:
                 if fill_first:
@@ -142,4 +152,4 @@ def test_training_from_a_cache_filled_as_it_is_read_learns_what_a_filled_cache_l
         a, b = filled[k], filling[k]
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, k
     assert acc_filled == acc_filling
-    assert seen[0] == params["batch_size"]  # the first step waited for its own 16 rows, not for the data set
+    assert seen[0] < len(stream[0].train) and seen[0] % 4 == 0  # whole chunks of 4, not the data set
