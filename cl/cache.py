@@ -349,7 +349,8 @@ class PrefixCache:
         phase: Callable[[], AbstractContextManager] | None = None, **kw: Any,
     ) -> CachedStates:
         """States to read batches of ``dataset`` from without waiting for a fill: the kept ones, else for images a
-        ``FillingStates`` (kept here while it has room) that computes rows where they are first read, else (text:
+        ``FillingStates`` (kept here while it has room) that computes the fill's chunks where they are first read,
+        else (text:
         padded tuple states) ``get``'s. ``kw``: ``compute_states``'s arguments."""
         key = self._key(backbone, dataset, depth, taps)
         entry = self._store.get(key)
