@@ -350,8 +350,7 @@ class PrefixCache:
     ) -> CachedStates:
         """States to read batches of ``dataset`` from without waiting for a fill: the kept ones, else for images a
         ``FillingStates`` (kept here while it has room) that computes the fill's chunks where they are first read,
-        else (text:
-        padded tuple states) ``get``'s. ``kw``: ``compute_states``'s arguments."""
+        else (text: padded tuple states) ``get``'s. ``kw``: ``compute_states``'s arguments."""
         key = self._key(backbone, dataset, depth, taps)
         entry = self._store.get(key)
         if entry is not None and not (isinstance(entry[2], FillingStates) and entry[2].done):
