@@ -279,10 +279,9 @@ class FillingStates(CachedStates):
         if self.kept is None:
             n = len(self.targets)
             dtype = self.dtype if inner.is_floating_point() else inner.dtype
-            sizes = [(tuple(inner.shape[1:]), dtype)] + ([(tuple(taps.shape[1:]), self.dtype)] if taps is not None
-                                                          else [])
-            nbytes = sum(n * math.prod(shape) * torch.empty(0, dtype=dt).element_size() for shape, dt in sizes)
-            self.kept = self._keep(nbytes)
+            row = math.prod(inner.shape[1:]) * dtype.itemsize
+            row += 0 if taps is None else math.prod(taps.shape[1:]) * self.dtype.itemsize
+            self.kept = self._keep(n * row)
             if self.kept:
                 self.parts = (_empty_rows(inner, n, dtype),)
                 self.taps = None if taps is None else _empty_rows(taps, n, self.dtype)

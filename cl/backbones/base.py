@@ -36,7 +36,7 @@ class TapPooler:
     """The pooled outputs of a pass's tapped blocks, in block order. The outputs are kept and pooled in one go at the
     end of the pass while they hold at most ``keep`` elements (small batches): the pooling kernels then run back to
     back rather than between the blocks' own: 13 taps of EfficientNet-Lite0 at batch 1 added 0.30-0.43 ms to its
-    prefix pass so, 0.64-0.78 ms pooled as they came (benchmarks/RESULTS.md); larger batches pool as they go."""
+    prefix pass so, 0.64-0.78 ms when pooled as they came (benchmarks/RESULTS.md); larger batches pool as they go."""
 
     def __init__(self, pool: Callable[[State], torch.Tensor], keep: int = 1 << 20) -> None:
         self.pool, self.keep = pool, keep
