@@ -17,6 +17,12 @@ from typing import Any
 
 import torch
 
+from cl.allocator import tune_allocator
+
+# every benchmark process runs with the allocator settings of `cl run` (cl.allocator), so both sides of a comparison
+# (ours and another library's code in the same process) share them from the first allocation
+ALLOCATOR_TUNED = tune_allocator()
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -57,6 +63,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "gpu": gpu,
+        "allocator_tuned": ALLOCATOR_TUNED,
         "git_commit": _git_commit(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }

@@ -26,6 +26,7 @@ import pydantic
 import torch
 
 from cl import distributed as dist
+from cl.allocator import tune_allocator
 from cl.backbones import Backbone, create_backbone, resolve_timm_name
 from cl.cache import PrefixCache
 from cl.callbacks.base import Callback, CallbackList
@@ -87,6 +88,7 @@ class Agent:
         memory: MemoryConfig | dict[str, Any] | None = None,
         threads: int | None = None,
     ) -> None:
+        tune_allocator()
         if threads is not None:
             if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
                 raise ConfigError(f"threads must be an int >= 1 (CPU threads for torch) or None, got {threads!r}")

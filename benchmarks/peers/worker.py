@@ -19,8 +19,10 @@ def execute(spec: RunSpec, work: Path) -> dict[str, Any]:
     """Run ``spec`` in this process: its metrics, class order and data sizes."""
     import torch
 
+    from cl.allocator import tune_allocator
     from cl.registry import SCENARIOS
 
+    tune_allocator()  # both frameworks' processes run with the allocator settings of `cl run`
     torch.set_num_threads(spec.threads)
     stream = SCENARIOS.create(spec.scenario["name"], **{k: v for k, v in spec.scenario.items() if k != "name"})
     if spec.framework == "avalanche":

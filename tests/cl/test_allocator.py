@@ -1,0 +1,54 @@
+"""cl.allocator: freed tensor memory is reused instead of being mapped (and faulted in) again."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+
+# a pass that allocates 16 x 6 MiB and frees it all, as a forward pass frees its activations: glibc's default gives
+# the freed top of the heap back to the system, so the next pass faults every page in again
+CHURN = textwrap.dedent("""
+    import json, resource, sys
+    import torch
+    from cl.allocator import tune_allocator
+    tuned = tune_allocator()
+
+    def passes():
+        for _ in range(10):
+            held = [torch.empty(6 << 18).fill_(1.0) for _ in range(16)]
+            del held
+
+    passes()  # first touch of the memory: faults either way
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    passes()
+    print(json.dumps({"tuned": tuned, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+""")
+PAGES = 10 * 16 * (6 << 20) // 4096  # pages the measured passes touch
+
+
+def churn(**env: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHURN], capture_output=True, text=True, check=True,
+                         env={**os.environ, **env}).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_tuned_process_reuses_freed_memory_without_page_faults():
+    tuned = churn(CL_TUNE_ALLOCATOR="1")
+    if not tuned["tuned"]:
+        pytest.skip("no glibc mallopt here")
+    assert tuned["faults"] < PAGES // 100, tuned
+    default = churn(CL_TUNE_ALLOCATOR="0")  # what the setting saves (glibc's default maps the memory anew)
+    assert default["tuned"] is False
+    assert default["faults"] > 10 * max(tuned["faults"], 100), (default, tuned)
+
+
+def test_allocator_settings_from_the_environment_are_left_alone():
+    assert churn(MALLOC_TRIM_THRESHOLD_="131072")["tuned"] is False
+    assert churn(GLIBC_TUNABLES="glibc.malloc.hugetlb=1")["tuned"] is False
