@@ -76,6 +76,21 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def close_states(a: Any, b: Any, atol: float) -> bool:
+    """Two (nested) states equal, floating-point tensors up to ``atol``: a run resumed from a checkpoint another
+    CPU wrote (its kernels round differently) against this machine's own run."""
+    if isinstance(a, torch.Tensor):
+        if not (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape):
+            return False
+        return torch.allclose(a, b, rtol=0, atol=atol) if a.is_floating_point() else torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(close_states(a[k], b[k], atol) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(
+            close_states(x, y, atol) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
 def subspace_sampler(seed: int, dim: int = 32, rank: int = 4):
     basis = torch.linalg.qr(torch.randn(dim, dim, generator=torch.Generator().manual_seed(seed)))[0][:, :rank]
     return lambda n: torch.randn(n, rank) @ basis.T * 3 + 0.05 * torch.randn(n, dim)
