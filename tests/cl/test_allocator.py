@@ -12,8 +12,8 @@ import pytest
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 
-# a pass that allocates 16 x 6 MiB and frees it all, as a forward pass frees its activations: glibc's default gives
-# the freed top of the heap back to the system, so the next pass faults every page in again
+# a pass that allocates 16 x 6 MiB and frees it all, as a forward pass frees its activations: where glibc maps such
+# blocks anew or gives the freed top of its heap back to the system, the next pass faults every page in again
 CHURN = textwrap.dedent("""
     import json, resource, sys
     import torch
@@ -44,9 +44,11 @@ def test_tuned_process_reuses_freed_memory_without_page_faults():
     if not tuned["tuned"]:
         pytest.skip("no glibc mallopt here")
     assert tuned["faults"] < PAGES // 100, tuned
-    default = churn(CL_TUNE_ALLOCATOR="0")  # what the setting saves (glibc's default maps the memory anew)
-    assert default["tuned"] is False
-    assert default["faults"] > 10 * max(tuned["faults"], 100), (default, tuned)
+    # what it saves: blocks mapped anew on every allocation, as glibc's default does until its threshold rises (its
+    # starting threshold, 128 KiB, held here; left to itself the default faults so in about half of all processes
+    # here, depending on where the heap lands among the process's mappings)
+    fresh = churn(MALLOC_MMAP_THRESHOLD_="131072")
+    assert fresh["tuned"] is False and fresh["faults"] > PAGES // 2, (fresh, tuned)
 
 
 def test_allocator_settings_from_the_environment_are_left_alone():
