@@ -13,6 +13,7 @@ from __future__ import annotations
 import shlex
 import shutil
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from rich.markup import escape
 
 from cl import distributed as dist
 from cl.agent import Agent
+from cl.backbones import import_libraries
 from cl.callbacks.base import Callback
 from cl.callbacks.events import EventLog
 from cl.callbacks.logger import RunLogger
@@ -256,7 +258,12 @@ def _build(
     """The stream, the agent and its callbacks (rank 0: every file writer) of a run; nothing is written yet (the
     callbacks open their files when they first write)."""
     rank = dist.rank()
-    stream = SCENARIOS.create(cfg.scenario.name, **cfg.scenario.params)
+    # the scenario loads its data on a thread while this one imports the backbone's libraries (timm: seconds); the
+    # data readers (zlib, numpy) let go of the GIL, so both proceed at once
+    with ThreadPoolExecutor(1, thread_name_prefix="cl-scenario") as pool:
+        loading = pool.submit(SCENARIOS.create, cfg.scenario.name, **cfg.scenario.params)
+        import_libraries(cfg.backbone.name)
+        stream = loading.result()
     metrics_cb = MetricsCallback(out / "metrics.json" if rank == 0 else None, n_experiences=len(stream))
     callbacks: list[Callback] = [metrics_cb]
     if rank == 0:  # every file of the run directory is written by rank 0

@@ -91,6 +91,18 @@ def declares_min_input_size(rule: Callable[[dict[str, Any]], InputSize | None]) 
     return deco
 
 
+def declares_imports(load: Callable[[], object]) -> Callable[[F], F]:
+    """Decorator for a backbone registry entry: ``load()`` imports the libraries the entry builds its model with
+    (timm, open_clip, transformers: seconds of a run's start-up), so a run can import them while it does something
+    else (``cl.backbones.import_libraries``; ``cl.run`` loads the scenario's data meanwhile)."""
+
+    def deco(fn: F) -> F:
+        fn.load_imports = load  # type: ignore[attr-defined]
+        return fn
+
+    return deco
+
+
 class Backbone(nn.Module):
     """Base class: subclasses set ``data_config``, ``embed_dim``, ``blocks`` and the three stages."""
 

@@ -12,7 +12,7 @@ import re
 import torch
 from torch import nn
 
-from cl.backbones.base import Backbone, InputSize, declares_min_input_size
+from cl.backbones.base import Backbone, InputSize, declares_imports, declares_min_input_size
 from cl.backbones.checkpoint import StateDict, drop_keys, load_strict, read_state_dict, strip_prefixes
 from cl.backbones.preprocess import DataConfig
 from cl.backbones.timm_import import import_timm
@@ -124,6 +124,7 @@ MIN_INPUT_SIZE = 1
 
 
 @register_backbone("efficientnet_lite0")
+@declares_imports(import_timm)
 @declares_min_input_size(lambda p: InputSize("img_size", p["img_size"], MIN_INPUT_SIZE, "measured: any positive side"))
 def efficientnet_lite0(
     weights: str = "imagenet",

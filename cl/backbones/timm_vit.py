@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from cl.backbones.base import Backbone, InputSize, declares_min_input_size
+from cl.backbones.base import Backbone, InputSize, declares_imports, declares_min_input_size
 from cl.backbones.checkpoint import drop_keys, load_strict, read_state_dict, strip_prefixes
 from cl.backbones.preprocess import DataConfig
 from cl.backbones.timm_import import import_timm
@@ -132,6 +132,7 @@ def build_timm_vit(
 
 
 @register_backbone("timm_vit")
+@declares_imports(import_timm)
 @declares_min_input_size(lambda p: vit_input_size(p["model_name"], p["img_size"], p["model_kwargs"]))
 def timm_vit(
     model_name: str = "vit_base_patch16_224",
@@ -158,7 +159,7 @@ def _register_alias(
     entry.__name__ = entry.__qualname__ = name
     entry.__doc__ = doc
     size_rule = declares_min_input_size(lambda p: vit_input_size(timm_name, p["img_size"], model_kwargs))
-    register_backbone(name)(size_rule(entry))
+    register_backbone(name)(declares_imports(import_timm)(size_rule(entry)))
 
 
 _register_alias("vit_base_patch16_224", "vit_base_patch16_224", "ViT-B/16, 224 px (timm, in21k -> in1k).")
