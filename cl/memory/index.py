@@ -51,13 +51,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import faiss
 import numpy as np
 
 from cl.errors import ConfigError
+from cl.lazy import lazy_import
+
+faiss = lazy_import("faiss")  # loaded at its first use (cl.lazy)
 
 INDEX_TYPES: tuple[str, ...] = ("auto", "flat", "hnsw", "ivf")
-METRICS: dict[str, int] = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
+#: faiss.METRIC_INNER_PRODUCT and faiss.METRIC_L2 (values of FAISS's MetricType enum, part of its stable API; named
+#: here so that checking a metric does not load FAISS)
+METRICS: dict[str, int] = {"ip": 0, "l2": 1}
 GPU_MAX_K = 2048  # largest k FAISS GPU searches accept
 TUNE_K = 10  # settings are tuned for recall@10
 TUNE_QUERIES = 300  # held-out queries per tuning (recall over 3,000 neighbours)
@@ -124,6 +128,12 @@ _GPU_RESOURCES: Any = None
 
 
 def gpu_available() -> bool:
+    """Whether FAISS searches on a GPU here: a GPU build of faiss and a device. Where torch, built for CUDA, sees
+    no device, there is none for FAISS either, and faiss stays unloaded."""
+    import torch
+
+    if torch.version.cuda is not None and not torch.cuda.is_available():
+        return False
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 

@@ -21,14 +21,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import faiss
 import numpy as np
 
 import cl
 from cl.errors import CheckpointError, ConfigError, DataError
+from cl.lazy import lazy_import
 from cl.memory.index import METRICS, IndexConfig, KindIndex, Subset, Tuning, gpu_available
 from cl.memory.persist import FORMAT, FORMAT_VERSION, check_writable, is_memory_dir, read_generation, write_generation
 from cl.memory.store import KINDS, RESERVED, MetadataStore, check_name, encode_rows, field_type, unknown_kind
+
+faiss = lazy_import("faiss")  # loaded at its first use (cl.lazy)
 
 METADATA_FILE = "metadata.sqlite"
 INDEX_MAGIC = (b"IxM2", b"IwFl")  # the FAISS index types a save writes: IndexIDMap2 (flat, HNSW), IndexIVFFlat

@@ -25,17 +25,19 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cl.errors import ConfigError, DataError
 from cl.heads import LDAHead
+from cl.lazy import lazy_import
 from cl.loading import LoadsByValue
 from cl.memory import ExperienceMemory
 from cl.registry import ROUTERS
 from cl.routing.routers import Router
+
+faiss = lazy_import("faiss")  # loaded at its first use (cl.lazy)
 
 KEY_KIND = "adapter_key"
 METRIC_SPACE = {"cosine": "ip", "whitened": "ip", "mahalanobis": "l2"}  # key metric -> memory metric
