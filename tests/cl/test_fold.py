@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 from torch import nn
 
 from cl.backbones import Backbone, create_backbone
-from cl.backbones.fold import fold_batchnorm
+from cl.backbones.fold import CroppedSameConv2d, crop_same_padding, fold_batchnorm
 from tests.helpers import TINY
 
 
@@ -53,6 +54,9 @@ def test_folded_prefix_matches_and_leaves_the_source_alone() -> None:
     folded = b.prefix_runner(b.num_blocks)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.model.blocks.modules())
     assert folded.blocks[0] is not b.blocks[0]
+    # the strided depthwise "same" convolutions run cropped in the copy (stages 2-4 and 6), timm's in the source
+    assert sum(isinstance(m, CroppedSameConv2d) for m in folded.model.blocks.modules()) == 4
+    assert not any(isinstance(m, CroppedSameConv2d) for m in b.modules())
 
 
 @torch.no_grad()
@@ -216,3 +220,23 @@ def test_refold_after_what_the_check_cannot_see() -> None:
     b.blocks[3].bn2.eps = 0.5  # a plain attribute: the copy keeps the old one
     b.refold()
     torch.testing.assert_close(b.forward_until(x, 6), unfolded_until(b, x, 6), atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_cropped_same_convolution_equals_timms_padded_one() -> None:
+    from timm.layers.conv2d_same import Conv2dSame
+
+    torch.manual_seed(0)
+    for kernel, stride, size, channels_last in itertools.product((3, 5, 7), (2, 3), range(1, 20), (False, True)):
+        timm_conv = Conv2dSame(8, 8, kernel, stride=stride, groups=8)
+        parent = nn.Sequential(copy.deepcopy(timm_conv))
+        assert crop_same_padding(parent) == 1 and isinstance(parent[0], CroppedSameConv2d)
+        assert parent[0].weight is not None and parent[0].weight.device.type == "cpu"
+        x = torch.randn(3, 8, size, size + 1)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        want, got = timm_conv(x), parent[0](x)
+        assert got.shape == want.shape, (kernel, stride, size)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    dense = nn.Sequential(Conv2dSame(3, 8, 3, stride=2), Conv2dSame(8, 8, 3, stride=1, groups=8))
+    assert crop_same_padding(dense) == 0  # a dense convolution and an unstrided one stay timm's
