@@ -11,7 +11,7 @@ CONFIG ?= examples/default.yaml
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: run test install data browser lint bench clean
+.PHONY: run test install bytecode data browser lint bench clean
 
 install: $(STAMP)
 
@@ -20,6 +20,12 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock setuptools==84.2.1
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
+
+# the editable install's own modules compiled ahead, as pip compiles an installed package's: a process then reads
+# bytecode instead of compiling the sources at every start (where PYTHONDONTWRITEBYTECODE is set, Python never
+# writes it; about 0.13 s of each `cl` process here). Only changed files are compiled again.
+bytecode: install
+	$(BIN)/python -m compileall -q cl scenarios strategies
 
 data: $(FMNIST) $(FORTUNES)
 
@@ -35,16 +41,16 @@ $(CHROMIUM):
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
 # ends by writing RUN/report.html (the dashboard: `cl report`) and printing its path
-run: install data
+run: bytecode data
 	$(BIN)/cl run $(CONFIG) --report
 
-test: install data browser
+test: bytecode data browser
 	$(BIN)/python -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
 
 lint: install
 	$(BIN)/ruff check .
 
-bench: install data
+bench: bytecode data
 	$(BIN)/python -m benchmarks.run_all
 
 clean:
