@@ -69,7 +69,8 @@ class CroppedSameConv2d(nn.Conv2d):
     at the bottom and right, then convolve) computed as one convolution with symmetric padding whose leading extra
     rows and columns are cropped: the same sums without the padded copy of the input. On EfficientNet-Lite0's
     strided depthwise layers at batch 32 (one CPU thread, channels-last), 0.75 / 0.37 / 0.12 ms against 1.48 / 0.63 /
-    0.19 ms for timm's, the output the same bit for bit (``benchmarks/RESULTS.md``, "Allocator"); a dense
+    0.19 ms for timm's, the output the same bit for bit on channels-last inputs there (``benchmarks/RESULTS.md``,
+    "Start-up"); a dense
     convolution (the stem) gains nothing and rounds differently, so it stays as it is."""
 
     @staticmethod
