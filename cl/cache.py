@@ -10,7 +10,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, TypeVar
 
 import torch
@@ -112,6 +112,19 @@ def map_batches(fn: Callable[[T], R], items: Iterable[T], workers: int, first_al
         torch.set_num_threads(threads)
 
 
+@contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """``module`` in eval mode inside the block, as it was after (switched only when it is training)."""
+    was = module.training
+    if was:
+        module.eval()
+    try:
+        yield
+    finally:
+        if was:
+            module.train()
+
+
 def prefix_function(backbone: Backbone, depth: int, device: torch.device, taps: Sequence[int] = ()
                     ) -> Callable[[Inputs], State]:
     """Inputs -> their prefix state (stem + ``depth`` blocks, ``Tapped`` with ``taps``) without gradients, in
@@ -150,8 +163,6 @@ def compute_states(
     batches at once, each with one torch thread (``map_batches``; forward hooks on the backbone then run in those
     threads); None: ``torch.get_num_threads()`` for images on a CPU, else 1 (batch by batch, with the torch threads
     inside each operator)."""
-    was_training = backbone.training
-    backbone.eval()
     chunks: list[tuple[torch.Tensor, ...]] = []
     tapped: list[torch.Tensor] = []
     it = iterate_batches(dataset, batch_size)
@@ -160,15 +171,15 @@ def compute_states(
     is_tuple = False
     prefix, workers = prefix_function(backbone, depth, device, taps), fill_workers(backbone, device, workers)
     inputs = (x for x, _ in it)
-    batches = map_batches(prefix, inputs, workers) if workers > 1 else map(prefix, inputs)
-    for state in batches:
-        if isinstance(state, Tapped):
-            tapped.append(state.taps.to("cpu", dtype))
-            state = state.state
-        is_tuple = isinstance(state, tuple)
-        parts = state if is_tuple else (state,)
-        chunks.append(tuple(p.to("cpu", dtype if p.is_floating_point() else p.dtype) for p in parts))
-    backbone.train(was_training)
+    with eval_mode(backbone):
+        batches = map_batches(prefix, inputs, workers) if workers > 1 else map(prefix, inputs)
+        for state in batches:
+            if isinstance(state, Tapped):
+                tapped.append(state.taps.to("cpu", dtype))
+                state = state.state
+            is_tuple = isinstance(state, tuple)
+            parts = state if is_tuple else (state,)
+            chunks.append(tuple(p.to("cpu", dtype if p.is_floating_point() else p.dtype) for p in parts))
     parts = tuple(pad_cat([c[i] for c in chunks]) for i in range(len(chunks[0])))
     return CachedStates(parts, targets_of(dataset), is_tuple, torch.cat(tapped) if tapped else None)
 
@@ -251,21 +262,16 @@ class FillingStates(CachedStates):
         n, size = len(self.targets), self.batch_size
         rows = [torch.arange(k * size, min(n, (k + 1) * size)) for k in chunks.tolist()]
         inputs = (take_batch(self.source, r)[0] for r in rows)
-        with self._phase():
-            was = self.backbone.training
-            if was:
-                self.backbone.eval()
+        with self._phase(), eval_mode(self.backbone):
+            states = map_batches(self._prefix, inputs, self.workers, first_alone=not self._started) \
+                if self.workers > 1 else map(self._prefix, inputs)
             try:
-                states = map_batches(self._prefix, inputs, self.workers, first_alone=not self._started) \
-                    if self.workers > 1 else map(self._prefix, inputs)
                 for r, state in zip(rows, states, strict=True):
                     self._started = True
                     if not self._store(r, state):
                         break
             finally:
                 getattr(states, "close", lambda: None)()  # a generator left early restores the torch threads now
-                if was:
-                    self.backbone.train()
         if self.kept:
             self.filled[chunks] = True
 
