@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -89,6 +93,17 @@ def close_states(a: Any, b: Any, atol: float) -> bool:
         return type(a) is type(b) and len(a) == len(b) and all(
             close_states(x, y, atol) for x, y in zip(a, b, strict=True))
     return a == b
+
+
+def python_json(script: str, *args: str, **env: str) -> Any:
+    """Run ``script`` (with ``args``) in a fresh interpreter, the repository first on its path and ``env`` added to
+    this environment; what the JSON on its last line of output holds. A failing script fails the test with its
+    stderr."""
+    root = str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": root, **env})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def subspace_sampler(seed: int, dim: int = 32, rank: int = 4):

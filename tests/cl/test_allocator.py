@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
+
+from tests.helpers import python_json
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 
@@ -34,9 +33,7 @@ PAGES = 10 * 16 * (6 << 20) // 4096  # pages the measured passes touch
 
 
 def churn(**env: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHURN], capture_output=True, text=True, check=True,
-                         env={**os.environ, **env}).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return python_json(CHURN, **env)
 
 
 def test_tuned_process_reuses_freed_memory_without_page_faults():

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 import textwrap
 
@@ -12,6 +9,7 @@ import pytest
 
 from cl.backbones import import_libraries
 from cl.errors import ConfigError, DataError
+from tests.helpers import python_json
 
 # in a fresh process (timm not imported yet): a scenario that finishes only once timm is being imported meanwhile
 SCRIPT = textwrap.dedent("""
@@ -44,11 +42,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_the_scenario_loads_while_the_backbone_libraries_import(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.getcwd()}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    seen = python_json(SCRIPT, str(tmp_path))
     assert seen["on_main_thread"] is False and seen["timm_imported_meanwhile"] is True
     assert seen["final"] > 0.5  # the run itself is the usual one
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
 
 from cl.lazy import LazyModule, lazy_import
+from tests.helpers import python_json
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -29,9 +27,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_faiss_loads_when_a_memory_first_holds_vectors():
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": os.getcwd()}).stdout
-    seen = json.loads(out.strip().splitlines()[-1])
+    seen = python_json(SCRIPT)
     assert seen == {"after_import": False, "after_memory": False, "after_search": True, "found": 2}
 
 

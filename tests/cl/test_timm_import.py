@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from tests.helpers import python_json
 
 # in a fresh process: a thread imports wandb while timm is being imported on the main one
 SCRIPT = textwrap.dedent("""
@@ -47,20 +45,14 @@ ALONE = textwrap.dedent("""
 """)
 
 
-def run(script: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": os.getcwd(), "WANDB_MODE": "offline"})
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def test_timm_loads_without_wandb_and_wandb_stays_importable():
     pytest.importorskip("wandb")
-    assert run(ALONE) == {"after_timm": False, "timm_got_wandb": False, "importable_after": True}
+    got = python_json(ALONE, WANDB_MODE="offline")
+    assert got == {"after_timm": False, "timm_got_wandb": False, "importable_after": True}
 
 
 def test_another_thread_imports_wandb_while_timm_loads():
     pytest.importorskip("wandb")
-    got = run(SCRIPT)
+    got = python_json(SCRIPT, WANDB_MODE="offline")
     assert got["timm_loading"] is True, got  # the import below happened inside the window
     assert got["other_thread_wandb"] is True, got
