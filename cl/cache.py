@@ -187,33 +187,49 @@ def compute_states(
 class FillingStates(CachedStates):
     """The prefix states of a data set of images, computed where they are first read, as an ordered fill does.
 
-    The rows are cut into the chunks an ordered fill (``compute_states``) runs, rows ``[k * batch_size, (k + 1) *
-    batch_size)``. ``take`` (and so ``batches``) computes the chunks that hold rows of the batch and are not filled
-    yet (on ``workers`` threads, in eval mode, without gradients, as ``compute_states``), keeps them and returns the
-    batch; ``complete`` computes the chunks left, in order. So a first pass over a data set (a training epoch, a
-    shift scan, an evaluation) starts without waiting for a whole fill, each chunk is computed once, and every
-    state is the ordered fill's bit for bit, however the data set is read (a kernel may round a row differently at
-    another place of its chunk: reading chunks of other rows would make cached, resumed and N-process runs drift
-    apart). A shuffled first batch of ``B`` rows among ``K`` chunks waits for about ``K * (1 - exp(-B / K))`` of them:
-    the default run's first batch (128 of 12,000 images, chunks of 32) for 107 of 375 chunks, the next ones for 77,
-    55, 36, ...; the tenth batch finds 96% of the data set filled.
+    An ordered fill (``compute_states``) runs the rows in chunks of ``batch_size``, rows ``[k * batch_size, (k + 1) *
+    batch_size)``. ``take`` (and so ``batches``) computes the rows of the batch not filled yet (on ``workers``
+    threads, in eval mode, without gradients, as ``compute_states``), keeps them and returns the batch; ``complete``
+    computes the rows left, in order. So a first pass over a data set (a training epoch, a shift scan, an evaluation)
+    starts without waiting for a whole fill, each row is computed once, and every state is the ordered fill's bit
+    for bit, however the data set is read (cached, resumed and N-process runs must not drift apart).
 
-    The buffers are allocated at the first chunk, after ``keep(nbytes)`` said the cache has room for them; without
+    How rows are grouped into batches is settled at the first computation (``placement_free``): two whole chunks
+    the read touches are computed as the fill computes them, then rows of both once more in one batch of
+    ``batch_size``, each at another place beside other rows. Where that batch's states equal the chunks' bit for
+    bit (the kernels give a row the same bits wherever it sits in a batch of this size: EfficientNet-Lite0 and the
+    test ViT on an AVX-512 CPU), a read computes its own rows, in batches of ``batch_size`` topped up with the next
+    rows not filled yet; the rows of a last, shorter chunk are always computed as that chunk. Where not (on an
+    earlier CPU the tiny test EfficientNet rounded 14 of 72 rows differently at another place), a read computes
+    the fill's chunks that hold its rows: a shuffled first batch of ``B`` rows among ``K`` chunks waits for about
+    ``K * (1 - exp(-B / K))`` of them (the default run's first batch, 128 of 12,000 images in chunks of 32, for 107
+    of 375 chunks instead of 4 batches). The check costs one batch per data set.
+
+    The buffers are allocated at the first batch, after ``keep(nbytes)`` said the cache has room for them; without
     room the whole data set is computed once, in order (``compute_states``), and read from while this object lives,
     as ``PrefixCache.get`` does. ``phase``: a context manager factory that counts the computing
-    (``ctx.phase("cache_fill")``).
+    (``ctx.phase("cache_fill")``). ``placement_free``: None checks as above; False computes whole chunks only.
     """
+
+    #: where rows may sit anywhere, a read that must compute rows computes at least this many batches per worker
+    #: (the first read: its own rows only, for a quick first batch): each read waits for its slowest batch
+    #: (Split-FashionMNIST's 12,000 train images read in shuffled batches of 128, 2 workers: 1 per worker 6.6 s,
+    #: 16 per worker 5.7 s, whole chunks 5.7 s)
+    ahead: int = 16
 
     def __init__(
         self, backbone: Backbone, dataset: Dataset, depth: int, device: torch.device, taps: Sequence[int] = (),
         batch_size: int = 32, dtype: torch.dtype = torch.float32, workers: int | None = None,
         keep: Callable[[int], bool] | None = None, phase: Callable[[], AbstractContextManager] | None = None,
+        placement_free: bool | None = None,
     ) -> None:
         super().__init__((), targets_of(dataset), False)
         self.backbone, self.source, self.depth, self.device, self.tap_blocks = backbone, dataset, depth, device, taps
         self.batch_size, self.dtype, self.workers = batch_size, dtype, fill_workers(backbone, device, workers)
-        self.filled = torch.zeros(-(-len(self.targets) // batch_size), dtype=torch.bool)  # per chunk
-        self.kept: bool | None = None  # whether the chunks are kept (None: decided at the first one)
+        self.filled = torch.zeros(len(self.targets), dtype=torch.bool)  # per row
+        self.kept: bool | None = None  # whether the states are kept (None: decided at the first batch)
+        self.placement_free = placement_free
+        self._full = len(self.targets) // batch_size * batch_size  # rows of whole chunks (a shorter one follows)
         self._prefix = prefix_function(backbone, depth, device, taps)
         self._keep = keep or (lambda nbytes: True)
         self._phase = phase or nullcontext
@@ -222,25 +238,23 @@ class FillingStates(CachedStates):
 
     @property
     def done(self) -> bool:
-        """Whether every chunk is filled and kept."""
+        """Whether every row is filled and kept."""
         return bool(self.kept) and bool(self.filled.all())
 
     def take(self, index: torch.Tensor) -> tuple[State, torch.Tensor]:
         index = torch.as_tensor(index, dtype=torch.long)
-        if self.kept is not False:
-            chunks = torch.unique(index // self.batch_size)
-            if len(todo := chunks[~self.filled[chunks]]):
-                self._compute(todo)
+        if self.kept is not False and len(todo := torch.unique(index[~self.filled[index]])):
+            self._fill(todo)
         if self.kept is False:
             return self._ordered().take(index)
         return super().take(index)
 
     def complete(self, progress: Callable[[Iterator, int, str], Iterator] | None = None) -> CachedStates:
-        """The states of every row as a plain ``CachedStates``: the chunks not read yet computed in order (when
+        """The states of every row as a plain ``CachedStates``: the rows not read yet computed in order (when
         nothing is kept, the whole data set, as ``compute_states``)."""
         if self.kept is not False:
-            todo = (~self.filled).nonzero().squeeze(1)
-            blocks = todo.split(8) if len(todo) else ()
+            groups = self._groups((~self.filled).nonzero().squeeze(1))
+            blocks = [groups[s : s + 8] for s in range(0, len(groups), 8)]
             it = iter(blocks) if progress is None else progress(iter(blocks), len(blocks),
                                                                 f"prefix (blocks < {self.depth})")
             for block in it:
@@ -257,26 +271,75 @@ class FillingStates(CachedStates):
                                          self.dtype, None, self.tap_blocks, self.workers)
         return self._whole
 
-    def _compute(self, chunks: torch.Tensor) -> None:
-        """Compute chunks ``chunks`` (indices) and keep them."""
-        n, size = len(self.targets), self.batch_size
-        rows = [torch.arange(k * size, min(n, (k + 1) * size)) for k in chunks.tolist()]
-        inputs = (take_batch(self.source, r)[0] for r in rows)
+    def _fill(self, rows: torch.Tensor) -> None:
+        """Compute and keep rows ``rows`` (sorted, not filled yet), settling ``placement_free`` first if open."""
+        first = self.placement_free is None
+        if first:
+            self._check(rows)
+            rows = rows[~self.filled[rows]]
+            if self.kept is False or not len(rows):
+                return
+        self._compute(self._groups(rows, least=0 if first else self.ahead * self.workers))
+
+    def _check(self, rows: torch.Tensor) -> None:
+        """Settle ``placement_free`` (class docstring) on two whole chunks, those of ``rows`` first; kept."""
+        size = self.batch_size
+        if self._full < 2 * size:  # too few whole chunks to compare: compute whole chunks
+            self.placement_free = False
+            return
+        mine = torch.unique(rows[rows < self._full] // size)
+        others = torch.arange(self._full // size)
+        others = others[~self.filled[others * size] & ~torch.isin(others, mine)]
+        pair = torch.cat([mine, others])[:2].tolist()
+        chunks = [torch.arange(k * size, (k + 1) * size) for k in pair]
+        # the second chunk's last rows, then the first's first: beside other rows, each row moved by k or size - k
+        # places, coprime (odd k; size / 2 or so): a kernel that handles rows in blocks of a few sees them elsewhere
+        k = size // 2 | 1
+        moved = torch.cat([chunks[1][k:], chunks[0][:k]])
+        self.placement_free = self._compute(chunks, check=moved)
+        if self.placement_free is None:  # nothing kept: the whole data set is computed in order
+            self.placement_free = False
+
+    def _groups(self, rows: torch.Tensor, least: int = 0) -> list[torch.Tensor]:
+        """The batches that compute ``rows`` (sorted, not filled): the fill's chunks that hold them, or where rows
+        may sit anywhere, ``rows`` of whole chunks in batches of ``batch_size`` (at least ``least``, and a multiple
+        of ``workers``, as far as there are rows), topped up with the next rows not filled yet, and the last, shorter
+        chunk as itself."""
+        size, n = self.batch_size, len(self.targets)
+        if not self.placement_free:
+            return [torch.arange(k * size, min(n, (k + 1) * size)) for k in torch.unique(rows // size).tolist()]
+        tail = [torch.arange(self._full, n)] if bool((rows >= self._full).any()) else []
+        rows = rows[rows < self._full]
+        count = -(-max(len(rows), least * size) // size)
+        count = -(-count // self.workers) * self.workers  # every worker busy to the end
+        free = (~self.filled[: self._full]).nonzero().squeeze(1)
+        more = free[~torch.isin(free, rows)][: count * size - len(rows)]
+        rows = torch.cat([rows, more])  # unfilled rows of whole chunks: always a multiple of batch_size
+        return [*(rows.split(size) if len(rows) else ()), *tail]
+
+    def _compute(self, groups: list[torch.Tensor], check: torch.Tensor | None = None) -> bool | None:
+        """Compute each group of rows as one batch (as the fill computes a chunk) and keep the states; with
+        ``check`` (rows of ``groups`` in another order), that batch too, last, and return whether its states equal
+        the kept ones bit for bit (None when nothing is kept)."""
+        batches = [*groups, *([] if check is None else [check])]
+        inputs = (take_batch(self.source, r)[0] for r in batches)
+        same = None
         with self._phase(), eval_mode(self.backbone):
             states = map_batches(self._prefix, inputs, self.workers, first_alone=not self._started) \
                 if self.workers > 1 else map(self._prefix, inputs)
             try:
-                for r, state in zip(rows, states, strict=True):
+                for i, (r, state) in enumerate(zip(batches, states, strict=True)):
                     self._started = True
-                    if not self._store(r, state):
+                    if i == len(groups):
+                        same = self._equal(r, state)
+                    elif not self._store(r, state):
                         break
             finally:
                 getattr(states, "close", lambda: None)()  # a generator left early restores the torch threads now
-        if self.kept:
-            self.filled[chunks] = True
+        return same
 
     def _store(self, rows: torch.Tensor, state: State) -> bool:
-        """Keep the states of chunk ``rows``; False when there is no room for the data set (nothing is kept)."""
+        """Keep the states of rows ``rows``; False when there is no room for the data set (nothing is kept)."""
         taps = state.taps if isinstance(state, Tapped) else None
         inner = untapped(state)
         if isinstance(inner, tuple):
@@ -295,7 +358,17 @@ class FillingStates(CachedStates):
             self.parts[0][rows] = inner.to("cpu", self.parts[0].dtype)
             if taps is not None:
                 self.taps[rows] = taps.to("cpu", self.dtype)
+            self.filled[rows] = True
         return bool(self.kept)
+
+    def _equal(self, rows: torch.Tensor, state: State) -> bool:
+        """Whether ``state`` (of rows ``rows``) equals the kept states of those rows bit for bit."""
+        if not self.kept:
+            return False
+        same = torch.equal(untapped(state).to("cpu", self.parts[0].dtype), self.parts[0][rows])
+        if isinstance(state, Tapped):
+            same = same and torch.equal(state.taps.to("cpu", self.dtype), self.taps[rows])
+        return same
 
 
 def _empty_rows(like: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:

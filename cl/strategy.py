@@ -230,8 +230,8 @@ class Strategy(MemoryEmbedding, LoadsByValue):
 
     def states(self, dataset: Dataset, depth: int | None = None, filling: bool = False) -> CachedStates | None:
         """Cached prefix states of ``dataset`` (None when caching is off). ``filling``: they may still compute the
-        fill's chunks not read yet, where a batch reads them (``cl.cache.FillingStates``), so a first pass over the
-        data set need not wait for a whole fill; the states are the same."""
+        rows not read yet, where a batch reads them (``cl.cache.FillingStates``), so a first pass over the data set
+        need not wait for a whole fill; the states are the same."""
         if not self.cache_prefix or self.ctx.cache is None or is_augmented(dataset):  # augmented: fresh passes
             return None
         depth = self.frozen_depth if depth is None else depth
