@@ -293,8 +293,9 @@ class FillingStates(CachedStates):
         pair = torch.cat([mine, others])[:2].tolist()
         chunks = [torch.arange(k * size, (k + 1) * size) for k in pair]
         # the second chunk's last rows, then the first's first: beside other rows, each row moved by k or size - k
-        # places, coprime (odd k; size / 2 or so): a kernel that handles rows in blocks of a few sees them elsewhere
-        k = size // 2 | 1
+        # places, k about size / 2 and coprime to size (17 of 32): a kernel that handles rows in blocks of a few
+        # sees every row elsewhere in its block
+        k = next(k for k in range(size // 2 | 1, size + 1) if math.gcd(k, size) == 1)
         moved = torch.cat([chunks[1][k:], chunks[0][:k]])
         self.placement_free = self._compute(chunks, check=moved)
         if self.placement_free is None:  # nothing kept: the whole data set is computed in order
