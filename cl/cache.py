@@ -194,8 +194,8 @@ class FillingStates(CachedStates):
     starts without waiting for a whole fill, each row is computed once, and every state is the ordered fill's bit
     for bit, however the data set is read (cached, resumed and N-process runs must not drift apart).
 
-    How rows are grouped into batches is settled at the first computation (``placement_free``): two whole chunks
-    the read touches are computed as the fill computes them, then rows of both once more in one batch of
+    How rows are grouped into batches is settled at the first computation (``placement_free``): chunks 0 and 1 are
+    computed as the fill computes them, then rows of both once more in one batch of
     ``batch_size``, each at another place beside other rows. Where that batch's states equal the chunks' bit for
     bit (the kernels give a row the same bits wherever it sits in a batch of this size: EfficientNet-Lite0 and the
     test ViT on an AVX-512 CPU), a read computes its own rows, in batches of ``batch_size`` topped up with the next
@@ -243,6 +243,7 @@ class FillingStates(CachedStates):
 
     def take(self, index: torch.Tensor) -> tuple[State, torch.Tensor]:
         index = torch.as_tensor(index, dtype=torch.long)
+        index = torch.where(index < 0, index + len(self.targets), index)  # row n - 1 is not row -1 of a batch
         if self.kept is not False and len(todo := torch.unique(index[~self.filled[index]])):
             self._fill(todo)
         if self.kept is False:
@@ -275,29 +276,26 @@ class FillingStates(CachedStates):
         """Compute and keep rows ``rows`` (sorted, not filled yet), settling ``placement_free`` first if open."""
         first = self.placement_free is None
         if first:
-            self._check(rows)
+            self._check()
             rows = rows[~self.filled[rows]]
             if self.kept is False or not len(rows):
                 return
         self._compute(self._groups(rows, least=0 if first else self.ahead * self.workers))
 
-    def _check(self, rows: torch.Tensor) -> None:
-        """Settle ``placement_free`` (class docstring) on two whole chunks, those of ``rows`` first; kept."""
+    def _check(self) -> None:
+        """Settle ``placement_free`` (class docstring) on chunks 0 and 1 (the same ones in every process and after an
+        interrupted check); kept."""
         size = self.batch_size
         if self._full < 2 * size:  # too few whole chunks to compare: compute whole chunks
             self.placement_free = False
             return
-        mine = torch.unique(rows[rows < self._full] // size)
-        others = torch.arange(self._full // size)
-        others = others[~self.filled[others * size] & ~torch.isin(others, mine)]
-        pair = torch.cat([mine, others])[:2].tolist()
-        chunks = [torch.arange(k * size, (k + 1) * size) for k in pair]
+        chunks = [torch.arange(0, size), torch.arange(size, 2 * size)]
         # the second chunk's last rows, then the first's first: beside other rows, each row moved by k or size - k
         # places, k about size / 2 and coprime to size (17 of 32): a kernel that handles rows in blocks of a few
         # sees every row elsewhere in its block
         k = next(k for k in range(size // 2 | 1, size + 1) if math.gcd(k, size) == 1)
         moved = torch.cat([chunks[1][k:], chunks[0][:k]])
-        self.placement_free = self._compute(chunks, check=moved)
+        self.placement_free = self._compute([c for c in chunks if not self.filled[c[0]]], check=moved)
         if self.placement_free is None:  # nothing kept: the whole data set is computed in order
             self.placement_free = False
 
@@ -363,10 +361,13 @@ class FillingStates(CachedStates):
         return bool(self.kept)
 
     def _equal(self, rows: torch.Tensor, state: State) -> bool:
-        """Whether ``state`` (of rows ``rows``) equals the kept states of those rows bit for bit."""
-        if not self.kept:
+        """Whether ``state`` (of rows ``rows``) equals the kept states of those rows bit for bit (False where they are
+        kept narrower than computed: rounding to the kept type could hide a difference)."""
+        inner = untapped(state)
+        if not self.kept or self.parts[0].dtype.itemsize < inner.dtype.itemsize or (
+                isinstance(state, Tapped) and self.taps.dtype.itemsize < state.taps.dtype.itemsize):
             return False
-        same = torch.equal(untapped(state).to("cpu", self.parts[0].dtype), self.parts[0][rows])
+        same = torch.equal(inner.to("cpu", self.parts[0].dtype), self.parts[0][rows])
         if isinstance(state, Tapped):
             same = same and torch.equal(state.taps.to("cpu", self.dtype), self.taps[rows])
         return same
@@ -428,7 +429,7 @@ class PrefixCache:
         phase: Callable[[], AbstractContextManager] | None = None, **kw: Any,
     ) -> CachedStates:
         """States to read batches of ``dataset`` from without waiting for a fill: the kept ones, else for images a
-        ``FillingStates`` (kept here while it has room) that computes the fill's chunks where they are first read,
+        ``FillingStates`` (kept here while it has room) that computes the rows where they are first read,
         else (text: padded tuple states) ``get``'s. ``kw``: ``compute_states``'s arguments."""
         key = self._key(backbone, dataset, depth, taps)
         entry = self._store.get(key)

@@ -128,9 +128,9 @@ def test_where_a_row_gets_the_same_bits_anywhere_the_first_batch_computes_its_ow
     assert states.placement_free is True
     first = got[0][1]
     touched = torch.unique(first // 4)
-    # two whole chunks (those of its first rows) and their rows once more at other places (the check), then the
-    # batch's other rows (those of the last, short chunk as that chunk) topped up to batches of 4 with unread rows
-    others = first[(first // 4 != touched[0]) & (first // 4 != touched[1])]
+    # chunks 0 and 1 and rows of both once more at other places (the check), then the batch's other rows (those of
+    # the last, short chunk as that chunk) topped up to batches of 4 with unread rows
+    others = first[first // 4 >= 2]
     tail, whole = others[others >= 36], others[others < 36]
     assert before == [4, 4, 4] + [4] * -(-len(whole) // 4) + [1] * len(tail)
     assert sum(before) < 4 * len(touched) and sum(rows) == len(ds) + 4  # fewer than its chunks; each row once
@@ -238,3 +238,30 @@ def test_training_from_a_cache_filled_as_it_is_read_learns_what_a_filled_cache_l
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, k
     assert acc_filled == acc_filling
     assert seen[0] < len(stream[0].train) and seen[0] % 4 == 0  # whole chunks of 4, not the data set
+
+
+def test_a_check_cut_short_is_taken_up_again_and_negative_rows_are_the_last_ones():
+    """Interrupted inside the check (after its first chunk, or its second), the object stays usable: the next read
+    checks again on what is kept, and every state is still the ordered fill's; row -1 is row n - 1."""
+    ds = data(9)  # two whole chunks of 4 and a short one
+    with one_thread():
+        b = backbone("vit_tiny_test")
+        want = compute_states(b, ds, 2, CPU, batch_size=4)
+        for cut in (1, 2):
+            states = FillingStates(b, ds, 2, CPU, batch_size=4)
+            run, calls = states._prefix, []
+
+            def prefix(x, run=run, calls=calls, cut=cut):
+                calls.append(len(x))
+                if len(calls) > cut:
+                    raise KeyboardInterrupt
+                return run(x)
+
+            states._prefix = prefix
+            with pytest.raises(KeyboardInterrupt):
+                states.take(torch.tensor([7, 5]))
+            states._prefix = run
+            got, _ = states.take(torch.tensor([7, 5, -1]))
+            assert states.placement_free is not None
+            assert torch.equal(got, want.parts[0][torch.tensor([7, 5, 8])])
+            assert torch.equal(states.complete().parts[0], want.parts[0])

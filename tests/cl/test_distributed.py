@@ -132,7 +132,8 @@ MID_EXPERIENCE = [
     ("replay", {"epochs": 2, "budget": 12}, 1, "after step 0 of epoch 0 of experience 1"),
     # SEMA trains layer by layer (3 loops of 2 epochs): stop in the second loop, so the first is fast-forwarded
     ("sema", {"epochs": 2}, 3, "after step 0 of epoch 0 of experience 1"),
-    # the same on the CNN, whose prefix kernels round a row differently at another place of its chunk: the states a
+    # the same on the CNN (whose prefix kernels rounded a row differently at another place of its chunk on an
+    # earlier CPU; cl.cache.FillingStates checks it): the states a
     # first pass computes where it reads them must come out the same in the resumed run (the fast-forwarded loops'
     # reads are replayed), and in the second epoch of a loop (the first epoch's reads too); the shift scan reads 8
     # rows, so the training loops' reads compute the rest
