@@ -354,23 +354,25 @@ class FillingStates(CachedStates):
                 self.parts = (_empty_rows(inner, n, dtype),)
                 self.taps = None if taps is None else _empty_rows(taps, n, self.dtype)
         if self.kept:
-            self.parts[0][rows] = inner.to("cpu", self.parts[0].dtype)
-            if taps is not None:
-                self.taps[rows] = taps.to("cpu", self.dtype)
+            for got, kept in self._beside_kept(state):
+                kept[rows] = got.to("cpu", kept.dtype)
             self.filled[rows] = True
         return bool(self.kept)
 
     def _equal(self, rows: torch.Tensor, state: State) -> bool:
         """Whether ``state`` (of rows ``rows``) equals the kept states of those rows bit for bit (False where they are
         kept narrower than computed: rounding to the kept type could hide a difference)."""
-        inner = untapped(state)
-        if not self.kept or self.parts[0].dtype.itemsize < inner.dtype.itemsize or (
-                isinstance(state, Tapped) and self.taps.dtype.itemsize < state.taps.dtype.itemsize):
+        pairs = self._beside_kept(state) if self.kept else []
+        if not pairs or any(kept.dtype.itemsize < got.dtype.itemsize for got, kept in pairs):
             return False
-        same = torch.equal(inner.to("cpu", self.parts[0].dtype), self.parts[0][rows])
+        return all(torch.equal(got.to("cpu", kept.dtype), kept[rows]) for got, kept in pairs)
+
+    def _beside_kept(self, state: State) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each tensor of a computed ``state`` (the state, its taps) beside the buffer that keeps it."""
+        pairs = [(untapped(state), self.parts[0])]
         if isinstance(state, Tapped):
-            same = same and torch.equal(state.taps.to("cpu", self.dtype), self.taps[rows])
-        return same
+            pairs.append((state.taps, self.taps))
+        return pairs
 
 
 def _empty_rows(like: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
